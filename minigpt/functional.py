@@ -1,0 +1,360 @@
+"""Neural-network ops of GPT-2, each a fused forward/backward pair (after llm.c's *_forward/_backward).
+
+Letters used in every shape below:
+    B  batch size              T  sequence length          C  channels (emb_dim)
+    V  vocabulary size         NH number of heads          hs head size, C / NH
+    OC output channels of a linear layer                   N  rows (B*T, or the rows a loss keeps)
+
+Fusing an op (softmax, layer_norm, GELU, attention, cross-entropy) into one forward and one
+hand-written backward is what makes a NumPy GPT fast: the graph holds a dozen nodes per block, not
+a hundred, and the backward reuses what the forward cached. Each backward is checked against
+central finite differences in tests/test_gradcheck.py.
+"""
+import functools
+import math
+
+import numpy as np
+
+from .ops import as_float_tensor
+from .tensor import Tensor
+
+# Targets equal to this are skipped by cross_entropy: padding after the first <|endoftext|> and,
+# with prompt masking, the prompt. Shared with minigpt.data so the two can never disagree.
+IGNORE_INDEX = -100
+
+# Python floats, not NumPy float64 scalars: under NumPy 2's promotion rules a float64 scalar would
+# silently turn a float32 array into float64.
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_COEFF = 0.044715
+
+
+def linear(x, weight, bias=None):
+    """Affine map, the workhorse of GPT-2 (c_attn, c_proj, c_fc).
+
+    Forward:  out = x @ W + b
+    Shapes:   x (..., C), W (C, OC), b (OC,) -> out (..., OC)
+    Backward: dx = dout @ W^T;  dW = x^T @ dout (summed over every leading axis);  db = sum(dout)
+    Cache:    x, W
+
+    The leading axes are folded into rows, so each product is one BLAS matrix multiply.
+    """
+    x = as_float_tensor("linear", x)
+    C, OC = weight.shape
+    if x.shape[-1] != C:
+        raise ValueError(f"linear: input has {x.shape[-1]} features (shape {x.shape}), weight expects {C} "
+                         f"(shape {weight.shape})")
+    x2d = x.data.reshape(-1, C)                                   # (N, C)
+    out = x2d @ weight.data                                       # (N, OC)
+    if bias is not None:
+        out += bias.data
+
+    def backward(dout):
+        dout2d = dout.reshape(-1, OC)                             # (N, OC)
+        if x.requires_grad:
+            x.accumulate_grad((dout2d @ weight.data.T).reshape(x.shape))
+        if weight.requires_grad:
+            weight.accumulate_grad(x2d.T @ dout2d, owned=True)    # (C, OC)
+        if bias is not None and bias.requires_grad:
+            bias.accumulate_grad(dout2d.sum(axis=0), owned=True)  # (OC,)
+    parents = (x, weight) if bias is None else (x, weight, bias)
+    return Tensor.from_op(out.reshape(*x.shape[:-1], OC), parents, backward)
+
+
+def lm_head(x, wte):
+    """GPT-2's output head, tied to the token embedding: one logit per vocabulary entry.
+
+    Forward:  logits = x @ wte^T
+    Shapes:   x (..., C), wte (V, C) -> logits (..., V)
+    Backward: dx = dlogits @ wte;  dwte = dlogits^T @ x   (added to the embedding's own gradient)
+    Cache:    x, wte
+    """
+    V, C = wte.shape
+    x2d = x.data.reshape(-1, C)                                   # (N, C)
+    logits = x2d @ wte.data.T                                     # (N, V)
+
+    def backward(dlogits):
+        dlogits2d = dlogits.reshape(-1, V)                        # (N, V)
+        if x.requires_grad:
+            x.accumulate_grad((dlogits2d @ wte.data).reshape(x.shape))
+        if wte.requires_grad:
+            wte.accumulate_grad(dlogits2d.T @ x2d, owned=True)    # (V, C)
+    return Tensor.from_op(logits.reshape(*x.shape[:-1], V), (x, wte), backward)
+
+
+def embedding(ids, weight):
+    """Look up one row of `weight` per integer id (token or position embeddings).
+
+    Forward:  out[b, t] = W[ids[b, t]]
+    Shapes:   ids (B, T) integers in [0, V), W (V, C) -> out (B, T, C)
+    Backward: dW[v] = sum of dout[b, t] over every (b, t) with ids[b, t] == v  (scatter-add:
+              a repeated id collects the gradient of each of its uses)
+    Cache:    ids
+    """
+    ids = np.asarray(ids.data if isinstance(ids, Tensor) else ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+    V = weight.shape[0]
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        bad = ids[(ids < 0) | (ids >= V)].flat[0]
+        raise ValueError(f"embedding: id {bad} is outside the table's range [0, {V})")
+
+    def backward(dout):
+        dW = np.zeros_like(weight.data)
+        np.add.at(dW, ids.reshape(-1), dout.reshape(-1, weight.shape[1]))
+        weight.accumulate_grad(dW, owned=True)
+    return Tensor.from_op(weight.data[ids], (weight,), backward)
+
+
+def gelu(x):
+    """GELU, tanh approximation, as GPT-2 ("gelu_new").
+
+    Forward:  out = 0.5 x (1 + tanh(u)),   u = sqrt(2/pi) (x + 0.044715 x^3)
+    Shapes:   x (any) -> out (same)
+    Backward: dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx),   t = tanh(u),
+              du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    Cache:    x, t
+
+    Written with in-place passes: elementwise NumPy runs on one core, so each avoided temporary counts.
+    """
+    x = as_float_tensor("gelu", x)
+    xd = x.data
+    t = xd * xd                                                   # x^2
+    t *= GELU_COEFF
+    t += 1.0
+    t *= xd
+    t *= SQRT_2_OVER_PI                                           # u
+    np.tanh(t, out=t)                                             # t = tanh(u)
+    out = t + 1.0
+    out *= xd
+    out *= 0.5
+
+    def backward(dout):
+        dx = xd * xd
+        dx *= 3 * GELU_COEFF
+        dx += 1.0
+        dx *= 0.5 * SQRT_2_OVER_PI
+        dx *= xd                                                  # 0.5 x du/dx
+        dx *= 1.0 - t * t                                         # ... * (1 - t^2)
+        dx += 0.5 * t
+        dx += 0.5                                                 # + 0.5 (1 + t)
+        dx *= dout
+        x.accumulate_grad(dx)
+    return Tensor.from_op(out, (x,), backward)
+
+
+def _softmax_in_place(z, axis=-1):
+    """Overwrite z with softmax(z) along axis; subtracting the max first keeps exp from overflowing."""
+    z -= z.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
+
+
+def softmax(x, axis=-1):
+    """Numerically stable softmax.
+
+    Forward:  out = exp(x - max(x)) / sum(exp(x - max(x)))          along axis
+    Shapes:   x (..., V) -> out (..., V)
+    Backward: dx = out * (dout - sum(dout * out))                   (sum along axis, kept)
+    Cache:    out
+    """
+    x = as_float_tensor("softmax", x)
+    out = _softmax_in_place(x.data.copy(), axis)
+
+    def backward(dout):
+        dx = dout * out
+        dx -= out * dx.sum(axis=axis, keepdims=True)
+        x.accumulate_grad(dx)
+    return Tensor.from_op(out, (x,), backward)
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """Layer normalization over the channels, with a learned scale and shift.
+
+    Forward:  xhat = (x - mean_C(x)) * rstd,  rstd = (var_C(x) + eps)^-1/2;   out = w * xhat + b
+    Shapes:   x (B, T, C), w (C,), b (C,) -> out (B, T, C)
+    Backward: db = sum_BT(dout);  dw = sum_BT(dout * xhat)
+              g = dout * w;  dx = rstd * (g - mean_C(g) - xhat * mean_C(g * xhat))
+    Cache:    xhat (B, T, C), rstd (B, T, 1)
+    (derivation: llm.c doc/layernorm; the three terms are the direct path, the mean, the variance)
+    """
+    x = as_float_tensor("layer_norm", x)
+    C = x.shape[-1]
+    if weight.shape != (C,) or bias.shape != (C,):
+        raise ValueError(f"layer_norm: input has {C} channels (shape {x.shape}) but weight/bias have shapes "
+                         f"{weight.shape} and {bias.shape}")
+    xhat = x.data - x.data.mean(axis=-1, keepdims=True)           # (B, T, C)
+    variance = np.mean(xhat * xhat, axis=-1, keepdims=True)       # (B, T, 1)
+    rstd = 1.0 / np.sqrt(variance + eps)                          # (B, T, 1)
+    xhat *= rstd
+    out = xhat * weight.data
+    out += bias.data
+
+    def backward(dout):
+        dout2d = dout.reshape(-1, C)
+        if bias.requires_grad:
+            bias.accumulate_grad(dout2d.sum(axis=0), owned=True)
+        if weight.requires_grad:
+            weight.accumulate_grad(np.einsum("nc,nc->c", dout2d, xhat.reshape(-1, C)), owned=True)
+        if x.requires_grad:
+            g = dout * weight.data
+            dx = g - g.mean(axis=-1, keepdims=True)
+            dx -= xhat * np.mean(g * xhat, axis=-1, keepdims=True)
+            dx *= rstd
+            x.accumulate_grad(dx)
+    return Tensor.from_op(out, (x, weight, bias), backward)
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_mask(n_queries, n_keys, dtype):
+    """(n_queries, n_keys) additive mask: 0 where query i may see key j, -inf where j is in its future.
+
+    The queries are the last n_queries positions, so query i sits at position n_keys - n_queries + i.
+    """
+    mask = np.triu(np.ones((n_queries, n_keys), dtype=bool), k=n_keys - n_queries + 1)
+    return np.where(mask, -np.inf, 0.0).astype(dtype)
+
+
+def _split_heads(qkv, n_heads):
+    """(B, T, 3C) -> q, k, v views of shape (B, NH, T, hs); no copy (BLAS takes the strides)."""
+    B, T, C3 = qkv.shape
+    heads = qkv.reshape(B, T, 3, n_heads, C3 // (3 * n_heads))    # (B, T, 3, NH, hs)
+    return [heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
+
+
+def causal_self_attention(qkv, n_heads):
+    """Multi-head causal self-attention, all heads in one batched matmul (no loop over heads).
+
+    Forward:  q, k, v = split(qkv) into NH heads
+              scores = q @ k^T / sqrt(hs) + mask   (mask = -inf where the key is in the query's future)
+              att = softmax(scores);  y = att @ v;  out = y with the heads joined back into C
+    Shapes:   qkv (B, T, 3C) -> q, k, v (B, NH, T, hs) -> att (B, NH, T, T) -> out (B, T, C)
+    Backward: datt = dy @ v^T;  dv = att^T @ dy
+              dscores = att * (datt - sum_keys(datt * att))                (softmax backward)
+              dq = dscores @ k / sqrt(hs);  dk = dscores^T @ q / sqrt(hs);  dqkv = join(dq, dk, dv)
+    Cache:    qkv (q, k, v are views of it), att
+    Masked entries have att = 0, so their gradient is exactly zero with no extra masking pass.
+    """
+    qkv = as_float_tensor("causal_self_attention", qkv)
+    B, T, C3 = qkv.shape
+    if C3 % (3 * n_heads):
+        raise ValueError(f"causal_self_attention: last axis {C3} is not 3 * C with C divisible by {n_heads} heads")
+    C, hs = C3 // 3, C3 // (3 * n_heads)
+    scale = 1.0 / math.sqrt(hs)
+    q, k, v = _split_heads(qkv.data, n_heads)
+    att = q @ k.transpose(0, 1, 3, 2)                             # (B, NH, T, T)
+    att *= scale
+    att += _causal_mask(T, T, att.dtype)
+    _softmax_in_place(att)
+    y = att @ v                                                   # (B, NH, T, hs)
+    out = y.transpose(0, 2, 1, 3).reshape(B, T, C)                # (B, T, C)
+
+    def backward(dout):
+        dy = dout.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+        dscores = dy @ v.transpose(0, 1, 3, 2)                    # datt (B, NH, T, T)
+        dv = att.transpose(0, 1, 3, 2) @ dy                       # (B, NH, T, hs)
+        dscores -= np.sum(dscores * att, axis=-1, keepdims=True)
+        dscores *= att
+        dscores *= scale
+        dqkv = np.empty((B, T, 3, n_heads, hs), dtype=qkv.dtype)
+        dqkv[:, :, 0] = (dscores @ k).transpose(0, 2, 1, 3)        # dq
+        dqkv[:, :, 1] = (dscores.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)  # dk
+        dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
+        qkv.accumulate_grad(dqkv.reshape(B, T, C3))
+    return Tensor.from_op(out, (qkv,), backward)
+
+
+def cached_causal_attention(qkv, n_heads, keys, values, start):
+    """Attention for generation with a KV cache: new queries attend to every cached key and themselves.
+
+    qkv (B, t, 3C) holds the t newest positions start .. start+t-1. Their keys and values are written
+    into the caches keys/values (B, NH, T_max, hs) at those positions; the queries then attend to
+    positions 0 .. start+t-1. Inference only (no gradient): each new token costs one position's work.
+    Returns an array (B, t, C).
+    """
+    B, t, C3 = qkv.shape
+    C, hs = C3 // 3, C3 // (3 * n_heads)
+    q, k, v = _split_heads(qkv, n_heads)                          # (B, NH, t, hs)
+    end = start + t
+    keys[:, :, start:end] = k
+    values[:, :, start:end] = v
+    att = q @ keys[:, :, :end].transpose(0, 1, 3, 2)              # (B, NH, t, end)
+    att *= 1.0 / math.sqrt(hs)
+    att += _causal_mask(t, end, att.dtype)
+    _softmax_in_place(att)
+    y = att @ values[:, :, :end]                                  # (B, NH, t, hs)
+    return y.transpose(0, 2, 1, 3).reshape(B, t, C)
+
+
+def dropout(x, p, rng, training=True):
+    """Inverted dropout: zero each element with probability p, scale the survivors by 1/(1-p).
+
+    Forward:  out = x * mask,   mask = (u >= p) / (1 - p),  u ~ Uniform[0, 1) drawn from `rng`
+    Shapes:   x (any) -> out (same)
+    Backward: dx = dout * mask
+    Cache:    mask
+    The scaling keeps E[out] = x, so evaluation (training=False or p=0) is the identity.
+    """
+    x = as_float_tensor("dropout", x)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    mask = rng.random(x.shape, dtype=x.dtype) >= p
+    mask = mask.astype(x.dtype)
+    mask *= 1.0 / (1.0 - p)
+    return Tensor.from_op(x.data * mask, (x,), lambda dout: x.accumulate_grad(dout * mask))
+
+
+def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
+    """Mean cross-entropy of integer targets, fused with log-softmax; targets == ignore_index are skipped.
+
+    Forward:  loss = (1/N_valid) * sum over valid rows i of  logsumexp(z_i) - z_i[target_i]
+    Shapes:   logits (..., V), targets (...) integers -> loss () a scalar
+    Backward: dlogits_i = dloss * (softmax(z_i) - onehot(target_i)) / N_valid on valid rows,
+              exactly 0 on ignored rows (they never entered the loss)
+    Cache:    softmax of the valid rows (N_valid, V), the valid targets
+    N_valid == 0 (every target ignored) raises ValueError: the mean over nothing is undefined, and a
+    silent nan would poison the weights.
+    """
+    logits = as_float_tensor("cross_entropy", logits)
+    targets = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise TypeError(f"cross_entropy: targets must be integer class ids, got dtype {targets.dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets of shape {targets.shape} do not match logits of shape "
+                         f"{logits.shape} (expected targets {logits.shape[:-1]})")
+    V = logits.shape[-1]
+    flat_targets = targets.reshape(-1)
+    valid = flat_targets != ignore_index
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise ValueError(f"cross_entropy: every target equals ignore_index ({ignore_index}), so there is no "
+                         f"loss to average; the batch holds no tokens to learn")
+    all_valid = n_valid == flat_targets.size
+    target_ids = flat_targets if all_valid else flat_targets[valid]   # (N_valid,)
+    out_of_range = (target_ids < 0) | (target_ids >= V)
+    if out_of_range.any():
+        raise ValueError(f"cross_entropy: target {target_ids[out_of_range][0]} is outside [0, {V}) and is not "
+                         f"ignore_index ({ignore_index})")
+    z = logits.data.reshape(-1, V)
+    z = z if all_valid else z[valid]                              # (N_valid, V)
+    rows = np.arange(n_valid)
+    max_z = z.max(axis=1, keepdims=True)                          # (N_valid, 1)
+    probs = z - max_z
+    np.exp(probs, out=probs)
+    sum_exp = probs.sum(axis=1, keepdims=True)                    # (N_valid, 1)
+    log_sum_exp = np.log(sum_exp[:, 0]) + max_z[:, 0]             # (N_valid,)
+    loss = np.mean(log_sum_exp - z[rows, target_ids])
+    probs /= sum_exp                                              # softmax, kept for the backward
+
+    def backward(dloss):
+        dz = probs * (dloss / n_valid)                            # (N_valid, V)
+        dz[rows, target_ids] -= dloss / n_valid
+        if all_valid:
+            dlogits = dz
+        else:
+            dlogits = np.zeros((flat_targets.size, V), dtype=z.dtype)
+            dlogits[valid] = dz
+        logits.accumulate_grad(dlogits.reshape(logits.shape), owned=True)
+    return Tensor.from_op(np.asarray(loss, dtype=logits.dtype), (logits,), backward)

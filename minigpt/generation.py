@@ -1,0 +1,75 @@
+"""Text generation: greedy or temperature/top-k sampling, one token at a time, with a KV cache.
+
+Without a cache every new token re-runs the whole prefix through the model. With one, the keys and
+values of earlier positions are kept per layer, so each step feeds only the newest token: its work is
+one position, not T. GPT-2's positions are absolute, so once the text outgrows the context window
+every step must re-run the cropped window from scratch, cache or not.
+"""
+import numpy as np
+
+from .model import KVCache
+from .tensor import no_grad
+
+
+def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, eos_id=None,
+             rng=None, use_cache=True):
+    """Extend each row of idx (B, T) by up to max_new_tokens tokens; return the ids (B, T + new).
+
+    temperature 0 picks the most likely token (greedy); above 0 samples from softmax(logits / temperature),
+    restricted to the top_k most likely tokens when top_k is given, drawing from `rng`.
+    eos_id: a row stops at this token (which is kept); rows that stopped are padded with it, and
+    generation ends when every row has stopped.
+    """
+    idx = np.asarray(idx)
+    new_columns = [column[:, None] for column in
+                   generate_tokens(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, rng,
+                                   use_cache)]
+    return np.concatenate([idx, *new_columns], axis=1)
+
+
+def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, eos_id=None,
+                    rng=None, use_cache=True):
+    """Yield the next token of every row, (B,), as soon as it is chosen (for streaming output)."""
+    idx = np.asarray(idx)
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise ValueError(f"generate needs token ids of shape (batch, time) with at least one token, got {idx.shape}")
+    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"generate: invalid max_new_tokens={max_new_tokens}, temperature={temperature}, "
+                         f"top_k={top_k}")
+    context_size = min(context_size or model.cfg.context_length, model.cfg.context_length)
+    rng = rng if rng is not None else np.random.default_rng()
+    finished = np.zeros(len(idx), dtype=bool)
+    cache = None
+    if use_cache:
+        cache = KVCache(model.cfg, len(idx), min(context_size, idx.shape[1] + max_new_tokens), model.dtype)
+
+    with no_grad():
+        logits = model(idx[:, -context_size:], kv_cache=cache, last_only=True)
+        for _ in range(max_new_tokens):
+            next_ids = pick_next_token(logits.data[:, -1], temperature, top_k, rng)   # (B,)
+            if eos_id is not None:
+                next_ids[finished] = eos_id
+                finished |= next_ids == eos_id
+            yield next_ids
+            if finished.all():
+                return
+            idx = np.concatenate([idx, next_ids[:, None]], axis=1)
+            if cache is not None and cache.length < cache.max_length:
+                logits = model(next_ids[:, None], kv_cache=cache, last_only=True)   # one position
+            else:
+                cache = None  # the window slid: every position moved, so cached keys are stale
+                logits = model(idx[:, -context_size:], last_only=True)
+
+
+def pick_next_token(logits, temperature=0.0, top_k=None, rng=None):
+    """Choose one token id per row from logits (B, V): argmax, or a sample at the given temperature."""
+    if temperature == 0.0:
+        return logits.argmax(axis=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]   # (B, 1)
+        logits = np.where(logits < kth_largest, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    cumulative = np.cumsum(probs, axis=-1)                                         # (B, V)
+    draws = rng.random(len(logits)) * cumulative[:, -1]                            # (B,) in [0, total)
+    return np.minimum((cumulative <= draws[:, None]).sum(axis=-1), logits.shape[-1] - 1)

@@ -1,0 +1,183 @@
+"""GPT-2: token and position embeddings, n_layers pre-LayerNorm transformer blocks, a tied output head.
+
+    idx (B, T) -> wte[idx] + wpe[0..T-1] -> dropout -> Block x n_layers -> ln_f -> x @ wte^T -> logits (B, T, V)
+    Block:  x = x + attn(ln_1(x));   x = x + mlp(ln_2(x))
+    attn:   c_attn (C -> 3C: q, k, v) -> causal attention over NH heads -> c_proj (C -> C) -> dropout
+    mlp:    c_fc (C -> 4C) -> GELU (tanh approximation) -> c_proj (4C -> C) -> dropout
+
+Attributes carry GPT-2's names (wte, wpe, h.{i}.ln_1, h.{i}.attn.c_attn, ..., ln_f), so a Hugging Face
+GPT-2 checkpoint loads by name alone. Dropout on the attention weights, which GPT-2 also has, is left
+out: fine-tuning runs with drop_rate 0, and leaving it out keeps the attention op fused.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import functional as F
+from .nn import Dropout, Embedding, LayerNorm, Linear, Module
+from .tensor import Tensor
+
+GPT2_PRESETS = {  # the four published GPT-2 sizes; every one has V = 50257 and context 1024
+    "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12),     # 124M parameters
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),   # 355M
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),    # 774M
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),       # 1558M
+}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.0
+    qkv_bias: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"GPTConfig: emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in GPT2_PRESETS:
+            raise ValueError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_PRESETS)}")
+        return cls(**{**GPT2_PRESETS[name], **overrides})
+
+
+class CausalSelfAttention(Module):
+    def __init__(self, cfg, rng, dropout_rng, dtype):
+        C = cfg.emb_dim
+        self.n_heads = cfg.n_heads
+        self.c_attn = Linear(C, 3 * C, bias=cfg.qkv_bias, rng=rng, dtype=dtype)
+        # GPT-2 scales the init of layers that write into the residual stream by 1/sqrt(2 * n_layers)
+        self.c_proj = Linear(C, C, rng=rng, std=0.02 / math.sqrt(2 * cfg.n_layers), dtype=dtype)
+        self.resid_dropout = Dropout(cfg.drop_rate, dropout_rng)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        qkv = self.c_attn(x)                                           # (B, T, C) -> (B, T, 3C)
+        if kv_cache is None:
+            y = F.causal_self_attention(qkv, self.n_heads)             # (B, T, C)
+        else:
+            y = Tensor(F.cached_causal_attention(qkv.data, self.n_heads, kv_cache.keys[layer],
+                                                 kv_cache.values[layer], kv_cache.length))
+        return self.resid_dropout(self.c_proj(y))                      # (B, T, C)
+
+
+class MLP(Module):
+    def __init__(self, cfg, rng, dropout_rng, dtype):
+        C = cfg.emb_dim
+        self.c_fc = Linear(C, 4 * C, rng=rng, dtype=dtype)
+        self.c_proj = Linear(4 * C, C, rng=rng, std=0.02 / math.sqrt(2 * cfg.n_layers), dtype=dtype)
+        self.dropout = Dropout(cfg.drop_rate, dropout_rng)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))        # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(Module):
+    def __init__(self, cfg, rng, dropout_rng, dtype):
+        self.ln_1 = LayerNorm(cfg.emb_dim, dtype=dtype)
+        self.attn = CausalSelfAttention(cfg, rng, dropout_rng, dtype)
+        self.ln_2 = LayerNorm(cfg.emb_dim, dtype=dtype)
+        self.mlp = MLP(cfg, rng, dropout_rng, dtype)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)               # (B, T, C)
+        return x + self.mlp(self.ln_2(x))                              # (B, T, C)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions processed so far (generation only).
+
+    keys[layer], values[layer]: (B, NH, max_length, hs); positions 0 .. length-1 are filled.
+    """
+
+    def __init__(self, cfg, batch_size, max_length, dtype=np.float32):
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_length, cfg.emb_dim // cfg.n_heads)
+        self.keys = np.empty(shape, dtype=dtype)
+        self.values = np.empty(shape, dtype=dtype)
+        self.max_length = max_length
+        self.length = 0
+
+
+class GPTModel(Module):
+    def __init__(self, cfg, seed=0, dtype=np.float32):
+        if not isinstance(cfg, GPTConfig):
+            raise TypeError(f"GPTModel needs a GPTConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        rng = np.random.default_rng(seed)                              # weight initialisation
+        self.dropout_rng = np.random.default_rng(seed + 1)             # dropout masks; saved in checkpoints
+        self.wte = Embedding(cfg.vocab_size, cfg.emb_dim, rng=rng, dtype=dtype)
+        self.wpe = Embedding(cfg.context_length, cfg.emb_dim, rng=rng, std=0.01, dtype=dtype)
+        self.drop = Dropout(cfg.drop_rate, self.dropout_rng)
+        self.h = [Block(cfg, rng, self.dropout_rng, dtype) for _ in range(cfg.n_layers)]
+        self.ln_f = LayerNorm(cfg.emb_dim, dtype=dtype)
+
+    @property
+    def dtype(self):
+        return self.wte.weight.dtype
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        """Logits (B, T, V) for token ids idx (B, T); (B, 1, V) for the last position if last_only."""
+        x = self.hidden_states(idx, kv_cache)                          # (B, T, C)
+        if last_only:
+            x = x[:, -1:]                                              # (B, 1, C)
+        return F.lm_head(x, self.wte.weight)                           # (B, T, V)
+
+    def hidden_states(self, idx, kv_cache=None):
+        """The final layer-normed activations (B, T, C), before the output head."""
+        idx = self._check_ids(idx, start=kv_cache.length if kv_cache is not None else 0)
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        positions = np.arange(start, start + T)                        # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(positions))             # (B, T, C) + (T, C) -> (B, T, C)
+        for layer, block in enumerate(self.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.ln_f(x)
+
+    def loss(self, idx, targets, ignore_index=F.IGNORE_INDEX):
+        """Mean cross-entropy over the targets that are not ignore_index.
+
+        The 50257-wide output head is the costliest layer, so it runs only on the positions whose
+        target counts: rows of padding or of a masked prompt are dropped before it, not after.
+        """
+        targets = np.asarray(targets)
+        if targets.shape != np.shape(idx):
+            raise ValueError(f"targets have shape {targets.shape}, inputs have shape {np.shape(idx)}")
+        x = self.hidden_states(idx)                                    # (B, T, C)
+        x = x.reshape(-1, self.cfg.emb_dim)                            # (B*T, C)
+        flat_targets = targets.reshape(-1)
+        keep = flat_targets != ignore_index
+        if not keep.all():
+            keep_rows = np.flatnonzero(keep)
+            x, flat_targets = x[keep_rows], flat_targets[keep_rows]    # (N, C), N = targets that count
+        logits = F.lm_head(x, self.wte.weight)                         # (N, V)
+        return F.cross_entropy(logits, flat_targets, ignore_index)
+
+    def _check_ids(self, idx, start=0):
+        idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
+        if idx.ndim != 2:
+            raise ValueError(f"the model takes token ids of shape (batch, time), got shape {idx.shape}")
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"token ids must be integers, got dtype {idx.dtype}")
+        if start + idx.shape[1] > self.cfg.context_length:
+            raise ValueError(f"sequence of {start + idx.shape[1]} tokens is longer than the model's context "
+                             f"length {self.cfg.context_length}; crop or truncate it")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+            bad = idx[(idx < 0) | (idx >= self.cfg.vocab_size)].flat[0]
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return idx
+
+    def num_parameters(self):
+        return sum(p.size for p in self.parameters())

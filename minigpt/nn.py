@@ -1,0 +1,131 @@
+"""Modules: objects that own Parameters and apply ops from functional.py to their inputs.
+
+A Module finds its parameters by walking its attributes: a Parameter, a sub-Module, or a list of
+Modules (named by position, as GPT-2's `h.0`, `h.1`, ...). The dotted path of attribute names is the
+parameter's name, so a model whose attributes carry GPT-2's names loads GPT-2's checkpoints as they are.
+"""
+import numpy as np
+
+from . import functional as F
+from .tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A trainable tensor: a leaf that always requires a gradient."""
+
+    def __init__(self, data):
+        data = np.asarray(data)
+        if not np.issubdtype(data.dtype, np.floating):
+            raise TypeError(f"a Parameter must hold floating-point data, got dtype {data.dtype}")
+        super().__init__(data, requires_grad=True)
+
+
+class Module:
+    training = True  # switched by train() / eval(); read by Dropout
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+    def named_modules(self, prefix=""):
+        """(name, module) for self and every module below it, depth first, in attribute order."""
+        yield prefix.rstrip("."), self
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield from value.named_modules(f"{prefix}{name}.")
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield from item.named_modules(f"{prefix}{name}.{i}.")
+
+    def named_parameters(self):
+        """(name, Parameter) pairs such as ('h.0.attn.c_attn.weight', ...), each Parameter once."""
+        seen = set()
+        for module_name, module in self.named_modules():
+            for name, value in vars(module).items():
+                if isinstance(value, Parameter) and id(value) not in seen:
+                    seen.add(id(value))
+                    yield (f"{module_name}.{name}" if module_name else name), value
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def train(self, mode=True):
+        for _, module in self.named_modules():
+            module.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    def state_dict(self):
+        """{name: the parameter's live NumPy array}."""
+        return {name: p.data for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays into the parameters (cast to their dtype); name and shape mismatches are errors."""
+        params = dict(self.named_parameters())
+        missing = [name for name in params if name not in state]
+        unexpected = [name for name in state if name not in params]
+        if strict and (missing or unexpected):
+            raise ValueError(f"state does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for name, p in params.items():
+            if name not in state:
+                continue
+            value = np.asarray(state[name])
+            if value.shape != p.shape:
+                raise ValueError(f"{name}: the state holds shape {value.shape}, the model expects {p.shape}")
+            p.data[...] = value
+
+
+class Linear(Module):
+    """y = x @ weight + bias, weight stored (in_features, out_features) as GPT-2's checkpoints store it."""
+
+    def __init__(self, in_features, out_features, bias=True, rng=None, std=0.02, dtype=np.float32):
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.weight = Parameter((rng.standard_normal((in_features, out_features)) * std).astype(dtype))
+        self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(Module):
+    """A table of num_embeddings vectors of size dim, looked up by integer id."""
+
+    def __init__(self, num_embeddings, dim, rng=None, std=0.02, dtype=np.float32):
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.weight = Parameter((rng.standard_normal((num_embeddings, dim)) * std).astype(dtype))
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight)
+
+
+class LayerNorm(Module):
+    """Normalize the last axis to zero mean and unit variance, then scale and shift (learned)."""
+
+    def __init__(self, dim, eps=1e-5, dtype=np.float32):
+        self.eps = eps
+        self.weight = Parameter(np.ones(dim, dtype=dtype))
+        self.bias = Parameter(np.zeros(dim, dtype=dtype))
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Dropout(Module):
+    """Zero activations with probability p while training; the identity in eval mode."""
+
+    def __init__(self, p, rng):
+        self.p = p
+        self.rng = rng  # a shared np.random.Generator: the model's dropout stream, saved in checkpoints
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.rng, training=self.training)
