@@ -1,0 +1,299 @@
+"""Instruction data: load and validate, format prompts, split, tokenize, collate, batch.
+
+Follows rasbt's LLMs-from-scratch ch. 7. An entry is {"instruction", "input", "output"}; it becomes
+prompt + response header + output (see PROMPT_STYLES), tokenized once. A batch of B token lists is
+padded with <|endoftext|> and shifted by one into inputs and targets, both (B, T) int64:
+
+    seq       5 6                       (one example, length 2; batch longest = 5 -> T = 5)
+    padded    5 6 E E E E               (one <|endoftext|> appended, then padded to longest + 1)
+    inputs    5 6 E E E                 padded[:-1]
+    targets   6 E I I I                 padded[1:]; pads after the first E -> I = IGNORE_INDEX
+
+The first E stays a target so the model learns to stop. With prompt masking, targets that are prompt
+tokens become I as well, so the loss is taken on the response only.
+"""
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .fileio import download_file
+from .functional import IGNORE_INDEX
+from .tokenizer import encode
+
+REFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+                      "ch07/01_main-chapter-code/instruction-data.json")
+INSTRUCTION_KEYS = ("instruction", "input", "output")
+GPT2_EOT_ID = 50256  # <|endoftext|> in GPT-2's vocabulary: the default padding token
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+def load_json_entries(path, keys, what="data"):
+    """Read a JSON list of objects whose `keys` are all strings; errors name the entry and problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    validate_entries(entries, keys, source=str(path))
+    return entries
+
+
+def validate_entries(entries, keys, source="data"):
+    """Check `entries` is a non-empty list of objects whose `keys` all hold strings."""
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: expected a JSON list of entries, got {type(entries).__name__}")
+    if not entries:
+        raise ValueError(f"{source}: the list of entries is empty")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}: entry {i} is not an object but {type(entry).__name__}")
+        for key in keys:
+            if key not in entry:
+                raise ValueError(f"{source}: entry {i} is missing the key {key!r}")
+            if not isinstance(entry[key], str):
+                raise ValueError(f"{source}: entry {i}: {key!r} must be a string, "
+                                 f"got {type(entry[key]).__name__}")
+
+
+def load_instruction_data(path):
+    """The entries of an instruction-data JSON file: a list of {"instruction", "input", "output"}."""
+    return load_json_entries(path, INSTRUCTION_KEYS, what="instruction data")
+
+
+def download_instruction_data(directory="data"):
+    """Path of rasbt's 1,100-entry instruction dataset in `directory`, downloaded on first use."""
+    path = Path(directory) / "instruction-data.json"
+    if not path.is_file():
+        download_file(REFERENCE_DATA_URL, path,
+                      hint="Pass --data PATH to use a local copy of instruction-data.json instead.")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt styles
+
+class PromptStyle(NamedTuple):
+    instruction: str  # template of the prompt's start, with {instruction}
+    input: str        # appended only when the entry's input is non-empty, with {input}
+    response: str     # the response header; the output follows it directly
+
+
+PROMPT_STYLES = {
+    "alpaca": PromptStyle(
+        instruction=("Below is an instruction that describes a task. Write a response that "
+                     "appropriately completes the request.\n\n### Instruction:\n{instruction}"),
+        input="\n\n### Input:\n{input}",
+        response="\n\n### Response:\n"),
+    "phi3": PromptStyle(instruction="<|user|>\n{instruction}", input="\n{input}",
+                        response="\n<|assistant|>:\n"),
+}
+
+
+def _prompt_style(style):
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; choose one of: {', '.join(PROMPT_STYLES)}")
+    return PROMPT_STYLES[style]
+
+
+def format_input(entry, style="alpaca"):
+    """The prompt: instruction, plus the input when there is one (a missing "input" counts as empty)."""
+    template = _prompt_style(style)
+    prompt = template.instruction.format(instruction=entry["instruction"])
+    if entry.get("input"):
+        prompt += template.input.format(input=entry["input"])
+    return prompt
+
+
+def response_header(style="alpaca"):
+    """The text between the prompt and the output, e.g. "\\n\\n### Response:\\n" for alpaca."""
+    return _prompt_style(style).response
+
+
+def format_example(entry, style="alpaca"):
+    """The full training text: prompt + response header + output."""
+    return format_input(entry, style) + response_header(style) + entry["output"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting and the dataset
+
+def split_data(entries, train_frac=0.85, test_frac=0.10, shuffle_seed=None):
+    """(train, test, val) as in the reference: the first int(n*train_frac) entries, the next
+    int(n*test_frac), the rest (1,100 -> 935 / 110 / 55). With `shuffle_seed`, a shuffled copy is split."""
+    if not (0 <= train_frac and 0 <= test_frac and train_frac + test_frac <= 1):
+        raise ValueError(f"split fractions must be >= 0 and sum to <= 1, got train {train_frac}, "
+                         f"test {test_frac}")
+    entries = list(entries)
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(entries))
+        entries = [entries[i] for i in order]
+    n_train = int(len(entries) * train_frac)
+    n_test = int(len(entries) * test_frac)
+    return entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:]
+
+
+class InstructionDataset:
+    """Entries tokenized once: `dataset[i]` is the token-id list of prompt + header + output.
+
+    `prompt_lengths[i]` counts the tokens before the output (prompt + response header). The two parts
+    are encoded separately and concatenated, so the prompt's tokens are exactly those the model gets
+    at generation time, and the count is exact even where BPE could merge across the boundary.
+    """
+
+    def __init__(self, entries, tokenizer, style="alpaca"):
+        self.entries = entries
+        self.style = style
+        self.token_ids = []
+        self.prompt_lengths = []
+        for entry in entries:
+            prompt_ids = encode(tokenizer, format_input(entry, style) + response_header(style))
+            self.token_ids.append(prompt_ids + encode(tokenizer, entry["output"]))
+            self.prompt_lengths.append(len(prompt_ids))
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    def __getitem__(self, i):
+        return self.token_ids[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Collate and the loader
+
+def collate(batch, pad_token_id=GPT2_EOT_ID, ignore_index=IGNORE_INDEX, allowed_max_length=None,
+            prompt_lengths=None):
+    """Pad, shift and mask B token lists into (inputs, targets), both int64 (B, T).
+
+    T = longest + 1 (each sequence gets one <|endoftext|>), cut to `allowed_max_length` if given.
+    targets[i, t] = padded[i, t+1], except ignore_index for (1) padding after the row's first pad and
+    (2) with `prompt_lengths`, the first prompt_lengths[i]-1 targets, whose next token is a prompt token.
+    """
+    if len(batch) == 0:
+        raise ValueError("collate needs at least one sequence")
+    lengths = np.array([len(seq) for seq in batch])                     # (B,)
+    width = int(lengths.max()) + 1                                      # T + 1 before the shift
+    padded = np.full((len(batch), width), pad_token_id, dtype=np.int64)  # (B, T+1)
+    is_token = np.arange(width) < lengths[:, None]                      # (B, T+1), True on real tokens
+    padded[is_token] = np.concatenate([np.asarray(seq, dtype=np.int64) for seq in batch])  # row-major
+    inputs = padded[:, :-1]                                             # (B, T)
+    targets = padded[:, 1:].copy()                                      # (B, T)
+    position = np.arange(width - 1)                                     # (T,) target position t
+    # targets[i, t] is padded[i, t+1]: the first pad is at t = lengths[i]-1 and stays; mask the rest
+    targets[position >= lengths[:, None]] = ignore_index
+    if prompt_lengths is not None:
+        prompt_lengths = np.asarray(prompt_lengths)                     # (B,)
+        if prompt_lengths.shape != (len(batch),):
+            raise ValueError(f"prompt_lengths has shape {prompt_lengths.shape}, expected ({len(batch)},)")
+        targets[position < prompt_lengths[:, None] - 1] = ignore_index
+    if allowed_max_length is not None:
+        inputs = inputs[:, :allowed_max_length]
+        targets = targets[:, :allowed_max_length]
+    return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
+
+
+class DataLoader:
+    """Batches of (inputs, targets) from a dataset of token lists, via `collate`.
+
+    Each iteration is one epoch. With `shuffle`, the loader's own seeded generator draws a new order
+    per epoch, so runs are reproducible from `seed`, and `state_dict()` / `load_state_dict()` resume
+    exactly, even mid-epoch. `group_by_length` puts examples of similar length in the same batch (less
+    padding): the order is sorted by length within chunks of GROUP_CHUNK_BATCHES batches, and with
+    `shuffle` the batch order is then shuffled. Every example appears once per epoch (unless
+    `drop_last` drops the final short batch).
+    """
+    GROUP_CHUNK_BATCHES = 50  # big enough to find similar lengths, small enough to keep randomness
+
+    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0,
+                 group_by_length=False, mask_prompt=False, pad_token_id=GPT2_EOT_ID,
+                 allowed_max_length=None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if mask_prompt and not hasattr(dataset, "prompt_lengths"):
+            raise ValueError("mask_prompt needs a dataset with prompt_lengths (an InstructionDataset)")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.group_by_length = group_by_length
+        self.mask_prompt = mask_prompt
+        self.pad_token_id = pad_token_id
+        self.allowed_max_length = allowed_max_length
+        self.lengths = np.array([len(dataset[i]) for i in range(len(dataset))])  # (N,)
+        self.prompt_lengths = np.asarray(dataset.prompt_lengths) if mask_prompt else None  # (N,)
+        self.rng = np.random.default_rng(seed)
+        self.epoch = 0                        # epochs started so far
+        self._epoch_start_state = self.rng.bit_generator.state  # replays the latest epoch's order
+        self._batches_done = 0                # batches yielded in the latest epoch
+        self._resume_pending = False
+
+    def __len__(self):
+        n, b = len(self.dataset), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def _plan_epoch(self):
+        """The list of index arrays for one epoch (draws from self.rng when shuffling)."""
+        n = len(self.dataset)
+        order = self.rng.permutation(n) if self.shuffle else np.arange(n)   # (N,)
+        if self.group_by_length:
+            chunk = self.batch_size * self.GROUP_CHUNK_BATCHES
+            order = np.concatenate([part[np.argsort(self.lengths[part], kind="stable")]
+                                    for part in np.split(order, range(chunk, n, chunk))])
+        batches = [order[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size,
+                                                                self.batch_size)]
+        if self.group_by_length and self.shuffle:
+            batches = [batches[i] for i in self.rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self):
+        if self._resume_pending:
+            self._resume_pending = False
+            self.rng.bit_generator.state = self._epoch_start_state
+            if self._batches_done > 0:  # the saved epoch had started: replay its order
+                batches = self._plan_epoch()
+                if self._batches_done < len(batches):
+                    yield from self._batches_from(batches, self._batches_done)
+                    return
+                # it had finished, and the replay left self.rng where it was after it: start the next
+        self._epoch_start_state = self.rng.bit_generator.state
+        self.epoch += 1
+        self._batches_done = 0
+        yield from self._batches_from(self._plan_epoch(), 0)
+
+    def _batches_from(self, batches, start):
+        for b in range(start, len(batches)):
+            self._batches_done = b + 1
+            indices = batches[b]
+            prompt_lengths = self.prompt_lengths[indices] if self.mask_prompt else None
+            yield collate([self.dataset[i] for i in indices], pad_token_id=self.pad_token_id,
+                          allowed_max_length=self.allowed_max_length, prompt_lengths=prompt_lengths)
+
+    def state_dict(self):
+        """JSON-serialisable position: epochs started, batches yielded in the latest one (a batch counts
+        as done once yielded), and the RNG state at that epoch's start."""
+        return {"epoch": self.epoch, "batches_done": self._batches_done, "num_batches": len(self),
+                "rng_state": self._epoch_start_state}
+
+    def load_state_dict(self, state):
+        """Resume from `state_dict()`: the next iteration continues the saved epoch where it stopped."""
+        missing = [k for k in ("epoch", "batches_done", "num_batches", "rng_state") if k not in state]
+        if missing:
+            raise ValueError(f"data loader state is missing {', '.join(missing)}")
+        if state["num_batches"] != len(self):
+            raise ValueError(f"data loader state is for {state['num_batches']} batches per epoch, "
+                             f"but this loader has {len(self)} (different data or batch size?)")
+        try:  # setting it checks it, so a damaged state fails here rather than at the next epoch
+            self.rng.bit_generator.state = state["rng_state"]
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"data loader state has an invalid rng_state: {e}") from None
+        self.epoch = state["epoch"]
+        self._epoch_start_state = state["rng_state"]
+        self._batches_done = state["batches_done"]
+        self._resume_pending = True

@@ -1,0 +1,311 @@
+"""Instruction data: validation errors, prompt styles, splits, collate rules, the loader."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minigpt import data
+from minigpt.data import (DataLoader, InstructionDataset, collate, format_example, format_input,
+                          load_instruction_data, response_header, split_data)
+from minigpt.functional import IGNORE_INDEX
+from minigpt.tokenizer import byte_tokenizer, encode, gpt2_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+I, E = IGNORE_INDEX, 50256  # short names for the target matrices below
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that "
+                   "appropriately completes the request.")
+WITH_INPUT = {"instruction": "Edit the following sentence for grammar.",
+              "input": "He go to the park every day.", "output": "He goes to the park every day."}
+NO_INPUT = {"instruction": "Convert 45 kilometers to meters.", "input": "",
+            "output": "45 kilometers is 45000 meters."}
+
+
+def write(tmp_path, content, name="data.json"):
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
+    return path
+
+
+def synthetic_entries(n):
+    return [{"instruction": f"task {i}", "input": "x" * (i % 3), "output": "y" * (i % 7)} for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def test_load_valid_file_keeps_extra_keys(tmp_path):
+    entries = [WITH_INPUT, dict(NO_INPUT, model_response="45,000 meters.")]
+    assert load_instruction_data(write(tmp_path, entries)) == entries
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[\n  {"instruction": "a",\n  "input": ""\n', r"invalid JSON at line 4, column 1"),
+    ({"instruction": "a"}, r"expected a JSON list of entries, got dict"),
+    ([], r"the list of entries is empty"),
+    ([WITH_INPUT, "just text"], r"entry 1 is not an object but str"),
+    ([WITH_INPUT, NO_INPUT, {"instruction": "a", "input": ""}], r"entry 2 is missing the key 'output'"),
+    ([{"instruction": "a", "input": None, "output": "b"}],
+     r"entry 0: 'input' must be a string, got NoneType"),
+    ([{"instruction": ["a"], "input": "", "output": "b"}],
+     r"entry 0: 'instruction' must be a string, got list"),
+])
+def test_load_errors_name_the_entry_and_problem(tmp_path, content, message):
+    path = write(tmp_path, content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_instruction_data(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_not_utf8(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"instruction": "café"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        load_instruction_data(path)
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="instruction data file not found: .*nope.json"):
+        load_instruction_data(tmp_path / "nope.json")
+
+
+def test_download_returns_the_cached_file(tmp_path, monkeypatch):
+    cached = write(tmp_path, [WITH_INPUT], name="instruction-data.json")
+    monkeypatch.setattr(data, "download_file", lambda *a, **k: pytest.fail("must not download"))
+    assert data.download_instruction_data(tmp_path) == cached
+
+
+def test_download_when_absent_tells_how_to_use_a_local_file(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(data, "download_file", lambda url, path, hint: calls.append((url, path, hint)))
+    path = data.download_instruction_data(tmp_path / "data")
+    assert calls == [(data.REFERENCE_DATA_URL, tmp_path / "data" / "instruction-data.json", calls[0][2])]
+    assert path == calls[0][1] and "--data PATH" in calls[0][2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt styles
+
+def test_alpaca_prompt_exact_text():
+    assert format_input(WITH_INPUT) == (f"{ALPACA_PREAMBLE}\n\n### Instruction:\nEdit the following "
+                                        "sentence for grammar.\n\n### Input:\nHe go to the park every day.")
+    assert format_input(NO_INPUT, "alpaca") == (f"{ALPACA_PREAMBLE}\n\n### Instruction:\n"
+                                                "Convert 45 kilometers to meters.")
+    assert response_header("alpaca") == "\n\n### Response:\n"
+    assert format_example(NO_INPUT) == (format_input(NO_INPUT) + "\n\n### Response:\n"
+                                        "45 kilometers is 45000 meters.")
+
+
+def test_phi3_prompt_exact_text():
+    assert format_input(WITH_INPUT, "phi3") == ("<|user|>\nEdit the following sentence for grammar.\n"
+                                                "He go to the park every day.")
+    assert format_input(NO_INPUT, "phi3") == "<|user|>\nConvert 45 kilometers to meters."
+    assert format_example(NO_INPUT, "phi3") == ("<|user|>\nConvert 45 kilometers to meters.\n<|assistant|>:\n"
+                                                "45 kilometers is 45000 meters.")
+
+
+def test_unknown_style_lists_choices():
+    with pytest.raises(ValueError, match="unknown prompt style 'chatml'; choose one of: alpaca, phi3"):
+        format_input(NO_INPUT, "chatml")
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and the dataset
+
+@pytest.mark.skipif(not (SHARED_DATA / "instruction-data.json").is_file(), reason="shared dataset absent")
+def test_split_sizes_on_the_reference_dataset():
+    train, test, val = split_data(load_instruction_data(SHARED_DATA / "instruction-data.json"))
+    assert (len(train), len(test), len(val)) == (935, 110, 55)
+
+
+def test_split_sizes_and_order(tmp_path):
+    entries = load_instruction_data(write(tmp_path, synthetic_entries(1100)))
+    train, test, val = split_data(entries)
+    assert (len(train), len(test), len(val)) == (935, 110, 55)
+    assert train + test + val == entries  # unshuffled: consecutive slices
+    assert [len(part) for part in split_data(entries[:20])] == [17, 2, 1]  # int(17.0), int(2.0), rest
+
+
+def test_split_shuffle_is_seeded_and_leaves_input_alone():
+    entries = synthetic_entries(50)
+    original = list(entries)
+    first, second = split_data(entries, shuffle_seed=1), split_data(entries, shuffle_seed=1)
+    assert first == second and entries == original
+    assert first[0] != entries[:42]
+    names = sorted(e["instruction"] for part in first for e in part)
+    assert names == sorted(e["instruction"] for e in entries)
+    with pytest.raises(ValueError, match="split fractions"):
+        split_data(entries, train_frac=0.95, test_frac=0.1)
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_dataset_tokenizes_once_and_counts_the_prompt(style):
+    dataset = InstructionDataset([WITH_INPUT, NO_INPUT], byte_tokenizer(), style=style)
+    assert len(dataset) == 2 and dataset.entries[1] is NO_INPUT
+    for i, entry in enumerate([WITH_INPUT, NO_INPUT]):
+        assert dataset[i] == list(format_example(entry, style).encode())  # byte tokens == UTF-8 bytes
+        prompt = format_input(entry, style) + response_header(style)
+        assert dataset.prompt_lengths[i] == len(prompt.encode())
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gpt2" / "vocab.bpe").is_file(), reason="GPT-2 vocab absent")
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_dataset_with_gpt2_tokens(style):
+    gpt2 = gpt2_tokenizer(SHARED_DATA / "gpt2")
+    dataset = InstructionDataset([WITH_INPUT], gpt2, style=style)
+    prompt_ids = encode(gpt2, format_input(WITH_INPUT, style) + response_header(style))
+    assert dataset.prompt_lengths[0] == len(prompt_ids)
+    assert dataset[0] == prompt_ids + encode(gpt2, WITH_INPUT["output"])
+    assert dataset[0] == encode(gpt2, format_example(WITH_INPUT, style))  # no merge across the boundary here
+
+
+# ---------------------------------------------------------------------------------------------
+# Collate: one test per rule
+
+REFERENCE_BATCH = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]  # rasbt ch. 7's example
+
+
+def test_collate_reference_example():
+    inputs, targets = collate(REFERENCE_BATCH)
+    assert inputs.dtype == targets.dtype == np.int64
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]]
+    # the longest row gets one <|endoftext|>, which stays a target; later pads are ignored
+    assert targets.tolist() == [[1, 2, 3, 4, E], [6, E, I, I, I], [8, 9, E, I, I]]
+
+
+def test_collate_pad_and_ignore_values_are_parameters():
+    inputs, targets = collate([[1, 2], [3]], pad_token_id=0, ignore_index=-1)
+    assert inputs.tolist() == [[1, 2], [3, 0]]
+    assert targets.tolist() == [[2, 0], [0, -1]]
+
+
+def test_collate_masks_pads_by_position_not_value():
+    # a real <|endoftext|> inside the text (id 50256) is a target like any other token
+    _, targets = collate([[1, E, 2], [3]])
+    assert targets.tolist() == [[E, 2, E], [E, I, I]]
+
+
+def test_collate_masks_the_prompt():
+    # targets[i, :p-1] = I: target t is token t+1, so the first p-1 targets are prompt tokens 1..p-1
+    _, targets = collate(REFERENCE_BATCH, prompt_lengths=[3, 1, 2])
+    assert targets.tolist() == [[I, I, 3, 4, E], [6, E, I, I, I], [I, 9, E, I, I]]
+    _, targets = collate(REFERENCE_BATCH, ignore_index=-7, prompt_lengths=[3, 1, 2])
+    assert targets.tolist() == [[-7, -7, 3, 4, E], [6, E, -7, -7, -7], [-7, 9, E, -7, -7]]
+
+
+def test_collate_truncates_after_masking():
+    inputs, targets = collate(REFERENCE_BATCH, allowed_max_length=3, prompt_lengths=[3, 1, 2])
+    assert inputs.tolist() == [[0, 1, 2], [5, 6, E], [7, 8, 9]]
+    assert targets.tolist() == [[I, I, 3], [6, E, I], [I, 9, E]]
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_prompt_masking_leaves_exactly_the_response(style):
+    byte = byte_tokenizer()
+    dataset = InstructionDataset([WITH_INPUT, NO_INPUT], byte, style=style)
+    loader = DataLoader(dataset, batch_size=2, mask_prompt=True, pad_token_id=byte.eot_token)
+    inputs, targets = next(iter(loader))
+    for row, entry in enumerate([WITH_INPUT, NO_INPUT]):
+        assert inputs[row, :len(dataset[row])].tolist() == dataset[row]
+        # what is left to learn: the output, then one <|endoftext|>
+        assert targets[row][targets[row] != I].tolist() == list(entry["output"].encode()) + [byte.eot_token]
+
+
+def test_collate_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least one sequence"):
+        collate([])
+    with pytest.raises(ValueError, match=r"prompt_lengths has shape \(2,\), expected \(3,\)"):
+        collate(REFERENCE_BATCH, prompt_lengths=[1, 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# DataLoader
+
+PAD = 10_000
+
+
+def numbered_dataset(n=103, seed=0):
+    """Example i is [i, i, ...] with a random length 1..40, so a batch row names its example."""
+    lengths = np.random.default_rng(seed).integers(1, 41, size=n)
+    return [[i] * int(length) for i, length in enumerate(lengths)]
+
+
+def epoch_indices(loader):
+    return [inputs[:, 0].tolist() for inputs, _ in loader]
+
+
+def test_loader_len_and_drop_last():
+    dataset = numbered_dataset(103)
+    assert len(DataLoader(dataset, 10, pad_token_id=PAD)) == 11
+    assert len(DataLoader(dataset, 10, drop_last=True, pad_token_id=PAD)) == 10
+    dropping = DataLoader(dataset, 10, drop_last=True, pad_token_id=PAD)
+    assert sum(len(batch) for batch in epoch_indices(dropping)) == 100
+    assert epoch_indices(DataLoader(dataset, 50, pad_token_id=PAD))[2] == [100, 101, 102]
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_loader_shuffle_is_seeded_new_each_epoch_and_complete(group):
+    dataset = numbered_dataset()
+    a = DataLoader(dataset, 8, shuffle=True, seed=3, group_by_length=group, pad_token_id=PAD)
+    b = DataLoader(dataset, 8, shuffle=True, seed=3, group_by_length=group, pad_token_id=PAD)
+    a_epochs = [epoch_indices(a) for _ in range(2)]
+    assert a_epochs == [epoch_indices(b) for _ in range(2)]
+    assert a_epochs[0] != a_epochs[1]
+    assert a_epochs[0] != epoch_indices(DataLoader(dataset, 8, shuffle=True, seed=4, pad_token_id=PAD))
+    for epoch in a_epochs:
+        assert sorted(i for batch in epoch for i in batch) == list(range(len(dataset)))
+    assert a.epoch == 2
+
+
+def test_group_by_length_cuts_padding():
+    dataset = numbered_dataset(400)
+
+    def padding(loader):  # positions that are not real tokens, over one epoch
+        return sum(inputs.size - sum(len(dataset[i]) for i in inputs[:, 0]) for inputs, _ in loader)
+    plain = padding(DataLoader(dataset, 8, shuffle=True, pad_token_id=PAD))
+    grouped = padding(DataLoader(dataset, 8, shuffle=True, group_by_length=True, pad_token_id=PAD))
+    assert grouped < plain / 3
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_loader_resumes_exactly_mid_epoch(group):
+    dataset = numbered_dataset()
+    options = dict(batch_size=8, shuffle=True, seed=7, group_by_length=group, pad_token_id=PAD)
+    uninterrupted = DataLoader(dataset, **options)
+    expected = epoch_indices(uninterrupted) + epoch_indices(uninterrupted)
+
+    first = DataLoader(dataset, **options)
+    seen = epoch_indices(first)
+    for batch_number, (inputs, _) in enumerate(first):  # epoch 2, stopped after 5 batches
+        seen.append(inputs[:, 0].tolist())
+        if batch_number == 4:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoints store it as JSON
+    resumed = DataLoader(dataset, **dict(options, seed=999))  # the state, not the seed, decides
+    resumed.load_state_dict(state)
+    assert seen + epoch_indices(resumed) == expected
+    assert resumed.epoch == 2
+    assert epoch_indices(resumed) == epoch_indices(uninterrupted)  # and epoch 3 matches too
+
+
+def test_loader_resume_after_a_finished_epoch_starts_the_next():
+    dataset = numbered_dataset()
+    a = DataLoader(dataset, 8, shuffle=True, seed=1, pad_token_id=PAD)
+    epoch_indices(a)
+    b = DataLoader(dataset, 8, shuffle=True, seed=2, pad_token_id=PAD)
+    b.load_state_dict(a.state_dict())
+    assert epoch_indices(b) == epoch_indices(a) and b.epoch == a.epoch == 2
+
+
+def test_loader_state_errors():
+    loader = DataLoader(numbered_dataset(), 8, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="missing rng_state"):
+        loader.load_state_dict({"epoch": 1, "batches_done": 0, "num_batches": 13})
+    other = DataLoader(numbered_dataset(), 4, pad_token_id=PAD).state_dict()
+    with pytest.raises(ValueError, match="state is for 26 batches per epoch, but this loader has 13"):
+        loader.load_state_dict(other)
+    damaged = dict(loader.state_dict(), rng_state={"bit_generator": "PCG64", "state": "?"})
+    with pytest.raises(ValueError, match="data loader state has an invalid rng_state"):
+        loader.load_state_dict(damaged)
+    with pytest.raises(ValueError, match="mask_prompt needs a dataset with prompt_lengths"):
+        DataLoader(numbered_dataset(), 8, mask_prompt=True)

@@ -1,0 +1,213 @@
+"""Scoring responses: ROUGE-L and exact match by hand, the Ollama judge against a fake server, the CLI."""
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from minigpt.data import format_input
+from minigpt.evaluate import (JudgeUnavailable, exact_match, judge_responses, lcs_length, main,
+                              parse_score, rouge_l_f1, score_responses)
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRIES = [
+    {"instruction": "Rewrite the sentence.", "input": "The cat is on the mat.",
+     "output": "The cat is on the mat.", "model_response": "The cat sat on the mat."},
+    {"instruction": "Convert 45 kilometers to meters.", "input": "",
+     "output": "45 kilometers is 45000 meters.", "model_response": "  45 kilometers is 45000 meters.\n"},
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# ROUGE-L and exact match
+
+def test_lcs_length():
+    assert lcs_length("abcbdab", "bdcaba") == 4  # the textbook example (CLRS): "bcba"
+    assert lcs_length([], ["a"]) == 0 and lcs_length(["a"], ["a"]) == 1
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    # 6 words each; LCS "the cat on the mat" = 5: P = R = 5/6, F1 = 5/6
+    ("the cat sat on the mat", "the cat is on the mat", 5 / 6),
+    # 4 vs 5 words; LCS "quick brown" = 2: P = 2/4, R = 2/5, F1 = 2*(1/2)(2/5)/(9/10) = 4/9
+    ("A quick brown fox", "the quick brown dog jumps", 4 / 9),
+    # a subsequence, not a substring: LCS "a b c" = 3 of 5 and 3: P = 3/5, R = 1, F1 = 1.2/1.6 = 3/4
+    ("a x b y c", "a b c", 3 / 4),
+    # order matters: LCS of "b a" and "a b" is 1: P = R = 1/2
+    ("b a", "a b", 1 / 2),
+    # case and punctuation are ignored: both are [hello, world]
+    ("Hello, World!", "hello world", 1.0),
+    ("abc", "xyz", 0.0),
+    ("", "", 1.0), ("...", "!?", 1.0),  # no words on either side: identical
+    ("", "something", 0.0), ("something", "", 0.0),
+])
+def test_rouge_l_f1_by_hand(prediction, reference, expected):
+    assert rouge_l_f1(prediction, reference) == pytest.approx(expected)
+
+
+def test_exact_match():
+    assert exact_match(" 45 meters\n", "45 meters")
+    assert not exact_match("45 meters.", "45 meters")
+    assert not exact_match("Yes", "yes")  # exact: case counts
+
+
+def test_score_responses():
+    scores = score_responses(ENTRIES)
+    # entry 0: words "the cat sat on the mat" vs "the cat is on the mat": 5/6; entry 1: identical after strip
+    assert scores["count"] == 2
+    assert scores["rouge_l_f1"] == pytest.approx((5 / 6 + 1) / 2)
+    assert scores["exact_match"] == 0.5
+    assert [s["exact_match"] for s in scores["per_entry"]] == [False, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge against a fake Ollama server
+
+@pytest.fixture
+def ollama():
+    """A fake Ollama on 127.0.0.1: answers /api/chat with the queued replies, records each request."""
+    state = {"replies": [], "requests": [], "status": 200}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            request = self.rfile.read(int(self.headers["Content-Length"]))
+            state["requests"].append((self.path, json.loads(request)))
+            if state["status"] == 200:
+                body = {"model": "fake", "message": {"role": "assistant", "content": state["replies"].pop(0)},
+                        "done": True}
+            else:
+                body = {"error": "model 'nope' not found"}
+            payload = json.dumps(body).encode()
+            self.send_response(state["status"])
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):  # keep pytest's output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    # shutdown() waits up to one poll interval (0.5 s by default): poll often to keep the tests fast
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def closed_url():
+    """A URL on 127.0.0.1 where nothing listens (a port that was just free)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_parse_score():
+    assert parse_score("85") == 85
+    assert parse_score("Score: 120 (very good)") == 100  # clamped
+    assert parse_score("-5") == 0
+    assert parse_score("excellent") is None
+
+
+def test_judge_sends_the_reference_prompt_and_parses_scores(ollama):
+    ollama["replies"] = ["85", "Score: 120"]
+    result = judge_responses(ENTRIES, model="llama3", url=ollama["url"], timeout=5)
+    assert result["scores"] == [85, 100] and result["mean_score"] == 92.5 and result["scored"] == 2
+    path, request = ollama["requests"][0]
+    assert path == "/api/chat"
+    assert request["model"] == "llama3" and request["stream"] is False
+    assert request["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
+    assert request["messages"] == [{"role": "user", "content": (
+        f"Given the input `{format_input(ENTRIES[0])}` and correct output `The cat is on the mat.`, "
+        "score the model response `The cat sat on the mat.` on a scale from 0 to 100, where 100 is "
+        "the best score. Respond with the integer number only.")}]
+
+
+def test_judge_skips_unparsable_replies_with_a_warning(ollama, capsys):
+    ollama["replies"] = ["I like it", "60"]
+    result = judge_responses(ENTRIES, url=ollama["url"], timeout=5)
+    assert result["scores"] == [None, 60] and result["mean_score"] == 60 and result["scored"] == 1
+    assert "warning: judge reply for entry 0 has no score" in capsys.readouterr().err
+
+
+def test_judge_unavailable_says_how_to_start_ollama(closed_url):
+    with pytest.raises(JudgeUnavailable) as info:
+        judge_responses(ENTRIES, url=closed_url, timeout=5)
+    message = str(info.value)
+    assert message.startswith(f"no Ollama server answered at {closed_url}")
+    assert "ollama serve" in message and "\n" not in message
+
+
+def test_judge_model_missing_on_server(ollama):
+    ollama["status"] = 404
+    message = r"refused the request \(HTTP 404: .*not found.*`ollama pull nope`"
+    with pytest.raises(JudgeUnavailable, match=message):
+        judge_responses(ENTRIES, model="nope", url=ollama["url"], timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+@pytest.fixture
+def responses_file(tmp_path):
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(ENTRIES))
+    return path
+
+
+def test_cli_prints_scores_and_writes_metrics(responses_file, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert main([str(responses_file), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ROUGE-L F1   0.917" in printed and "exact match  50.0%" in printed  # (5/6 + 1)/2 = 0.9167
+    metrics = json.loads(out.read_text())
+    assert metrics["count"] == 2 and metrics["judge"] is None and len(metrics["per_entry"]) == 2
+
+
+def test_cli_with_judge(responses_file, ollama, capsys):
+    ollama["replies"] = ["70", "90"]
+    assert main([str(responses_file), "--judge-model", "llama3", "--ollama-url", ollama["url"]]) == 0
+    assert "judge (llama3)  80.0 / 100 over 2 scored responses" in capsys.readouterr().out
+
+
+def test_cli_judge_unavailable_still_scores(responses_file, closed_url, capsys):
+    assert main([str(responses_file), "--judge-model", "llama3", "--ollama-url", closed_url]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipping the LLM judge: no Ollama server answered at {closed_url}" in printed
+    assert "ROUGE-L F1" in printed
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "error: responses file not found: "),
+    ("[{", "invalid JSON at line 1, column 3"),
+    (json.dumps([{"output": "a"}]), "entry 0 is missing the key 'model_response'"),
+])
+def test_cli_bad_file_exits_2_with_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "responses.json"
+    if content is not None:
+        path.write_text(content)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_judge_needs_instructions(tmp_path, capsys):
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps([{"output": "a", "model_response": "a"}]))
+    assert main([str(path), "--judge-model", "llama3"]) == 2
+    assert "entry 0 is missing the key 'instruction'" in capsys.readouterr().err
+
+
+def test_cli_as_a_module_never_prints_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "minigpt.evaluate", str(tmp_path / "missing.json")],
+                            cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: responses file not found") and "Traceback" not in result.stderr
