@@ -14,7 +14,7 @@ __all__ = ["Tensor", "no_grad", "is_grad_enabled", "cross_entropy", "IGNORE_INDE
 
 def __getattr__(name):
     # Weight loading is imported on first use, so `import minigpt` stays light.
-    if name in ("load_hf_gpt2", "save_hf_gpt2"):
+    if name in ("load_hf_gpt2", "save_hf_gpt2", "load_weights", "save_weights", "pretrained_gpt2"):
         from . import weights
         return getattr(weights, name)
     raise AttributeError(f"module 'minigpt' has no attribute {name!r}")

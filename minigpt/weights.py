@@ -1,0 +1,338 @@
+"""GPT-2 weights in and out: Hugging Face checkpoints, minigpt's own .npz, and the hub download.
+
+Parameters keep Hugging Face GPT-2's names (`wte.weight`, `h.0.attn.c_attn.weight`, ...) and Linear
+weights are stored (in, out) like HF's Conv1D, so loading is a copy without renames or transposes.
+The work here is checking, as nanoGPT's `from_pretrained` does: every parameter must be present
+once, with the right shape, and nothing may be left over; an error names the file and the tensor.
+
+Two formats on disk:
+- Hugging Face: `model.safetensors` + `config.json`, either as on the hub (openai-community/gpt2,
+  names without prefix, possibly with the causal-mask buffers `h.{i}.attn.bias` and
+  `h.{i}.attn.masked_bias`) or as transformers' `save_pretrained` writes it (names prefixed
+  `transformer.`). The output head is tied to `wte.weight`: a stored `lm_head.weight` must equal
+  it, since minigpt has no separate head to put a different one in.
+- minigpt: one `.npz` with every parameter plus the GPTConfig as JSON under `__config__`.
+"""
+import dataclasses
+import json
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from minigpt.fileio import atomic_write, download_file, write_json
+from minigpt.model import GPT2_PRESETS, GPTConfig, GPTModel
+from minigpt.safetensors import CheckpointError, read_safetensors, write_safetensors
+
+# Preset name -> the Hugging Face hub repository holding its weights.
+HUB_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+# A module constant so tests can point downloads at a closed local port instead of the network.
+HF_URL = "https://huggingface.co/{repo}/resolve/main/{filename}"
+DOWNLOAD_TIMEOUT = 10  # seconds: without network, fail fast instead of hanging
+CONFIG_KEY = "__config__"  # the .npz entry holding the GPTConfig as a JSON string
+HF_PREFIX = "transformer."  # save_pretrained nests GPT2Model inside GPT2LMHeadModel.transformer
+HF_WEIGHTS_NAME = "model.safetensors"
+HF_CONFIG_NAME = "config.json"
+GPT2_EOT_ID = 50256  # <|endoftext|>, GPT-2's bos and eos token
+# Activations equal to minigpt's GELU (the tanh approximation), under transformers' names.
+HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+LAYER_NORM_EPS = 1e-5
+# Causal-mask constants older transformers saved with the weights; they are not parameters.
+_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+_LAYER_INDEX = re.compile(r"h\.(\d+)\.")
+
+
+# ----------------------------------------------------------------------------- Hugging Face layout
+
+def load_hf_gpt2(path, dtype=np.float32):
+    """Load a Hugging Face GPT-2 checkpoint -> GPTModel.
+
+    `path` is a directory holding `model.safetensors` (and optionally `config.json`), or the
+    .safetensors file itself (a `config.json` beside it is used when present). The config is read
+    off the tensor shapes; only the number of heads needs config.json's `n_head`, or else an
+    (emb_dim, n_layers) that matches a GPT-2 preset.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    weights_file = path / HF_WEIGHTS_NAME if path.is_dir() else path
+    if not weights_file.exists():
+        raise FileNotFoundError(f"{path}: no {HF_WEIGHTS_NAME} in this directory (minigpt reads "
+                                f"safetensors checkpoints, not pytorch_model.bin)")
+    hf_config = _read_hf_config(weights_file.parent / HF_CONFIG_NAME)
+    tensors, _ = read_safetensors(weights_file)
+    params = _hf_parameters(weights_file, tensors)
+    cfg = _infer_config(weights_file, params, hf_config)
+    model = GPTModel(cfg, dtype=dtype)
+    _copy_into(weights_file, model, params.keys(), params.__getitem__)
+    return model
+
+
+def save_hf_gpt2(model, path):
+    """Write `model` as a Hugging Face GPT-2 checkpoint that `GPT2LMHeadModel.from_pretrained` loads.
+
+    `path` is a directory (gets `model.safetensors` + `config.json`) or a .safetensors file (gets
+    `config.json` beside it). Tensors are float32 with the hub's unprefixed names. HF GPT-2 always
+    has query/key/value biases, so a model without them is written with zero biases: the outputs
+    are identical, and it loads back with qkv_bias=True. Returns the weights file's path.
+    """
+    path = Path(path)
+    weights_file = path if path.suffix == ".safetensors" else path / HF_WEIGHTS_NAME
+    cfg = model.cfg
+    tensors = {name: np.asarray(value, dtype=np.float32) for name, value in model.state_dict().items()}
+    if not cfg.qkv_bias:
+        for i in range(cfg.n_layers):
+            tensors[f"h.{i}.attn.c_attn.bias"] = np.zeros(3 * cfg.emb_dim, np.float32)  # (3C,)
+    write_safetensors(weights_file, tensors)
+    write_json(weights_file.parent / HF_CONFIG_NAME, hf_config_dict(cfg))
+    return weights_file
+
+
+def hf_config_dict(cfg):
+    """GPTConfig -> the config.json of a transformers GPT2LMHeadModel with the same architecture."""
+    eot_id = GPT2_EOT_ID if cfg.vocab_size > GPT2_EOT_ID else None  # a small vocab has no GPT-2 EOT
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": None,  # None means 4 * n_embd, minigpt's MLP width
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+    }
+
+
+def _read_hf_config(config_file):
+    """config.json -> dict ({} when absent), refusing architectures minigpt computes differently."""
+    if not config_file.is_file():
+        return {}
+    try:
+        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{config_file}: not valid JSON") from None
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object")
+    activation = hf_config.get("activation_function", "gelu_new")
+    if activation not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{config_file}: activation_function {activation!r} is not supported; "
+                              f"minigpt implements GELU with the tanh approximation ({HF_ACTIVATIONS[0]})")
+    for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+        if hf_config.get(key, supported) != supported:
+            raise CheckpointError(f"{config_file}: {key}={hf_config[key]} is not supported; minigpt "
+                                  f"scales attention scores by 1/sqrt(head size) in every layer")
+    eps = hf_config.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    if eps != LAYER_NORM_EPS:
+        raise CheckpointError(f"{config_file}: layer_norm_epsilon {eps} is not supported; "
+                              f"minigpt uses {LAYER_NORM_EPS}")
+    return hf_config
+
+
+def _hf_parameters(weights_file, tensors):
+    """HF tensor names -> minigpt's: strip `transformer.`, drop mask buffers, check a tied lm_head."""
+    params = {}
+    for name, value in tensors.items():
+        short = name.removeprefix(HF_PREFIX)
+        if _MASK_BUFFER.fullmatch(short):
+            continue
+        if short in params:
+            raise CheckpointError(f"{weights_file}: tensor {short} is stored twice "
+                                  f"(with and without the {HF_PREFIX!r} prefix)")
+        params[short] = value
+    head = params.pop("lm_head.weight", None)
+    wte = params.get("wte.weight")
+    if head is not None and not (wte is not None and head.shape == wte.shape and np.array_equal(head, wte)):
+        raise CheckpointError(f"{weights_file}: lm_head.weight differs from wte.weight; minigpt ties "
+                              f"the output head to the token embedding and cannot load a separate head")
+    return params
+
+
+def _infer_config(weights_file, params, hf_config):
+    """Read the GPTConfig off the tensor shapes; n_heads from config.json or a matching preset."""
+    for name in ("wte.weight", "wpe.weight"):
+        if name not in params:
+            raise CheckpointError(f"{weights_file}: missing tensor {name}; not a GPT-2 checkpoint")
+        if params[name].ndim != 2:
+            raise CheckpointError(f"{weights_file}: tensor {name} has shape {params[name].shape}, "
+                                  f"expected 2 dimensions")
+    vocab_size, emb_dim = params["wte.weight"].shape  # (V, C)
+    context_length = params["wpe.weight"].shape[0]
+    # Counting distinct indices (not max + 1) keeps a gap, h.0 h.1 h.3, reported as a missing h.2.
+    n_layers = len({int(m.group(1)) for name in params if (m := _LAYER_INDEX.match(name))})
+    if n_layers == 0:
+        raise CheckpointError(f"{weights_file}: no transformer blocks (tensors h.0.*); "
+                              f"not a GPT-2 checkpoint")
+    config_file = weights_file.parent / HF_CONFIG_NAME
+    for key, value in (("vocab_size", vocab_size), ("n_positions", context_length),
+                       ("n_embd", emb_dim), ("n_layer", n_layers)):
+        if key in hf_config and hf_config[key] != value:
+            raise CheckpointError(f"{config_file}: {key} is {hf_config[key]} but the weights in "
+                                  f"{weights_file.name} have {value}")
+    n_heads = hf_config.get("n_head") or _preset_n_heads(emb_dim, n_layers)
+    if n_heads is None:
+        raise CheckpointError(f"{weights_file}: cannot tell the number of attention heads (emb_dim "
+                              f"{emb_dim} with {n_layers} layers is no GPT-2 preset); put the checkpoint's "
+                              f"{HF_CONFIG_NAME}, which has n_head, next to it")
+    try:
+        return GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
+                         n_heads=n_heads, n_layers=n_layers, qkv_bias="h.0.attn.c_attn.bias" in params)
+    except ValueError as e:  # e.g. n_head does not divide n_embd
+        raise CheckpointError(f"{weights_file}: {e}") from None
+
+
+def _preset_n_heads(emb_dim, n_layers):
+    for preset in GPT2_PRESETS.values():
+        if (preset["emb_dim"], preset["n_layers"]) == (emb_dim, n_layers):
+            return preset["n_heads"]
+    return None
+
+
+def _copy_into(source, model, names, load):
+    """Copy the tensors `names` (fetched one at a time by `load(name)`) into `model`'s parameters.
+
+    Every parameter must be present with its exact shape and every tensor must be a parameter.
+    Arrays are copied into the live parameters one by one, so a large .npz is never held in memory
+    beside the model.
+    """
+    live, names = model.state_dict(), set(names)
+    missing = [name for name in live if name not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing tensor {missing[0]}{more}")
+    unexpected = sorted(names - live.keys())
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]}{more} is not a parameter "
+                              f"of this GPT-2 configuration")
+    for name, param in live.items():
+        value = load(name)
+        if value.shape != param.shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(value.shape)}, "
+                                  f"expected {param.shape}")
+        param[...] = value  # casts to the model's dtype
+
+
+# ----------------------------------------------------------------------------- minigpt's .npz
+
+def save_npz(model, path):
+    """Write every parameter plus the config (JSON under `__config__`) to one .npz, atomically."""
+    arrays = dict(model.state_dict())
+    arrays[CONFIG_KEY] = np.array(json.dumps(dataclasses.asdict(model.cfg)))  # 0-d unicode: no pickle
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+    return Path(path)
+
+
+def load_npz(path, dtype=np.float32):
+    """Load a .npz written by `save_npz` -> GPTModel (never unpickles anything)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not an .npz archive; expected one written by minigpt "
+                              f"(python -m minigpt.convert makes one from Hugging Face weights)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if CONFIG_KEY not in archive.files:
+                raise CheckpointError(f"{path}: no {CONFIG_KEY} entry, so not written by minigpt's save_npz")
+            cfg = _config_from_json(path, archive[CONFIG_KEY])
+            model = GPTModel(cfg, dtype=dtype)
+            names = [name for name in archive.files if name != CONFIG_KEY]
+            _copy_into(path, model, names, archive.__getitem__)
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # a damaged member, or a pickled one
+        raise CheckpointError(f"{path}: corrupt .npz archive ({e})") from None
+    return model
+
+
+def _config_from_json(path, stored):
+    try:
+        return GPTConfig(**json.loads(str(stored[()])))
+    except (TypeError, ValueError) as e:  # bad JSON, unknown fields, invalid values
+        raise CheckpointError(f"{path}: {CONFIG_KEY} is not a valid GPTConfig ({e})") from None
+
+
+# ----------------------------------------------------------------------------- by file name
+
+def weights_format(path):
+    """'npz' for a .npz path; 'hf' for a .safetensors file or a directory (existing or to be made)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return "npz"
+    if path.suffix == ".safetensors" or path.is_dir() or not path.suffix:
+        return "hf"
+    raise CheckpointError(f"{path}: expected a .npz file, a .safetensors file or a directory "
+                          f"holding {HF_WEIGHTS_NAME}")
+
+
+def load_weights(path, dtype=np.float32):
+    """Load a model from a .npz (minigpt), a .safetensors file or a Hugging Face directory."""
+    if weights_format(path) == "npz":
+        return load_npz(path, dtype)
+    return load_hf_gpt2(path, dtype)
+
+
+def save_weights(model, path):
+    """Write `model` to a .npz (minigpt) or as Hugging Face (.safetensors file or directory)."""
+    if weights_format(path) == "npz":
+        return save_npz(model, path)
+    return save_hf_gpt2(model, path)
+
+
+# ----------------------------------------------------------------------------- downloads
+
+def download_gpt2(name, directory="data"):
+    """Fetch OpenAI's GPT-2 `name` from the Hugging Face hub into `directory/name/` -> that folder.
+
+    Files already there are reused: downloads are atomic, so a file that exists is complete.
+    """
+    repo = _hub_repo(name)
+    target = Path(directory) / name
+    weights_url = HF_URL.format(repo=repo, filename=HF_WEIGHTS_NAME)
+    hint = (f"Without network access, fetch {weights_url} on another machine and pass it with "
+            f"--weights PATH (a {HF_WEIGHTS_NAME}, a directory holding one, or a .npz).")
+    for filename in (HF_CONFIG_NAME, HF_WEIGHTS_NAME):  # the small file first: no network fails fast
+        if not (target / filename).is_file():
+            download_file(HF_URL.format(repo=repo, filename=filename), target / filename,
+                          timeout=DOWNLOAD_TIMEOUT, hint=hint)
+    return target
+
+
+def pretrained_gpt2(name, directory="data"):
+    """OpenAI's GPT-2 `name` as a GPTModel, from the cached `directory/name.npz` when present.
+
+    Otherwise downloads the Hugging Face checkpoint, converts it once and caches the .npz.
+    """
+    _hub_repo(name)  # reject an unknown name before it becomes part of a path
+    cached = Path(directory) / f"{name}.npz"
+    if cached.is_file():
+        return load_npz(cached)
+    model = load_hf_gpt2(download_gpt2(name, directory))
+    save_npz(model, cached)
+    print(f"converted {name} to {cached}", file=sys.stderr)
+    return model
+
+
+def _hub_repo(name):
+    if name not in HUB_REPOS:
+        raise ValueError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(HUB_REPOS)}")
+    return HUB_REPOS[name]
