@@ -149,21 +149,14 @@ class GPTModel(Module):
     def loss(self, idx, targets, ignore_index=F.IGNORE_INDEX):
         """Mean cross-entropy over the targets that are not ignore_index.
 
-        The 50257-wide output head is the costliest layer, so it runs only on the positions whose
-        target counts: rows of padding or of a masked prompt are dropped before it, not after.
+        The 50257-wide output head is the costliest layer, so the fused op runs it only on the
+        positions whose target counts: padding and a masked prompt never reach it.
         """
         targets = np.asarray(targets)
         if targets.shape != np.shape(idx):
             raise ValueError(f"targets have shape {targets.shape}, inputs have shape {np.shape(idx)}")
         x = self.hidden_states(idx)                                    # (B, T, C)
-        x = x.reshape(-1, self.cfg.emb_dim)                            # (B*T, C)
-        flat_targets = targets.reshape(-1)
-        keep = flat_targets != ignore_index
-        if not keep.all():
-            keep_rows = np.flatnonzero(keep)
-            x, flat_targets = x[keep_rows], flat_targets[keep_rows]    # (N, C), N = targets that count
-        logits = F.lm_head(x, self.wte.weight)                         # (N, V)
-        return F.cross_entropy(logits, flat_targets, ignore_index)
+        return F.lm_head_cross_entropy(x, self.wte.weight, targets, ignore_index)
 
     def _check_ids(self, idx, start=0):
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)

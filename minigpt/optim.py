@@ -13,6 +13,10 @@ import math
 
 import numpy as np
 
+from .parallel import for_slices
+
+SLICE_ELEMENTS = 1 << 16  # 256 KB of float32 per array: the slice's four arrays and scratch stay in L2
+
 
 class Adam:
     decoupled_weight_decay = False
@@ -35,27 +39,36 @@ class Adam:
 
     def step(self):
         """Update every parameter that has a gradient, in place."""
-        beta1, beta2 = self.betas
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
             self.steps[i] += 1
-            t = self.steps[i]
-            g, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
-            if self.weight_decay and self.decoupled_weight_decay:
-                p.data *= 1.0 - self.lr * self.weight_decay  # AdamW: shrink the weights themselves
-            elif self.weight_decay:
-                g = g + self.weight_decay * p.data           # Adam: L2 penalty through the gradient
-            m *= beta1
-            m += (1.0 - beta1) * g
-            v *= beta2
-            v += (1.0 - beta2) * (g * g)
-            bias_correction1 = 1.0 - beta1 ** t
-            bias_correction2 = 1.0 - beta2 ** t
-            denom = np.sqrt(v)
-            denom /= math.sqrt(bias_correction2)            # sqrt(v_hat)
-            denom += self.eps
-            p.data -= (self.lr / bias_correction1) * (m / denom)
+            flat = [a.reshape(-1) for a in (p.data, p.grad, self.exp_avg[i], self.exp_avg_sq[i])]
+            # Cache-sized slices on all cores: the update is a dozen passes over four arrays, and the
+            # token embedding alone holds 39M numbers.
+            for_slices(lambda start, stop: self._update(*(a[start:stop] for a in flat), self.steps[i]),
+                       len(flat[0]), max_elements_per_slice=SLICE_ELEMENTS)
+
+    def _update(self, p, g, m, v, t):
+        """One Adam(W) step for a slice: p, g, m, v are 1-d views of equal length; t is the step count."""
+        beta1, beta2 = self.betas
+        if self.weight_decay and self.decoupled_weight_decay:
+            p *= 1.0 - self.lr * self.weight_decay       # AdamW: shrink the weights themselves
+        elif self.weight_decay:
+            g = g + self.weight_decay * p                # Adam: L2 penalty through the gradient
+        scratch = np.empty_like(p)
+        m *= beta1
+        m += np.multiply(g, 1.0 - beta1, out=scratch)    # m = beta1 m + (1 - beta1) g
+        v *= beta2
+        np.multiply(g, g, out=scratch)
+        scratch *= 1.0 - beta2
+        v += scratch                                     # v = beta2 v + (1 - beta2) g^2
+        np.sqrt(v, out=scratch)
+        scratch /= math.sqrt(1.0 - beta2 ** t)           # sqrt(v_hat)
+        scratch += self.eps
+        np.divide(m, scratch, out=scratch)
+        scratch *= self.lr / (1.0 - beta1 ** t)          # lr * m_hat / (sqrt(v_hat) + eps)
+        p -= scratch
 
     def state_dict(self):
         """Everything needed to continue exactly: hyperparameters, per-parameter steps, m and v."""

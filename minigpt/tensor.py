@@ -119,6 +119,19 @@ class Tensor:
         else:
             self.grad = self.grad + grad
 
+    def accumulate_grad_rows(self, rows, values):
+        """Add values (n, ...) into the distinct rows of self.grad: a sparse gradient, an embedding's.
+
+        For the token embedding (50257 rows) this touches the few rows a batch used instead of adding
+        a 154 MB array that is almost all zeros.
+        """
+        if self.grad is not None and self.is_leaf:
+            self.grad[rows] += values
+        else:
+            dense = np.zeros_like(self.data)
+            dense[rows] = values
+            self.accumulate_grad(dense, owned=True)
+
     def backward(self, grad=None, retain_graph=False):
         """Reverse-mode differentiation of self with respect to every tensor that requires a grad.
 

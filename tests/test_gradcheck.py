@@ -26,12 +26,22 @@ def ids_with_repeats(rng, V, shape):
     return ids
 
 
-def cross_entropy_case(rng, ignored_fraction, shape=(3, 5), V=7):
+def random_targets(rng, ignored_fraction, shape, V):
     targets = rng.integers(0, V, size=shape)
     ignore = rng.random(shape) < ignored_fraction
     ignore.flat[0] = False  # keep at least one target
     targets[ignore] = F.IGNORE_INDEX
+    return targets
+
+
+def cross_entropy_case(rng, ignored_fraction, shape=(3, 5), V=7):
+    targets = random_targets(rng, ignored_fraction, shape, V)
     return lambda z: F.cross_entropy(z, targets), [randn(rng, *shape, V)]
+
+
+def lm_head_cross_entropy_case(rng, ignored_fraction, shape=(2, 4), V=9, C=5):
+    targets = random_targets(rng, ignored_fraction, shape, V)
+    return (lambda x, wte: F.lm_head_cross_entropy(x, wte, targets)), [randn(rng, *shape, C), randn(rng, V, C)]
 
 
 OP_CASES = {
@@ -84,6 +94,8 @@ OP_CASES = {
                               lambda r: (lambda qkv: F.causal_self_attention(qkv, 3), [randn(r, 1, 4, 18)])],
     # A fresh generator with a fixed seed on every call: the same mask each time, as differences need.
     "dropout": [lambda r: (lambda x: F.dropout(x, 0.4, np.random.default_rng(7)), [randn(r, 4, 6)])],
+    "lm_head_cross_entropy": [lambda r: lm_head_cross_entropy_case(r, 0.0),
+                              lambda r: lm_head_cross_entropy_case(r, 0.6)],
     "cross_entropy": [lambda r: cross_entropy_case(r, 0.0),
                       lambda r: cross_entropy_case(r, 0.3),       # some targets ignored
                       lambda r: cross_entropy_case(r, 0.9)],      # most targets ignored
