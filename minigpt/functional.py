@@ -108,6 +108,16 @@ def embedding(ids, weight):
     return Tensor.from_op(weight.data[ids], (weight,), backward)
 
 
+def _in_row_slices(fn, *arrays):
+    """Call fn on matching row slices of arrays on all cores (see parallel.py); return fn's results.
+
+    Each array is viewed as 2-d (rows, last axis); arrays written by fn must be C-contiguous so that
+    view is the array itself.
+    """
+    rows = [a.reshape(-1, a.shape[-1]) for a in arrays]
+    return for_slices(lambda start, stop: fn(*(r[start:stop] for r in rows)), len(rows[0]), rows[0].shape[1])
+
+
 def gelu(x):
     """GELU, tanh approximation, as GPT-2 ("gelu_new").
 
@@ -117,39 +127,51 @@ def gelu(x):
               du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     Cache:    x, t
 
-    Written with in-place passes: elementwise NumPy runs on one core, so each avoided temporary counts.
+    Written as in-place passes over row slices: no full-size temporaries, and every core busy.
     """
     x = as_float_tensor("gelu", x)
-    xd = x.data
-    t = xd * xd                                                   # x^2
-    t *= GELU_COEFF
-    t += 1.0
-    t *= xd
-    t *= SQRT_2_OVER_PI                                           # u
-    np.tanh(t, out=t)                                             # t = tanh(u)
-    out = t + 1.0
-    out *= xd
-    out *= 0.5
+    t, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
+
+    def forward(xs, ts, outs):
+        np.multiply(xs, xs, out=ts)                               # x^2
+        ts *= GELU_COEFF
+        ts += 1.0
+        ts *= xs
+        ts *= SQRT_2_OVER_PI                                      # u
+        np.tanh(ts, out=ts)                                       # t
+        np.add(ts, 1.0, out=outs)
+        outs *= xs
+        outs *= 0.5
+    _in_row_slices(forward, x.data, t, out)
 
     def backward(dout):
-        dx = xd * xd
-        dx *= 3 * GELU_COEFF
-        dx += 1.0
-        dx *= 0.5 * SQRT_2_OVER_PI
-        dx *= xd                                                  # 0.5 x du/dx
-        dx *= 1.0 - t * t                                         # ... * (1 - t^2)
-        dx += 0.5 * t
-        dx += 0.5                                                 # + 0.5 (1 + t)
-        dx *= dout
+        dx = np.empty(x.shape, x.dtype)
+
+        def backward_slice(xs, ts, douts, dxs):
+            np.multiply(xs, xs, out=dxs)
+            dxs *= 3 * GELU_COEFF
+            dxs += 1.0
+            dxs *= 0.5 * SQRT_2_OVER_PI
+            dxs *= xs                                             # 0.5 x du/dx
+            scratch = ts * ts
+            np.subtract(1.0, scratch, out=scratch)
+            dxs *= scratch                                        # ... * (1 - t^2)
+            np.multiply(ts, 0.5, out=scratch)
+            dxs += scratch
+            dxs += 0.5                                            # + 0.5 (1 + t)
+            dxs *= douts
+        _in_row_slices(backward_slice, x.data, t, dout, dx)
         x.accumulate_grad(dx)
     return Tensor.from_op(out, (x,), backward)
 
 
-def _softmax_in_place(z, axis=-1):
-    """Overwrite z with softmax(z) along axis; subtracting the max first keeps exp from overflowing."""
-    z -= z.max(axis=axis, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=axis, keepdims=True)
+def _softmax_in_place(z):
+    """Overwrite z with softmax(z) along the last axis; subtracting the max first keeps exp from overflowing."""
+    def rows(zs):
+        zs -= zs.max(axis=-1, keepdims=True)
+        np.exp(zs, out=zs)
+        zs /= zs.sum(axis=-1, keepdims=True)
+    _in_row_slices(rows, z)
     return z
 
 
@@ -162,7 +184,8 @@ def softmax(x, axis=-1):
     Cache:    out
     """
     x = as_float_tensor("softmax", x)
-    out = _softmax_in_place(x.data.copy(), axis)
+    on_last_axis = np.moveaxis(x.data, axis, -1).copy()          # our own C-ordered array to overwrite
+    out = np.moveaxis(_softmax_in_place(on_last_axis), -1, axis)
 
     def backward(dout):
         dx = dout * out
@@ -186,24 +209,38 @@ def layer_norm(x, weight, bias, eps=1e-5):
     if weight.shape != (C,) or bias.shape != (C,):
         raise ValueError(f"layer_norm: input has {C} channels (shape {x.shape}) but weight/bias have shapes "
                          f"{weight.shape} and {bias.shape}")
-    xhat = x.data - x.data.mean(axis=-1, keepdims=True)           # (B, T, C)
-    variance = np.mean(xhat * xhat, axis=-1, keepdims=True)       # (B, T, 1)
-    rstd = 1.0 / np.sqrt(variance + eps)                          # (B, T, 1)
-    xhat *= rstd
-    out = xhat * weight.data
-    out += bias.data
+    xhat, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)     # (B, T, C)
+    rstd = np.empty((*x.shape[:-1], 1), x.dtype)                            # (B, T, 1)
+
+    def forward(xs, xhats, rstds, outs):
+        np.subtract(xs, xs.mean(axis=1, keepdims=True), out=xhats)        # x - mean
+        np.multiply(xhats, xhats, out=outs)
+        np.mean(outs, axis=1, keepdims=True, out=rstds)                   # variance
+        rstds += eps
+        np.sqrt(rstds, out=rstds)
+        np.divide(1.0, rstds, out=rstds)                                  # rstd
+        xhats *= rstds
+        np.multiply(xhats, weight.data, out=outs)
+        outs += bias.data
+    _in_row_slices(forward, x.data, xhat, rstd, out)
 
     def backward(dout):
-        dout2d = dout.reshape(-1, C)
+        dx = np.empty(x.shape, x.dtype)
+
+        def backward_slice(douts, xhats, rstds, dxs):
+            g = douts * weight.data
+            mean_g_xhat = np.mean(g * xhats, axis=1, keepdims=True)
+            np.multiply(xhats, mean_g_xhat, out=dxs)
+            np.subtract(g, dxs, out=dxs)
+            dxs -= g.mean(axis=1, keepdims=True)
+            dxs *= rstds
+            return douts.sum(axis=0), np.einsum("nc,nc->c", douts, xhats)   # this slice's db, dw
+        partial_sums = _in_row_slices(backward_slice, dout, xhat, rstd, dx)
         if bias.requires_grad:
-            bias.accumulate_grad(dout2d.sum(axis=0), owned=True)
+            bias.accumulate_grad(np.sum([db for db, _ in partial_sums], axis=0), owned=True)
         if weight.requires_grad:
-            weight.accumulate_grad(np.einsum("nc,nc->c", dout2d, xhat.reshape(-1, C)), owned=True)
+            weight.accumulate_grad(np.sum([dw for _, dw in partial_sums], axis=0), owned=True)
         if x.requires_grad:
-            g = dout * weight.data
-            dx = g - g.mean(axis=-1, keepdims=True)
-            dx -= xhat * np.mean(g * xhat, axis=-1, keepdims=True)
-            dx *= rstd
             x.accumulate_grad(dx)
     return Tensor.from_op(out, (x, weight, bias), backward)
 
