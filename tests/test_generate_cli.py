@@ -1,0 +1,328 @@
+"""generate.py: the CLI prints exactly minigpt.generate's continuation, streamed, and fails in one line.
+
+Every model here is tiny, random and written by the test itself (byte tokenizer, vocabulary 257);
+the GPT-2 tokenizer tests use the shared BPE files and skip without them. No network.
+"""
+import importlib.util
+import io
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minigpt import generate, weights
+from minigpt.data import format_input, response_header
+from minigpt.generation import generate_tokens
+from minigpt.model import GPTConfig, GPTModel
+from minigpt.optim import Adam
+from minigpt.tokenizer import EOT, VOCAB_DIR_ENV, encode, get_tokenizer
+from minigpt.weights import load_weights, save_hf_gpt2, save_npz
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GPT2_VOCAB_DIR = REPO_ROOT.parent / "shared" / "data" / "gpt2"
+needs_vocab = pytest.mark.skipif(not (GPT2_VOCAB_DIR / "vocab.bpe").is_file(),
+                                 reason=f"GPT-2 tokenizer files not found in {GPT2_VOCAB_DIR}")
+TINY = dict(context_length=32, emb_dim=16, n_heads=2, n_layers=1)
+N_NEW = 12  # tokens per test generation: enough to see text, cheap on a shared CPU
+TEXT = "The cat sat. é€🤖 The cat sat on the mat."
+
+_spec = importlib.util.spec_from_file_location("generate_cli", REPO_ROOT / "generate.py")
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+
+def memorizing_model(steps=60):
+    """A tiny byte-vocabulary model that has memorized TEXT (half a second of Adam), so greedy
+    output is real text (with multi-byte characters), not one random byte repeated."""
+    model = GPTModel(GPTConfig(vocab_size=257, **TINY), seed=3)
+    ids = np.array([list(TEXT.encode("utf-8"))[:TINY["context_length"] + 1]])   # (1, T + 1)
+    optimizer = Adam(model.parameters(), lr=3e-2)
+    for _ in range(steps):
+        model.zero_grad()
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        optimizer.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One tiny byte-vocabulary model saved as .npz and as a Hugging Face directory."""
+    folder = tmp_path_factory.mktemp("weights")
+    model = memorizing_model()
+    save_npz(model, folder / "m.npz")
+    save_hf_gpt2(model, folder / "hf")
+    return {"npz": folder / "m.npz", "hf": folder / "hf", "model": load_weights(folder / "m.npz")}
+
+
+def expected_text(model, tokenizer, prompt, max_new_tokens=N_NEW, temperature=0.0, top_k=None, seed=None):
+    """What the CLI must print: minigpt.generate's new tokens up to <|endoftext|>, decoded."""
+    ids = encode(tokenizer, prompt)
+    out = generate(model, np.array([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
+                   eos_id=tokenizer.eot_token, rng=np.random.default_rng(seed))
+    new = out[0, len(ids):].tolist()
+    if tokenizer.eot_token in new:
+        new = new[:new.index(tokenizer.eot_token)]
+    return tokenizer.decode(new)
+
+
+def run_cli(argv, capsys, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ----------------------------------------------------------------------------- output = generate()
+
+@pytest.mark.parametrize("fmt", ["npz", "hf", "hf file"])
+def test_greedy_output_is_the_decoded_generate_continuation(checkpoints, capsys, fmt):
+    path = checkpoints["hf"] / "model.safetensors" if fmt == "hf file" else checkpoints[fmt]
+    code, out, err = run_cli(["--weights", path, "--prompt", "The cat", "--max-new-tokens", N_NEW], capsys)
+    assert (code, err) == (0, "")
+    expected = expected_text(checkpoints["model"], get_tokenizer("byte"), "The cat")
+    assert expected.startswith(" sat. é€")  # the memorized text: the comparison means something
+    assert out == expected + "\n"
+
+
+def test_prompt_longer_than_the_context_is_cropped_to_its_end(checkpoints, capsys):
+    prompt = TEXT + " ." * 10  # 75 bytes > context 32
+    code, out, _ = run_cli(["--weights", checkpoints["npz"], "--prompt", prompt, "--max-new-tokens", 5],
+                           capsys)
+    model, tokenizer = checkpoints["model"], get_tokenizer("byte")
+    ids = encode(tokenizer, prompt)
+    last, first = tokenizer.decode(ids[-32:]), tokenizer.decode(ids[:32])  # ASCII: re-encodes exactly
+    assert expected_text(model, tokenizer, last, 5) != expected_text(model, tokenizer, first, 5)  # can tell
+    assert code == 0 and out == expected_text(model, tokenizer, last, 5) + "\n"
+
+
+def test_seeded_sampling_is_reproducible(checkpoints, capsys):
+    argv = ["--weights", checkpoints["npz"], "--prompt", "Hi", "--max-new-tokens", N_NEW,
+            "--temperature", 1.5, "--top-k", 50]
+    outs = [run_cli(argv + ["--seed", seed], capsys)[1] for seed in (7, 7, 8)]
+    assert outs[0] == outs[1] != outs[2]
+    tokenizer = get_tokenizer("byte")
+    expected = expected_text(checkpoints["model"], tokenizer, "Hi", temperature=1.5, top_k=50, seed=7)
+    assert outs[0] == expected + "\n"
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_instruction_is_wrapped_in_the_prompt_style(checkpoints, capsys, style):
+    code, out, _ = run_cli(["--weights", checkpoints["npz"], "--instruction", "Name a color.",
+                            "--input", "sky", "--prompt-style", style, "--max-new-tokens", N_NEW], capsys)
+    prompt = format_input({"instruction": "Name a color.", "input": "sky"}, style) + response_header(style)
+    assert code == 0
+    assert out == expected_text(checkpoints["model"], get_tokenizer("byte"), prompt) + "\n"
+
+
+def test_build_prompt_matches_the_fine_tuning_format():
+    prompt = cli.build_prompt("Say hi.", "alpaca")
+    assert prompt == format_input({"instruction": "Say hi."}) + "\n\n### Response:\n"
+    assert prompt.startswith("Below is an instruction") and "### Input" not in prompt
+    assert cli.build_prompt("Say hi.", "alpaca", raw=True) == "Say hi."
+
+
+def test_model_name_loads_the_cached_pretrained_npz(checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(weights, "HF_URL", closed_port_url())  # a download attempt would fail
+    save_npz(checkpoints["model"], tmp_path / "gpt2-small.npz")
+    code, out, _ = run_cli(["--model", "gpt2-small", "--data-dir", tmp_path, "--prompt", "Hello",
+                            "--max-new-tokens", N_NEW], capsys)
+    assert code == 0 and out == expected_text(checkpoints["model"], get_tokenizer("byte"), "Hello") + "\n"
+
+
+# ----------------------------------------------------------------------------- interactive mode
+
+def test_interactive_answers_each_line_until_quit(checkpoints, capsys, monkeypatch):
+    code, out, err = run_cli(["--weights", checkpoints["npz"], "--interactive", "--max-new-tokens", N_NEW],
+                             capsys, monkeypatch=monkeypatch,
+                             stdin="Name a color.\nCount to three.\nquit\nnever read\n")
+    model, tokenizer = checkpoints["model"], get_tokenizer("byte")
+    answers = [expected_text(model, tokenizer, cli.build_prompt(line, "alpaca"))
+               for line in ("Name a color.", "Count to three.")]
+    assert (code, err) == (0, "")  # no prompt marker on stderr when stdin is not a terminal
+    assert out == answers[0] + "\n" + answers[1] + "\n"
+
+
+def test_interactive_raw_stops_at_an_empty_line_or_eof(checkpoints, capsys, monkeypatch):
+    argv = ["--weights", checkpoints["npz"], "--interactive", "--raw", "--max-new-tokens", N_NEW]
+    expected = expected_text(checkpoints["model"], get_tokenizer("byte"), "Hello") + "\n"
+    assert run_cli(argv, capsys, "Hello\n\nnever read\n", monkeypatch)[:2] == (0, expected)
+    assert run_cli(argv, capsys, "Hello", monkeypatch)[:2] == (0, expected)  # EOF without a newline
+
+
+# ----------------------------------------------------------------------------- streaming
+
+def test_text_is_written_while_tokens_are_still_being_generated(checkpoints, monkeypatch):
+    events = []  # "token" when generate_tokens yields, "write" when text is printed
+
+    def logged_generate_tokens(*args, **kwargs):
+        for ids in generate_tokens(*args, **kwargs):
+            events.append("token")
+            yield ids
+
+    monkeypatch.setattr(cli, "generate_tokens", logged_generate_tokens)
+    tokenizer = get_tokenizer("byte")
+    pieces = []
+
+    def write(piece):
+        pieces.append(piece)
+        events.append("write")
+
+    cli.stream_completion(checkpoints["model"], tokenizer, "Hello", write, max_new_tokens=N_NEW)
+    assert "".join(pieces) == expected_text(checkpoints["model"], tokenizer, "Hello")
+    last_token = len(events) - 1 - events[::-1].index("token")
+    assert events.index("write") < last_token  # printing started before generation ended
+
+
+def test_characters_split_across_tokens_print_whole_and_eot_stops(checkpoints, monkeypatch):
+    tokenizer = get_tokenizer("byte")
+    text = "né€🤖!"
+    script = list(text.encode("utf-8")) + [tokenizer.eot_token, ord("x")]  # 'x' comes after the end
+    monkeypatch.setattr(cli, "generate_tokens",
+                        lambda *args, **kwargs: (np.array([i]) for i in script))
+    pieces = []
+    new_ids = cli.stream_completion(checkpoints["model"], tokenizer, "a", pieces.append)
+    assert pieces == ["n", "é", "€", "🤖", "!"]  # one piece per complete character, never a half
+    assert new_ids == list(text.encode("utf-8"))
+
+
+def test_text_stream_joins_to_the_full_decode_even_for_invalid_utf8():
+    tokenizer = get_tokenizer("byte")
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        some_bytes = [0x41, 0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0xFF, 0x80]  # pieces of é, €, 🤖
+        ids = rng.choice(some_bytes, size=rng.integers(1, 9))
+        stream = cli.TextStream(tokenizer)
+        assert "".join(stream.feed(i) for i in ids) + stream.finish() == tokenizer.decode(ids.tolist())
+
+
+@needs_vocab
+def test_text_stream_with_gpt2_tokens_that_split_an_emoji():
+    tokenizer = get_tokenizer("gpt2", GPT2_VOCAB_DIR)
+    ids = encode(tokenizer, "robot 🤖 café")
+    assert len(ids) > len("robot 🤖 café".split())  # the emoji takes several byte-level tokens
+    stream = cli.TextStream(tokenizer)
+    pieces = [stream.feed(i) for i in ids] + [stream.finish()]
+    assert "".join(pieces) == "robot 🤖 café" and "\ufffd" not in "".join(pieces)
+
+
+# ----------------------------------------------------------------------------- the GPT-2 tokenizer
+
+@pytest.fixture(scope="module")
+def gpt2_vocab_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2vocab") / "m.npz"
+    save_npz(GPTModel(GPTConfig(vocab_size=50257, **TINY), seed=1), path)
+    return path
+
+
+@needs_vocab
+def test_a_50257_vocabulary_defaults_to_the_gpt2_tokenizer(gpt2_vocab_checkpoint, capsys, monkeypatch):
+    model, tokenizer = load_weights(gpt2_vocab_checkpoint), get_tokenizer("gpt2", GPT2_VOCAB_DIR)
+    expected = expected_text(model, tokenizer, "The sky is") + "\n"
+    argv = ["--weights", gpt2_vocab_checkpoint, "--prompt", "The sky is", "--max-new-tokens", N_NEW]
+    assert run_cli(argv + ["--vocab-dir", GPT2_VOCAB_DIR], capsys)[:2] == (0, expected)
+    monkeypatch.setenv(VOCAB_DIR_ENV, str(GPT2_VOCAB_DIR))
+    assert run_cli(argv, capsys)[:2] == (0, expected)
+
+
+@needs_vocab
+def test_unconditional_generation_starts_from_endoftext(gpt2_vocab_checkpoint, capsys):
+    model, tokenizer = load_weights(gpt2_vocab_checkpoint), get_tokenizer("gpt2", GPT2_VOCAB_DIR)
+    code, out, _ = run_cli(["--weights", gpt2_vocab_checkpoint, "--prompt", "",
+                            "--vocab-dir", GPT2_VOCAB_DIR, "--max-new-tokens", 4], capsys)
+    assert code == 0 and out == expected_text(model, tokenizer, EOT, 4) + "\n"
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+
+def closed_port_url():
+    """A URL template on a local port nobody listens on: downloads fail at once, offline."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{{repo}}/{{filename}}"
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, checkpoints):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "text.safetensors").write_text("this is not a safetensors file at all")
+    header = b"{not json"
+    (folder / "header.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    (folder / "empty_dir").mkdir()
+    (folder / "notzip.npz").write_bytes(b"PK but not really")
+    save_npz(GPTModel(GPTConfig(vocab_size=100, **TINY)), folder / "v100.npz")
+    return folder
+
+
+OK = ["--weights", "{npz}", "--prompt", "x"]  # a good command line that the cases below spoil
+BAD_INPUTS = {
+    "missing weights file": (["--weights", "{bad}/missing.npz", "--prompt", "x"], "no such file"),
+    "not a safetensors file": (["--weights", "{bad}/text.safetensors", "--prompt", "x"], "text.safetensors"),
+    "corrupt header": (["--weights", "{bad}/header.safetensors", "--prompt", "x"], "header.safetensors"),
+    "directory without weights": (["--weights", "{bad}/empty_dir", "--prompt", "x"], "model.safetensors"),
+    "corrupt npz": (["--weights", "{bad}/notzip.npz", "--prompt", "x"], "notzip.npz"),
+    "unknown model name": (["--model", "gpt3", "--prompt", "x"], "gpt3"),
+    "no model": (["--prompt", "x"], "--weights"),
+    "two models": (["--weights", "{npz}", "--model", "gpt2-small", "--prompt", "x"], "exactly one"),
+    "missing prompt": (["--weights", "{npz}"], "--prompt"),
+    "two prompts": (OK + ["--instruction", "y"], "exactly one"),
+    "input without instruction": (OK + ["--input", "y"], "--input"),
+    "raw without interactive": (OK + ["--raw"], "--raw"),
+    "negative temperature": (OK + ["--temperature", "-1"], "--temperature"),
+    "nan temperature": (OK + ["--temperature", "nan"], "--temperature"),
+    "text temperature": (OK + ["--temperature", "hot"], "--temperature"),
+    "zero top-k": (OK + ["--top-k", "0"], "--top-k"),
+    "fractional top-k": (OK + ["--top-k", "2.5"], "--top-k"),
+    "negative max-new-tokens": (OK + ["--max-new-tokens", "-1"], "--max-new"),
+    "negative seed": (OK + ["--seed", "-3"], "--seed"),
+    "unknown tokenizer": (OK + ["--tokenizer", "bpe"], "--tokenizer"),
+    "tokenizer/model vocab mismatch": (OK + ["--tokenizer", "gpt2"], "257"),
+    "vocab matching no tokenizer": (["--weights", "{bad}/v100.npz", "--prompt", "x"], "100"),
+    "unknown prompt style": (["--weights", "{npz}", "--instruction", "x", "--prompt-style", "chat"], "chat"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_error_line_and_exit_code_2(case, bad_files, checkpoints, capsys):
+    argv, mentions = BAD_INPUTS[case]
+    argv = [a.format(bad=bad_files, npz=checkpoints["npz"]) for a in argv]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert mentions in err
+
+
+def test_download_failure_offline_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(weights, "HF_URL", closed_port_url())
+    code, out, err = run_cli(["--model", "gpt2-small", "--data-dir", tmp_path, "--prompt", "x"], capsys)
+    assert code == 2 and err.startswith("error: cannot download") and err.count("\n") == 1
+
+
+def test_bad_vocab_dir_is_one_line(gpt2_vocab_checkpoint, tmp_path, capsys):
+    code, _, err = run_cli(["--weights", gpt2_vocab_checkpoint, "--prompt", "x", "--vocab-dir", tmp_path],
+                           capsys)
+    assert code == 2 and err.startswith("error: ") and "encoder.json" in err and err.count("\n") == 1
+
+
+def test_subprocess_streams_text_and_fails_without_traceback(checkpoints, tmp_path):
+    prompt = "The cat sat."
+    ok = subprocess.run([sys.executable, "generate.py", "--weights", str(checkpoints["npz"]),
+                         "--prompt", prompt, "--max-new-tokens", str(N_NEW)],
+                        cwd=REPO_ROOT, capture_output=True, timeout=120)
+    assert ok.returncode == 0 and ok.stderr == b""
+    expected = expected_text(checkpoints["model"], get_tokenizer("byte"), prompt)
+    assert expected.startswith(" é€🤖")  # 2-, 3- and 4-byte characters, one byte per token
+    assert ok.stdout.decode("utf-8") == expected + "\n"
+    bad = subprocess.run([sys.executable, "generate.py", "--weights", str(tmp_path / "missing.npz"),
+                          "--prompt", "x"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_every_flag_has_help():
+    for action in cli.build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
