@@ -17,7 +17,7 @@ import numpy as np
 
 from .ops import as_float_tensor
 from .parallel import for_slices
-from .tensor import Tensor
+from .tensor import Tensor, is_grad_enabled
 
 # Targets equal to this are skipped by cross_entropy: padding after the first <|endoftext|> and,
 # with prompt masking, the prompt. Shared with minigpt.data so the two can never disagree.
@@ -293,9 +293,12 @@ def causal_self_attention(qkv, n_heads):
         dy = dout.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
         dscores = dy @ v.transpose(0, 1, 3, 2)                    # datt (B, NH, T, T)
         dv = att.transpose(0, 1, 3, 2) @ dy                       # (B, NH, T, hs)
-        dscores -= np.sum(dscores * att, axis=-1, keepdims=True)
-        dscores *= att
-        dscores *= scale
+
+        def softmax_backward(datt_rows, att_rows):               # in place: datt -> dscores
+            datt_rows -= np.einsum("ij,ij->i", datt_rows, att_rows)[:, None]
+            datt_rows *= att_rows
+            datt_rows *= scale
+        _in_row_slices(softmax_backward, dscores, att)
         dqkv = np.empty((B, T, 3, n_heads, hs), dtype=qkv.dtype)
         dqkv[:, :, 0] = (dscores @ k).transpose(0, 2, 1, 3)        # dq
         dqkv[:, :, 1] = (dscores.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)  # dk
@@ -367,7 +370,7 @@ def _checked_targets(op, targets, leading_shape, V, ignore_index):
     return valid, target_ids
 
 
-def _cross_entropy_rows(z, target_ids):
+def _cross_entropy_rows(z, target_ids, need_grad=True):
     """Mean cross-entropy of the rows of z (N, V); overwrites z with its gradient for dloss = 1.
 
     loss = (1/N) sum_i logsumexp(z_i) - z_i[t_i];   dz_i = (softmax(z_i) - onehot(t_i)) / N
@@ -383,9 +386,10 @@ def _cross_entropy_rows(z, target_ids):
         target_logits = zs[r, ts]
         np.exp(zs, out=zs)
         sum_exp = zs.sum(axis=1, keepdims=True)                   # (rows, 1)
-        zs /= sum_exp                                             # softmax
-        zs *= 1.0 / N
-        zs[r, ts] -= 1.0 / N
+        if need_grad:                                             # evaluation skips these passes
+            zs /= sum_exp                                         # softmax
+            zs *= 1.0 / N
+            zs[r, ts] -= 1.0 / N
         return float(np.sum(np.log(sum_exp[:, 0]) - target_logits))
     return sum(for_slices(rows, N, row_size=z.shape[1])) / N
 
@@ -438,7 +442,8 @@ def lm_head_cross_entropy(x, wte, targets, ignore_index=IGNORE_INDEX):
     kept_rows = None if len(target_ids) == len(x2d) else np.flatnonzero(valid)
     x_valid = x2d if kept_rows is None else x2d[kept_rows]        # (N, C)
     dz_unit = x_valid @ wte.data.T                                # (N, V): the logits, for now
-    loss = _cross_entropy_rows(dz_unit, target_ids)               # now the gradient for dloss = 1
+    need_grad = is_grad_enabled() and (x.requires_grad or wte.requires_grad)
+    loss = _cross_entropy_rows(dz_unit, target_ids, need_grad)    # now the gradient for dloss = 1
 
     def backward(dloss):
         dz = dz_unit if dloss == 1 else dz_unit * dloss
