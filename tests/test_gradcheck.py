@@ -75,7 +75,8 @@ OP_CASES = {
     "permute": [lambda r: (lambda x: ops.permute(x, (0, 2, 1, 3)), [randn(r, 2, 3, 4, 5)])],
     "getitem": [lambda r: (lambda x: ops.getitem(x, (slice(1, None), slice(None, None, 2))), [randn(r, 4, 5)]),
                 lambda r: (lambda x: ops.getitem(x, np.array([0, 2, 0, 3])), [randn(r, 4, 3)]),   # repeated rows
-                lambda r: (lambda x: ops.getitem(x, (Ellipsis, -1)), [randn(r, 2, 3, 4)])],
+                lambda r: (lambda x: ops.getitem(x, (Ellipsis, -1)), [randn(r, 2, 3, 4)]),
+                lambda r: (lambda x: ops.getitem(x, np.array([True, False, True])), [randn(r, 3, 2)])],
     "split": [lambda r: (lambda x: ops.split(x, 3, axis=-1)[1], [randn(r, 2, 6)]),
               lambda r: (lambda x: ops.concat(ops.split(x, [1, 3], axis=0)[::-1], axis=0), [randn(r, 4, 2)])],
     "concat": [lambda r: (lambda a, b: ops.concat([a, b, a], axis=1), [randn(r, 2, 3), randn(r, 2, 1)])],
