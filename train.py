@@ -1,5 +1,147 @@
-"""Instruction fine-tuning (in progress: see the fine-tuning issue)."""
+"""Instruction fine-tuning from the command line: argparse -> RunConfig -> minigpt.finetune.run.
+
+    python train.py                              # offline: a small GPT learns the built-in tasks
+    python train.py --model gpt2-medium          # rasbt's ch. 7 job: pretrained GPT-2, his 1,100 examples
+    python train.py --resume runs/NAME           # continue an interrupted run exactly
+
+Defaults come from minigpt.finetune: RunConfig (offline) and REFERENCE_RECIPE (--model / --weights).
+"""
+import argparse
+import dataclasses
 import sys
 
+from minigpt import finetune
+from minigpt.data import PROMPT_STYLES
+from minigpt.finetune import REFERENCE_RECIPE, RESUME_OVERRIDES, RunConfig
+from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV
+from minigpt.training import SCHEDULES
+from minigpt.weights import HUB_REPOS
+
+EXIT_USAGE = 2        # bad arguments, missing files, no network
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line on stderr and exit code 2 (argparse would print the whole usage first)."""
+        self.exit(EXIT_USAGE, f"error: {message} (see python train.py --help)\n")
+
+
+def defaults(name):
+    """'default: X', plus the --model/--weights default when REFERENCE_RECIPE differs."""
+    offline = {field.name: field.default for field in dataclasses.fields(RunConfig)}[name]
+    reference = REFERENCE_RECIPE.get(name, offline)
+    text = f"default: {shown(offline)}"
+    return text if reference == offline else f"{text}; with --model/--weights: {shown(reference)}"
+
+
+def shown(value):
+    """A default as a user reads it: none, on, off, or the value (identity checks: 0.0 == False)."""
+    for constant, text in ((None, "none"), (True, "on"), (False, "off")):
+        if value is constant:
+            return text
+    return str(value)
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+
+    def add(group, flag, help, **kwargs):
+        name = flag[2:].replace("-", "_")
+        group.add_argument(flag, help=f"{help} ({defaults(name)})", **kwargs)
+
+    model = parser.add_argument_group("model (trained from scratch unless --model or --weights)")
+    model.add_argument("--model", choices=list(HUB_REPOS), metavar="NAME",
+                       help=f"fine-tune OpenAI's pretrained GPT-2: {', '.join(HUB_REPOS)}; downloaded and "
+                            f"converted once into --data-dir")
+    model.add_argument("--weights", metavar="PATH",
+                       help="fine-tune these weights: a .npz from minigpt, a .safetensors file or a "
+                            "Hugging Face GPT-2 folder")
+    add(model, "--tokenizer", f"{' or '.join(TOKENIZERS)}; must match the model's vocabulary",
+        choices=TOKENIZERS)
+    add(model, "--vocab-dir", f"folder with GPT-2's encoder.json and vocab.bpe, to build its tokenizer "
+                              f"offline (or set {VOCAB_DIR_ENV})", metavar="DIR")
+    add(model, "--emb-dim", "embedding width of a new model", type=int, metavar="C")
+    add(model, "--n-layers", "transformer blocks of a new model", type=int, metavar="N")
+    add(model, "--n-heads", "attention heads of a new model (must divide --emb-dim)", type=int, metavar="N")
+    add(model, "--context-length", "positions of a new model", type=int, metavar="T")
+    add(model, "--drop-rate", "dropout probability during training", type=float, metavar="P")
+
+    data = parser.add_argument_group("data")
+    add(data, "--data", "'tasks' (built-in checkable tasks), 'reference' (rasbt's 1,100 examples, "
+                        "downloaded into --data-dir) or a JSON list of {instruction, input, output}",
+        metavar="tasks|reference|PATH")
+    add(data, "--data-dir", "where downloads and converted GPT-2 weights are cached", metavar="DIR")
+    add(data, "--data-seed", "seed that generates the task dataset", type=int, metavar="N")
+    add(data, "--n-train", "training examples of the task dataset", type=int, metavar="N")
+    add(data, "--n-val", "validation examples of the task dataset", type=int, metavar="N")
+    add(data, "--n-test", "test examples of the task dataset", type=int, metavar="N")
+    add(data, "--prompt-style", "prompt template", choices=list(PROMPT_STYLES))
+    add(data, "--mask-prompt", "take the loss on the response tokens only",
+        action=argparse.BooleanOptionalAction)
+    add(data, "--shuffle-seed", "shuffle a JSON dataset with this seed before the 85/10/5 split "
+                                "(none: split in file order, like the reference)", type=int, metavar="N")
+    add(data, "--allowed-max-length", "truncate training sequences to this many tokens (never beyond "
+                                      "the model's context)", type=int, metavar="T")
+    add(data, "--group-by-length", "batch training examples of similar length together (less padding)",
+        action=argparse.BooleanOptionalAction)
+
+    train = parser.add_argument_group("training")
+    add(train, "--epochs", "passes over the training set", type=int, metavar="N")
+    add(train, "--batch-size", "examples per step (and per batch of test responses)", type=int, metavar="B")
+    add(train, "--lr", "peak learning rate of AdamW", type=float)
+    add(train, "--weight-decay", "AdamW's decoupled weight decay", type=float, metavar="WD")
+    add(train, "--schedule", "learning rate after the warm-up: constant, or cosine down to --min-lr",
+        choices=SCHEDULES)
+    add(train, "--warmup-steps", "steps of linear learning-rate warm-up", type=int, metavar="N")
+    add(train, "--min-lr", "learning rate at the end of the cosine schedule", type=float)
+    add(train, "--grad-clip", "clip the global gradient norm to this (0: off)", type=float, metavar="NORM")
+    add(train, "--eval-freq", "evaluate every N steps", type=int, metavar="N")
+    add(train, "--eval-iter", "batches of the training and validation sets per evaluation", type=int,
+        metavar="N")
+    add(train, "--patience", "stop after N evaluations without a lower validation loss and keep the best "
+                             "weights (0/none: off)", type=int, metavar="N")
+    add(train, "--max-steps", "stop after N steps in total (0/none: no bound; with --resume, extends "
+                              "a bounded run)", type=int, metavar="N")
+    add(train, "--checkpoint-every", "write checkpoint.npz every N steps (none: at every evaluation)",
+        type=int, metavar="N")
+    add(train, "--seed", "seed of the initial weights, the shuffling and dropout", type=int, metavar="N")
+
+    out = parser.add_argument_group("test responses and output")
+    add(out, "--max-new-tokens", "longest test response, in tokens", type=int, metavar="N")
+    add(out, "--judge-model", "also score the test responses with this Ollama model, e.g. llama3",
+        metavar="NAME")
+    add(out, "--ollama-url", "address of the Ollama server for --judge-model", metavar="URL")
+    add(out, "--out-dir", "the run folder (none: runs/<name>)", metavar="DIR")
+    add(out, "--name", "name of the run folder under runs/ (none: <model>-<data>-<date>-<time>)")
+    add(out, "--export-hf", "also write the final and best weights as Hugging Face GPT-2 folders",
+        action="store_true")
+    out.add_argument("--resume", metavar="DIR",
+                     help=f"continue the run in DIR from its checkpoint, exactly as if never stopped; "
+                          f"only {', '.join('--' + name.replace('_', '-') for name in RESUME_OVERRIDES)} "
+                          f"may be given with it")
+    return parser
+
+
+def main(argv=None):
+    """Parse `argv`, run the pipeline; returns the exit code (0, 2 for an error, 130 after Ctrl-C)."""
+    try:
+        settings = vars(build_parser().parse_args(argv))  # only the flags given: defaults are suppressed
+    except SystemExit as e:  # --help, or a usage error already printed
+        return e.code
+    resume_dir = settings.pop("resume", None)
+    try:
+        if resume_dir is not None:
+            finetune.resume(resume_dir, **settings)
+        else:
+            finetune.run(finetune.make_config(**settings))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, OSError) as e:  # OSError: missing files, no network (ConnectionError)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit("train.py: not yet implemented — the fine-tuning pipeline is being built")
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The fine-tuning pipeline: data -> model -> train -> test-set responses -> scores -> run folder.
+
+    from minigpt import finetune
+    run_dir = finetune.run(finetune.RunConfig())                    # the offline default
+    run_dir = finetune.run(finetune.make_config(model="gpt2-small"))  # rasbt's ch. 7 job
+    finetune.resume(run_dir, max_steps=0)                             # continue, to the end
+
+Two recipes share one RunConfig. Its defaults are the offline recipe: a small GPT trained from
+scratch on the built-in dataset of checkable tasks (minigpt.tasks) with the byte tokenizer.
+REFERENCE_RECIPE replaces them when the run starts from pretrained GPT-2 (`model` or `weights`).
+
+A run folder holds: config.json (the RunConfig), checkpoint.npz (everything needed to continue
+exactly), history.json, loss-plot.png, model-final.npz (the weights at the end; after early stopping,
+the best ones), model-best.npz (the lowest validation loss), test-responses.json (each test entry
+plus "model_response") and metrics.json. With export_hf, also model-final-hf/ and model-best-hf/.
+"""
+import dataclasses
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import tasks, training, weights
+from .data import (DataLoader, InstructionDataset, PROMPT_STYLES, download_instruction_data,
+                   load_instruction_data, split_data)
+from .evaluate import DEFAULT_OLLAMA_URL, JudgeUnavailable, judge_responses, score_responses
+from .fileio import write_json
+from .model import GPTConfig, GPTModel
+from .nn import Dropout
+from .optim import AdamW
+from .plotting import plot_losses
+from .responses import generate_responses, with_responses
+from .tokenizer import TOKENIZERS, get_tokenizer
+
+CHECKPOINT_NAME = "checkpoint.npz"
+DATASETS = ("tasks", "reference")  # besides a path to a JSON file
+# Settings a resumed run may change: they bound the run or only affect what happens after training.
+RESUME_OVERRIDES = ("max_steps", "max_new_tokens", "judge_model", "ollama_url", "export_hf", "vocab_dir",
+                    "data_dir")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    # Model: trained from scratch (the sizes below) unless `model` or `weights` is given.
+    model: Optional[str] = None         # "gpt2-small" | "gpt2-medium" | "gpt2-large" | "gpt2-xl"
+    weights: Optional[str] = None       # a .npz, a .safetensors file or a Hugging Face folder
+    tokenizer: str = "byte"             # "byte" (257 ids) or "gpt2" (50,257)
+    vocab_dir: Optional[str] = None     # GPT-2's encoder.json + vocab.bpe, for offline use
+    emb_dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    context_length: int = 128
+    drop_rate: float = 0.0
+    # Data
+    data: str = "tasks"                 # "tasks" (built in), "reference" (rasbt's, downloaded) or a path
+    data_dir: str = "data"              # where downloads and converted weights are cached
+    data_seed: int = 0                  # generates the task dataset
+    n_train: int = 4800                 # task dataset sizes
+    n_val: int = 100
+    n_test: int = 200
+    prompt_style: str = "phi3"
+    mask_prompt: bool = True            # loss on the response tokens only
+    shuffle_seed: Optional[int] = None  # shuffle a JSON dataset before the 85/10/5 split
+    allowed_max_length: int = 1024      # truncate longer training sequences (and at the context length)
+    group_by_length: bool = False
+    # Training
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 30
+    min_lr: float = 1e-4
+    grad_clip: Optional[float] = 1.0    # 0 or None: off
+    eval_freq: int = 25
+    eval_iter: int = 5
+    patience: Optional[int] = None      # 0 or None: no early stopping
+    max_steps: Optional[int] = None     # 0 or None: no bound
+    checkpoint_every: Optional[int] = None  # None: at every evaluation
+    seed: int = 123
+    # Test-set responses and scores
+    max_new_tokens: int = 32
+    judge_model: Optional[str] = None   # an Ollama model, e.g. "llama3"
+    ollama_url: str = DEFAULT_OLLAMA_URL
+    # Output
+    out_dir: Optional[str] = None       # the run folder; default runs/<name>
+    name: Optional[str] = None          # default <model>-<data>-<date>-<time>
+    export_hf: bool = False
+
+    @property
+    def pretrained(self):
+        return self.model is not None or self.weights is not None
+
+    def train_config(self):
+        """The training loop's settings (validates them)."""
+        return training.TrainConfig(
+            epochs=self.epochs, lr=self.lr, schedule=self.schedule, warmup_steps=self.warmup_steps,
+            min_lr=self.min_lr, grad_clip=self.grad_clip or None, eval_freq=self.eval_freq,
+            eval_iter=self.eval_iter, patience=self.patience or None, max_steps=self.max_steps or None,
+            checkpoint_every=self.checkpoint_every)
+
+    def validate(self):
+        """Raise ValueError naming the first setting that cannot work."""
+        if self.model is not None and self.weights is not None:
+            raise ValueError("give either model (a GPT-2 name) or weights (a file), not both")
+        if self.model is not None and self.model not in weights.HUB_REPOS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(weights.HUB_REPOS)}")
+        for name, choices in (("tokenizer", TOKENIZERS), ("prompt_style", PROMPT_STYLES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; "
+                                 f"choose one of: {', '.join(choices)}")
+        for name in ("emb_dim", "n_layers", "n_heads", "context_length", "n_train", "n_val", "n_test",
+                     "allowed_max_length", "batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.drop_rate < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        for name in ("max_steps", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        self.train_config()
+
+    def check_files(self, weights=True):
+        """Raise FileNotFoundError for a missing --data or (with `weights`) --weights path, before any
+        download starts."""
+        for what, path in (("weights", self.weights if weights else None), ("instruction data", self.data)):
+            if path is not None and path not in DATASETS and not Path(path).exists():
+                raise FileNotFoundError(f"{what} file not found: {path}")
+
+
+# rasbt's ch. 7 settings (gpt_instruction_finetuning.py) for a run from pretrained GPT-2.
+REFERENCE_RECIPE = dict(
+    tokenizer="gpt2", data="reference", prompt_style="alpaca", mask_prompt=False, drop_rate=0.0,
+    allowed_max_length=1024, epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, schedule="constant",
+    warmup_steps=0, min_lr=0.0, grad_clip=None, eval_freq=5, eval_iter=5, seed=123, max_new_tokens=256)
+
+
+def make_config(**settings):
+    """A RunConfig: the offline defaults, or REFERENCE_RECIPE's when `model` or `weights` is set,
+    then `settings` on top."""
+    unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise TypeError(f"unknown setting(s): {', '.join(unknown)}")
+    pretrained = settings.get("model") is not None or settings.get("weights") is not None
+    return RunConfig(**{**(REFERENCE_RECIPE if pretrained else {}), **settings})
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model
+
+def load_splits(config):
+    """(train, val, test) lists of entries."""
+    if config.data == "tasks":
+        return tasks.make_task_splits(seed=config.data_seed, n_train=config.n_train, n_val=config.n_val,
+                                      n_test=config.n_test)
+    path = download_instruction_data(config.data_dir) if config.data == "reference" else config.data
+    train, test, val = split_data(load_instruction_data(path), shuffle_seed=config.shuffle_seed)
+    if not (train and val and test):
+        raise ValueError(f"{path}: {len(train)} train / {len(val)} validation / {len(test)} test entries "
+                         f"after the 85/5/10 split; every part needs at least one (use more entries)")
+    return train, val, test
+
+
+def build_model(config, tokenizer, model_config=None):
+    """The model to train: from `model_config` (a resumed run: weights come from its checkpoint),
+    pretrained GPT-2, a weights file, or new from the config's sizes."""
+    if model_config is not None:
+        model = GPTModel(GPTConfig(**model_config), seed=config.seed)
+    elif config.model is not None:
+        model = weights.pretrained_gpt2(config.model, config.data_dir)
+    elif config.weights is not None:
+        model = weights.load_weights(config.weights)
+    else:
+        model = GPTModel(GPTConfig(vocab_size=tokenizer.n_vocab, context_length=config.context_length,
+                                   emb_dim=config.emb_dim, n_heads=config.n_heads, n_layers=config.n_layers,
+                                   drop_rate=config.drop_rate), seed=config.seed)
+    if tokenizer.n_vocab > model.cfg.vocab_size:
+        raise ValueError(f"the {config.tokenizer} tokenizer has {tokenizer.n_vocab} tokens but the model "
+                         f"only {model.cfg.vocab_size}; use the tokenizer the model was trained with "
+                         f"(--tokenizer)")
+    # A loaded model gets the run's dropout and a dropout RNG seeded like a new model's.
+    model.cfg.drop_rate = config.drop_rate
+    for _, module in model.named_modules():
+        if isinstance(module, Dropout):
+            module.p = config.drop_rate
+    model.dropout_rng.bit_generator.state = np.random.default_rng(config.seed + 1).bit_generator.state
+    return model
+
+
+def default_name(config):
+    """<model>-<data>-<date>-<time>, e.g. gpt2-small-reference-20250101-120000."""
+    source = config.model or (Path(config.weights).stem if config.weights else "scratch")
+    dataset = config.data if config.data in DATASETS else Path(config.data).stem
+    return f"{source}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+def run(config, resume=False, log=print):
+    """Run the whole pipeline for `config` and return its run folder. With `resume`, continue the run
+    in config.out_dir from its checkpoint. Ctrl-C saves a checkpoint, says how to resume, re-raises."""
+    config.validate()
+    run_dir = Path(config.out_dir or Path("runs") / (config.name or default_name(config)))
+    config = dataclasses.replace(config, out_dir=str(run_dir))
+    checkpoint = run_dir / CHECKPOINT_NAME
+    model_config = training.read_checkpoint(checkpoint)["model_config"] if resume else None
+    if not resume and (run_dir / "config.json").exists():
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                         f"or choose another --out-dir")
+    config.check_files(weights=not resume)  # a resumed run's weights are in its checkpoint
+    tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
+    train_entries, val_entries, test_entries = load_splits(config)
+    model = build_model(config, tokenizer, model_config)
+    loader_settings = dict(batch_size=config.batch_size, mask_prompt=config.mask_prompt,
+                           pad_token_id=tokenizer.eot_token,
+                           allowed_max_length=min(config.allowed_max_length, model.cfg.context_length))
+    train_loader = DataLoader(InstructionDataset(train_entries, tokenizer, config.prompt_style), shuffle=True,
+                              drop_last=True, seed=config.seed, group_by_length=config.group_by_length,
+                              **loader_settings)
+    val_loader = DataLoader(InstructionDataset(val_entries, tokenizer, config.prompt_style),
+                            **loader_settings)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_entries)} training entries make no full batch of {config.batch_size}; "
+                         f"lower --batch-size")
+    optimizer = AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = training.restore_checkpoint(checkpoint, model, optimizer, train_loader) if resume else None
+    write_json(run_dir / "config.json", dataclasses.asdict(config))
+    log(describe(config, model, train_loader, len(val_entries), len(test_entries), run_dir, state))
+
+    def print_sample(state):  # after every epoch: a greedy response to the first validation prompt
+        entry = val_entries[0]
+        response = generate_responses(model, tokenizer, [entry], config.prompt_style, config.max_new_tokens,
+                                      progress=False)[0]
+        log(f"sample after epoch {state.loader_state['epoch']}: {entry['instruction']} {entry['input']!r} "
+            f"-> {response!r} (expected {entry['output']!r})")
+
+    try:
+        state = training.train(model, optimizer, train_loader, val_loader, config.train_config(), state=state,
+                               checkpoint_path=checkpoint, best_path=run_dir / "model-best.npz",
+                               run_config=dataclasses.asdict(config), on_epoch_end=print_sample, log=log)
+        finish(run_dir, config, model, tokenizer, state, test_entries, log)
+    except KeyboardInterrupt:
+        log(f"\nInterrupted. Continue the run with:  python train.py --resume {run_dir}")
+        raise
+    return run_dir
+
+
+def resume(run_dir, log=print, **overrides):
+    """Continue the run in `run_dir` from its checkpoint; only RESUME_OVERRIDES settings may change."""
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}: is {run_dir} a run folder?")
+    fixed = sorted(set(overrides) - set(RESUME_OVERRIDES))
+    if fixed:
+        raise ValueError(f"a resumed run keeps its settings ({run_dir / 'config.json'}); it cannot change "
+                         f"{', '.join(fixed)} (only {', '.join(RESUME_OVERRIDES)})")
+    config = RunConfig(**training.read_checkpoint(checkpoint)["run_config"])
+    return run(dataclasses.replace(config, out_dir=str(run_dir), **overrides), resume=True, log=log)
+
+
+def describe(config, model, train_loader, n_val, n_test, run_dir, state=None):
+    """A few lines on what is about to run."""
+    cfg = model.cfg
+    source = config.model or config.weights or "new (random weights)"
+    steps = config.epochs * len(train_loader)
+    if config.max_steps:
+        steps = min(steps, config.max_steps)
+    lines = [
+        f"model: {source}; {model.num_parameters() / 1e6:.2f}M parameters (emb {cfg.emb_dim}, "
+        f"{cfg.n_layers} layers, {cfg.n_heads} heads, context {cfg.context_length}), "
+        f"{config.tokenizer} tokenizer",
+        f"data: {config.data}: {len(train_loader.dataset)} train / {n_val} val / {n_test} test, "
+        f"{config.prompt_style} prompts{', prompt masked' if config.mask_prompt else ''}",
+        f"training: {steps} steps ({config.epochs} epoch(s) of {len(train_loader)} batches of "
+        f"{config.batch_size}), AdamW lr {config.lr:g} ({config.schedule}), "
+        f"weight decay {config.weight_decay:g}",
+        f"run folder: {run_dir}"]
+    if state is not None:
+        lines.append(f"resuming at step {state.step}")
+    return "\n".join(lines)
+
+
+def finish(run_dir, config, model, tokenizer, state, test_entries, log=print):
+    """Write the history, plot and weights; answer the test set; score; write metrics.json."""
+    write_json(run_dir / "history.json", state.history)
+    plot_losses(state.history, run_dir / "loss-plot.png", title=run_dir.name)
+    weights.save_npz(model, run_dir / "model-final.npz")
+    if config.export_hf:
+        weights.save_hf_gpt2(model, run_dir / "model-final-hf")
+        weights.save_hf_gpt2(weights.load_npz(run_dir / "model-best.npz"), run_dir / "model-best-hf")
+    log(f"generating responses to {len(test_entries)} test entries")
+    responses = generate_responses(model, tokenizer, test_entries, config.prompt_style, config.max_new_tokens,
+                                   batch_size=config.batch_size)
+    entries = with_responses(test_entries, responses)
+    write_json(run_dir / "test-responses.json", entries)
+    metrics = score(entries, config, log)
+    metrics.update(steps=state.step, tokens_seen=state.tokens_seen, best_step=state.best_step,
+                   best_val_loss=state.best_val_loss, stopped_early=state.stopped_early,
+                   final_val_loss=state.history["val_loss"][-1] if state.history["val_loss"] else None)
+    write_json(run_dir / "metrics.json", metrics)
+    log(f"run folder: {run_dir}")
+    return metrics
+
+
+def score(entries, config, log=print):
+    """Exact match (overall and per task kind, when entries have "task"), ROUGE-L F1, the optional judge."""
+    scores = score_responses(entries)
+    metrics = {"count": scores["count"], "exact_match": scores["exact_match"], "exact_match_by_task": {},
+               "rouge_l_f1": scores["rouge_l_f1"], "judge": None}
+    if all("task" in entry for entry in entries):
+        _, metrics["exact_match_by_task"] = tasks.exact_match_by_task(
+            entries, [entry["model_response"] for entry in entries])
+    log(f"test set ({metrics['count']} responses): exact match {metrics['exact_match']:.1%}, "
+        f"ROUGE-L F1 {metrics['rouge_l_f1']:.3f}")
+    for task, rate in sorted(metrics["exact_match_by_task"].items()):
+        log(f"  {task:<12} exact match {rate:.1%}")
+    if config.judge_model:
+        try:
+            metrics["judge"] = judge_responses(entries, model=config.judge_model, url=config.ollama_url)
+            mean = metrics["judge"]["mean_score"]
+            log(f"judge ({config.judge_model}): {'n/a' if mean is None else f'{mean:.1f}'} / 100")
+        except JudgeUnavailable as e:
+            log(f"skipping the LLM judge: {e}")
+    return metrics

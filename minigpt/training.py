@@ -1,0 +1,422 @@
+"""The training loop: AdamW steps under a learning-rate schedule, periodic evaluation, early stopping
+and checkpoints that resume exactly. After rasbt's `train_model_simple` and `calc_loss_loader` (ch. 5, 7).
+
+One optimizer step on a batch of inputs and targets, both (B, T):
+
+    optimizer.zero_grad()
+    loss = model.loss(inputs, targets)        # mean cross-entropy over targets != IGNORE_INDEX
+    loss.backward()
+    clip_grad_norm(params, grad_clip)         # optional: global gradient norm <= grad_clip
+    optimizer.lr = learning_rate(step, ...)   # warm-up, then constant or cosine
+    optimizer.step()
+    tokens_seen += B * T                      # input tokens, padding included, as the reference counts
+
+Every `eval_freq` steps (and before the first, and after the last) the mean loss over the first
+`eval_iter` batches of the training and validation sets is recorded in the history.
+
+Exact resume: a checkpoint holds everything the next step depends on (weights, Adam's m and v and
+step counts, the training loader's position and RNG, the dropout RNG, the history, early stopping),
+so `restore_checkpoint` + `train` continue with the very losses an uninterrupted run would have had.
+Ctrl-C is held back during an update, so a checkpoint never holds a half-applied step.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .data import DataLoader
+from .fileio import atomic_write
+from .optim import clip_grad_norm
+from .tensor import no_grad
+from .weights import CONFIG_KEY, save_npz
+
+SCHEDULES = ("constant", "cosine")
+CHECKPOINT_FORMAT = "minigpt-checkpoint-1"
+STATE_KEY = "state"  # the checkpoint entry holding the JSON metadata (a 0-d unicode array)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 1
+    lr: float = 5e-5                          # peak learning rate
+    schedule: str = "constant"                # after warm-up: "constant" or "cosine" (down to min_lr)
+    warmup_steps: int = 0                     # linear warm-up from lr / warmup_steps to lr
+    min_lr: float = 0.0                       # where the cosine ends
+    grad_clip: Optional[float] = None         # max global gradient norm; None or 0: no clipping
+    eval_freq: int = 5                        # evaluate every eval_freq steps
+    eval_iter: int = 5                        # batches per evaluation, of each set
+    patience: Optional[int] = None            # stop after this many evaluations without a better val loss
+    max_steps: Optional[int] = None           # stop after this many steps in total (bounds a run)
+    checkpoint_every: Optional[int] = None    # steps between checkpoints; None: at every evaluation
+
+    def __post_init__(self):
+        positive = ["epochs", "eval_freq", "eval_iter"] + [
+            name for name in ("patience", "max_steps", "checkpoint_every") if getattr(self, name) is not None]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule == "cosine" and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"the cosine schedule needs 0 <= min_lr <= lr, got min_lr {self.min_lr}, "
+                             f"lr {self.lr}")
+        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+
+
+def new_history():
+    """One list per quantity, one entry per evaluation."""
+    return {"steps": [], "epochs": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "lr": []}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a run stands after its last completed step; all of it goes into the checkpoint."""
+    step: int = 0                                  # optimizer steps done
+    tokens_seen: int = 0
+    history: dict = dataclasses.field(default_factory=new_history)
+    best_val_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    loader_state: Optional[dict] = None            # training loader position after the last step
+    dropout_rng_state: Optional[dict] = None       # model.dropout_rng after the last step
+
+    def remember_position(self, loader, model):
+        """Snapshot the loader and dropout RNG after a completed step. Checkpoints save the snapshot, so
+        one written mid-step (on Ctrl-C, with the next batch already drawn) still matches the weights."""
+        self.loader_state = loader.state_dict()
+        self.dropout_rng_state = model.dropout_rng.bit_generator.state
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule, evaluation, progress
+
+def learning_rate(step, config, total_steps):
+    """The learning rate of update number `step` (0-based) out of `total_steps`.
+
+    Warm-up, W = warmup_steps, for step < W:  lr * (step + 1) / W
+    then constant:  lr
+    or cosine:      min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2,  p = (step - W) / (total_steps - W)
+    so the cosine starts at lr right after warm-up and reaches min_lr at step = total_steps.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def calc_loss_loader(model, loader, num_batches=None):
+    """Mean of the batch losses over the first `num_batches` batches (all if None; nan if none) of the
+    loader's dataset in order: the same batches every call, and the loader itself does not move."""
+    num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
+    if num_batches == 0:
+        return float("nan")
+    total = 0.0
+    with no_grad():
+        for i, (inputs, targets) in enumerate(in_order(loader)):
+            if i == num_batches:
+                break
+            total += float(model.loss(inputs, targets).data)
+    return total / num_batches
+
+
+def evaluate_model(model, train_loader, val_loader, eval_iter):
+    """(train loss, val loss) over `eval_iter` batches each, in eval mode (no dropout)."""
+    model.eval()
+    try:
+        return (calc_loss_loader(model, train_loader, eval_iter),
+                calc_loss_loader(model, val_loader, eval_iter))
+    finally:
+        model.train()
+
+
+def in_order(loader):
+    """A copy of `loader` that reads its dataset in order, with a position and RNG of its own."""
+    return DataLoader(loader.dataset, loader.batch_size, mask_prompt=loader.mask_prompt,
+                      pad_token_id=loader.pad_token_id, allowed_max_length=loader.allowed_max_length)
+
+
+def epochs_completed(loader):
+    """Full passes the loader has made over its dataset."""
+    position = loader.state_dict()
+    finished = position["batches_done"] >= position["num_batches"]
+    return position["epoch"] if finished else max(0, position["epoch"] - 1)
+
+
+def epoch_progress(loader):
+    """Epochs seen as a fraction: 1.25 is a quarter into the second epoch."""
+    position = loader.state_dict()
+    if position["epoch"] == 0:
+        return 0.0
+    return position["epoch"] - 1 + position["batches_done"] / position["num_batches"]
+
+
+def format_duration(seconds):
+    """45s, 3m12s, 2h05m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block is done, so an
+    update is applied completely or not at all. Only the main thread receives signals; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+class BestWeights:
+    """The weights with the lowest validation loss so far: in a .npz at `path` (so they survive a
+    resume and large models need no second copy in memory), or in memory without a path."""
+
+    def __init__(self, path=None):
+        self.path = None if path is None else Path(path)
+        self.arrays = None
+
+    def save(self, model):
+        if self.path is not None:
+            save_npz(model, self.path)
+        else:
+            self.arrays = {name: value.copy() for name, value in model.state_dict().items()}
+
+    def restore(self, model):
+        if self.path is None:
+            model.load_state_dict(self.arrays)
+            return
+        with np.load(self.path, allow_pickle=False) as archive:
+            model.load_state_dict({name: archive[name] for name in archive.files if name != CONFIG_KEY})
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+def train(model, optimizer, train_loader, val_loader, config, state=None, checkpoint_path=None,
+          best_path=None, run_config=None, on_step=None, on_epoch_end=None, log=print):
+    """Train until config.epochs epochs, config.max_steps steps or early stopping; return the TrainState
+    (its `.history` holds the evaluations).
+
+    state: a TrainState from `restore_checkpoint` to continue a run (None: start).
+    checkpoint_path: where `save_checkpoint` writes (with `run_config`, any JSON-able dict) at every
+        evaluation or every config.checkpoint_every steps, at the end, and on Ctrl-C before re-raising.
+    best_path: a .npz kept holding the best weights (None: kept in memory). When early stopping ends
+        the run, the model is left holding them.
+    on_step(state), on_epoch_end(state): called after every step and after every epoch.
+    """
+    if len(train_loader) == 0:
+        raise ValueError("the training loader yields no batches: fewer training examples than one batch")
+    state = state if state is not None else TrainState()
+    if state.loader_state is None:  # a fresh start: the position before the first step
+        state.remember_position(train_loader, model)
+    total_steps = config.epochs * len(train_loader)
+    evaluator = Evaluator(model, train_loader, val_loader, config, total_steps, BestWeights(best_path), log)
+    saved_step = None
+
+    def save():
+        nonlocal saved_step
+        if checkpoint_path is not None and saved_step != state.step:
+            save_checkpoint(checkpoint_path, model, optimizer, state, run_config)
+            saved_step = state.step
+
+    model.train()
+    try:
+        evaluator.evaluate_if_due(state)  # the initial losses, or an evaluation Ctrl-C cut short
+        while not training_done(state, config, train_loader):
+            for inputs, targets in train_loader:
+                optimizer.zero_grad()
+                loss = model.loss(inputs, targets)         # (B, T), (B, T) -> scalar
+                loss.backward()
+                with deferred_interrupt():                 # the update and its bookkeeping: all or nothing
+                    if config.grad_clip:
+                        clip_grad_norm(optimizer.params, config.grad_clip)
+                    optimizer.lr = learning_rate(state.step, config, total_steps)
+                    optimizer.step()
+                    state.step += 1
+                    state.tokens_seen += inputs.size       # B * T
+                    state.remember_position(train_loader, model)
+                if on_step is not None:
+                    on_step(state)
+                evaluated = evaluator.evaluate_if_due(state)
+                every = config.checkpoint_every
+                if (every is None and evaluated) or (every is not None and state.step % every == 0):
+                    save()
+                epoch_finished = state.loader_state["batches_done"] == state.loader_state["num_batches"]
+                if epoch_finished and on_epoch_end is not None:
+                    on_epoch_end(state)
+                if training_done(state, config, train_loader):
+                    break
+    except KeyboardInterrupt:
+        if checkpoint_path is not None:
+            save()
+            log(f"\ninterrupted: step {state.step} is saved in {checkpoint_path}")
+        raise
+    save()
+    if state.stopped_early:
+        evaluator.best.restore(model)
+        log(f"early stopping: no lower validation loss in {config.patience} evaluations; "
+            f"restored the weights of step {state.best_step} (val loss {state.best_val_loss:.3f})")
+    return state
+
+
+def training_done(state, config, train_loader):
+    return (state.stopped_early or epochs_completed(train_loader) >= config.epochs
+            or (config.max_steps is not None and state.step >= config.max_steps))
+
+
+class Evaluator:
+    """Evaluates when due, records the history, keeps the best weights, decides early stopping, and
+    prints a progress line (losses, tokens seen, time per step, ETA)."""
+
+    def __init__(self, model, train_loader, val_loader, config, total_steps, best, log=print):
+        self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
+        self.config, self.best, self.log = config, best, log
+        self.total_steps = total_steps
+        self.last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
+        self.mark = None  # (time, step) of the previous evaluation in this process: s/step and ETA
+
+    def evaluate_if_due(self, state):
+        """At step 0, every eval_freq steps and after the last epoch, once each; True if it evaluated."""
+        history, config = state.history, self.config
+        recorded = bool(history["steps"]) and history["steps"][-1] == state.step
+        at_end = epochs_completed(self.train_loader) >= config.epochs
+        if recorded or not (state.step % config.eval_freq == 0 or at_end):
+            if self.mark is None:
+                self.mark = (time.monotonic(), state.step)
+            return False
+        train_loss, val_loss = evaluate_model(self.model, self.train_loader, self.val_loader,
+                                              config.eval_iter)
+        with deferred_interrupt():  # history, best weights and early stopping change together
+            self.record(state, train_loss, val_loss)
+        now = time.monotonic()
+        if self.mark is None or self.mark[1] == state.step:
+            label = "initial losses" if state.step == 0 else "losses"  # else: resumed mid-evaluation
+            self.log(f"{label} (step {state.step}): train {train_loss:.3f}, val {val_loss:.3f}")
+        else:
+            seconds_per_step = (now - self.mark[0]) / (state.step - self.mark[1])
+            eta = format_duration(seconds_per_step * max(0, self.last_step - state.step))
+            self.log(f"ep {max(1, state.loader_state['epoch'])} (step {state.step:06d}): "
+                     f"train loss {train_loss:.3f}, val loss {val_loss:.3f}, tokens seen "
+                     f"{state.tokens_seen:,}, {seconds_per_step:.2f} s/step, ETA {eta}")
+        self.mark = (now, state.step)
+        return True
+
+    def record(self, state, train_loss, val_loss):
+        """Append one evaluation; a lower val loss saves the best weights, else patience runs down."""
+        history = state.history
+        history["steps"].append(state.step)
+        history["epochs"].append(epoch_progress(self.train_loader))
+        history["tokens_seen"].append(state.tokens_seen)
+        history["train_loss"].append(train_loss)
+        history["val_loss"].append(val_loss)
+        history["lr"].append(learning_rate(max(0, state.step - 1), self.config, self.total_steps))
+        if state.best_val_loss is None or val_loss < state.best_val_loss:
+            state.best_val_loss, state.best_step, state.evals_since_best = val_loss, state.step, 0
+            self.best.save(self.model)
+        else:
+            state.evals_since_best += 1
+            patience = self.config.patience
+            state.stopped_early = patience is not None and state.evals_since_best >= patience
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(path, model, optimizer, state, run_config=None):
+    """Write everything a run needs to continue exactly to ONE .npz, atomically (temp file + rename).
+
+    Arrays:  model/<parameter name>, optimizer/exp_avg/<i>, optimizer/exp_avg_sq/<i> (Adam's m and v)
+    "state": JSON in a 0-d unicode array (loads without pickle): the model's GPTConfig, the optimizer's
+             scalars (lr, betas, eps, weight_decay, per-parameter steps), the TrainState (step, tokens,
+             history, early stopping, loader position and RNG, dropout RNG) and `run_config`.
+    """
+    arrays = {f"model/{name}": value for name, value in model.state_dict().items()}
+    for key in ("exp_avg", "exp_avg_sq"):  # the live arrays: no copy of a model-sized state
+        arrays.update({f"optimizer/{key}/{i}": value for i, value in enumerate(getattr(optimizer, key))})
+    meta = {"format": CHECKPOINT_FORMAT,
+            "model_config": dataclasses.asdict(model.cfg),
+            "optimizer": {"lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
+                          "weight_decay": optimizer.weight_decay, "steps": list(optimizer.steps)},
+            "train_state": dataclasses.asdict(state),
+            "run_config": run_config}
+    arrays[STATE_KEY] = np.array(json.dumps(meta))
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+    return Path(path)
+
+
+def read_checkpoint(path):
+    """A checkpoint's JSON metadata (model_config, optimizer, train_state, run_config); no arrays."""
+    with _open_checkpoint(path) as archive:
+        return _metadata(path, archive)
+
+
+def restore_checkpoint(path, model, optimizer, train_loader):
+    """Load a checkpoint into model, optimizer, the loader's position and the dropout RNG -> TrainState."""
+    with _open_checkpoint(path) as archive:
+        meta = _metadata(path, archive)
+        names = [name for name in archive.files if name.startswith("model/")]
+        params = dict(model.named_parameters())
+        if sorted(names) != sorted(f"model/{name}" for name in params):
+            raise ValueError(f"{path}: the checkpoint's parameters do not match the model")
+        for name, param in params.items():
+            value = archive[f"model/{name}"]
+            if value.shape != param.shape:
+                raise ValueError(f"{path}: {name} has shape {value.shape}, the model expects {param.shape}")
+            param.data[...] = value
+        n = len(optimizer.params)
+        optimizer.load_state_dict({**meta["optimizer"], **{
+            key: [archive[f"optimizer/{key}/{i}"] for i in range(n)] for key in ("exp_avg", "exp_avg_sq")}})
+    state = TrainState(**meta["train_state"])
+    train_loader.load_state_dict(state.loader_state)
+    model.dropout_rng.bit_generator.state = state.dropout_rng_state
+    return state
+
+
+@contextlib.contextmanager
+def _open_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it
+        raise ValueError(f"{path}: damaged checkpoint (not an .npz archive)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            yield archive
+    except (zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise ValueError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _metadata(path, archive):
+    if STATE_KEY not in archive.files:
+        raise ValueError(f"{path}: not a minigpt checkpoint (no {STATE_KEY!r} entry)")
+    meta = json.loads(str(archive[STATE_KEY][()]))
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    return meta

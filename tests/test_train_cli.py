@@ -1,0 +1,156 @@
+"""train.py end to end, in-process and tiny: the run folder, --weights, --resume, Ctrl-C, error lines."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train
+from minigpt import GPTConfig, GPTModel, finetune
+from minigpt.tasks import TASKS
+from minigpt.weights import save_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--emb-dim", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "64",
+        "--n-train", "24", "--n-val", "4", "--n-test", "5", "--batch-size", "4", "--eval-freq", "2",
+        "--eval-iter", "1", "--max-new-tokens", "4"]
+RUN_FILES = {"config.json", "checkpoint.npz", "history.json", "loss-plot.png", "model-final.npz",
+             "model-best.npz", "test-responses.json", "metrics.json"}
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
+def instruction_file(tmp_path, n=40):
+    entries = [{"instruction": "Repeat the word.", "input": f"w{i}", "output": f"w{i}"} for i in range(n)]
+    path = tmp_path / "tiny-data.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_default_pipeline_fills_the_run_folder(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train.main(TINY + ["--max-steps", "3", "--out-dir", str(run_dir)]) == 0
+    assert {p.name for p in run_dir.iterdir()} == RUN_FILES  # and no temporary files
+    config = read(run_dir / "config.json")
+    assert (config["tokenizer"], config["prompt_style"], config["mask_prompt"]) == ("byte", "phi3", True)
+    assert config["max_steps"] == 3 and config["out_dir"] == str(run_dir)
+    history = read(run_dir / "history.json")
+    assert history["steps"] == [0, 2] and history["tokens_seen"][0] == 0
+    assert set(history) >= {"train_loss", "val_loss", "epochs", "tokens_seen"}
+    responses = read(run_dir / "test-responses.json")
+    assert len(responses) == 5
+    assert all(isinstance(e["model_response"], str) and "task" in e for e in responses)
+    metrics = read(run_dir / "metrics.json")
+    assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["rouge_l_f1"] <= 1.0
+    assert set(metrics["exact_match_by_task"]) == set(TASKS) and metrics["steps"] == 3
+    assert (run_dir / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "initial losses (step 0)" in out and "ep 1 (step 000002)" in out and "ETA" in out
+    assert "exact match" in out and "uppercase" in out
+
+
+def test_a_run_folder_is_not_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train.main(TINY + ["--max-steps", "1", "--out-dir", str(run_dir)]) == 0
+    assert train.main(TINY + ["--max-steps", "1", "--out-dir", str(run_dir)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_weights_file_with_byte_tokenizer_and_a_json_dataset(tmp_path, capsys):
+    weights = tmp_path / "tiny.npz"
+    save_npz(GPTModel(GPTConfig(vocab_size=257, context_length=64, emb_dim=16, n_heads=2, n_layers=1)),
+             weights)
+    run_dir = tmp_path / "run"
+    args = ["--weights", str(weights), "--tokenizer", "byte", "--data", str(instruction_file(tmp_path)),
+            "--max-steps", "2", "--eval-freq", "1", "--eval-iter", "1", "--max-new-tokens", "3",
+            "--batch-size", "4", "--export-hf", "--judge-model", "llama3",
+            "--ollama-url", "http://127.0.0.1:9",  # a closed local port: the judge is skipped
+            "--out-dir", str(run_dir)]
+    assert train.main(args) == 0
+    config = read(run_dir / "config.json")  # the reference recipe, because the run starts from weights
+    assert (config["prompt_style"], config["lr"], config["schedule"], config["mask_prompt"]) == (
+        "alpaca", 5e-5, "constant", False)
+    assert len(read(run_dir / "test-responses.json")) == 4  # 40 entries -> 34 / 4 test / 2 val
+    metrics = read(run_dir / "metrics.json")
+    assert metrics["exact_match_by_task"] == {} and metrics["judge"] is None
+    assert (run_dir / "model-final-hf" / "model.safetensors").is_file()
+    assert (run_dir / "model-best-hf" / "config.json").is_file()
+    assert "skipping the LLM judge" in capsys.readouterr().out
+    weights.unlink()  # a resumed run needs only its checkpoint
+    assert train.main(["--resume", str(run_dir), "--max-steps", "3"]) == 0
+    assert read(run_dir / "metrics.json")["steps"] == 3
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, capsys):
+    args = TINY + ["--drop-rate", "0.1", "--epochs", "2"]  # 6 batches per epoch -> 12 steps
+    assert train.main(args + ["--out-dir", str(tmp_path / "straight")]) == 0
+    assert train.main(args + ["--max-steps", "5", "--out-dir", str(tmp_path / "resumed")]) == 0
+    assert train.main(["--resume", str(tmp_path / "resumed"), "--max-steps", "0"]) == 0
+    assert "resuming at step 5" in capsys.readouterr().out
+    straight, resumed = read(tmp_path / "straight/history.json"), read(tmp_path / "resumed/history.json")
+    assert straight == resumed and straight["steps"][-1] == 12
+    with np.load(tmp_path / "straight/model-final.npz") as a, \
+            np.load(tmp_path / "resumed/model-final.npz") as b:
+        assert all(np.array_equal(a[name], b[name]) for name in a.files)
+    assert train.main(["--resume", str(tmp_path / "resumed"), "--lr", "1"]) == 2
+    assert "cannot change lr" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_the_run_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    calls = []
+    loss = GPTModel.loss
+
+    def interrupted_loss(self, inputs, targets):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return loss(self, inputs, targets)
+
+    monkeypatch.setattr(GPTModel, "loss", interrupted_loss)
+    run_dir = tmp_path / "run"
+    assert train.main(TINY + ["--out-dir", str(run_dir)]) == 130
+    out = capsys.readouterr().out
+    assert f"python train.py --resume {run_dir}" in out
+    monkeypatch.undo()
+    assert (run_dir / "checkpoint.npz").is_file() and not (run_dir / "metrics.json").exists()
+    assert train.main(["--resume", str(run_dir), "--max-steps", "3"]) == 0
+    assert read(run_dir / "metrics.json")["steps"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "missing.json"], "instruction data file not found: missing.json"),
+    (["--weights", "missing.npz", "--tokenizer", "byte"], "weights file not found: missing.npz"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--lr", "fast"], "invalid float value"),
+    (["--batch-size", "0"], "batch_size must be a positive integer"),
+    (["--n-heads", "3"], "not divisible"),
+    (["--prompt-style", "chatml"], "invalid choice"),
+    (["--resume", "nowhere"], "no checkpoint"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert train.main(TINY + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_model_in_a_real_process_gives_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "gpt3"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "gpt3" in result.stderr and result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+def test_every_flag_has_help_and_every_setting_a_flag():
+    parser = train.build_parser()
+    flags = [action for action in parser._actions if action.option_strings and action.dest != "help"]
+    assert all(action.help for action in flags)
+    settings = {field for field in finetune.RunConfig.__dataclass_fields__}
+    assert settings <= {action.dest for action in flags}
