@@ -83,7 +83,8 @@ def build_parser():
                                 "(none: split in file order, like the reference)", type=int, metavar="N")
     add(data, "--allowed-max-length", "truncate training sequences to this many tokens (never beyond "
                                       "the model's context)", type=int, metavar="T")
-    add(data, "--group-by-length", "batch training examples of similar length together (less padding)",
+    add(data, "--group-by-length", "batch training examples of similar length together (less padding; "
+                                   "hurts when length goes with the kind of example, as in the tasks)",
         action=argparse.BooleanOptionalAction)
 
     train = parser.add_argument_group("training")
@@ -91,6 +92,7 @@ def build_parser():
     add(train, "--batch-size", "examples per step (and per batch of test responses)", type=int, metavar="B")
     add(train, "--lr", "peak learning rate of AdamW", type=float)
     add(train, "--weight-decay", "AdamW's decoupled weight decay", type=float, metavar="WD")
+    add(train, "--beta2", "AdamW's beta2, the decay of its running mean of squared gradients", type=float)
     add(train, "--schedule", "learning rate after the warm-up: constant, or cosine down to --min-lr",
         choices=SCHEDULES)
     add(train, "--warmup-steps", "steps of linear learning-rate warm-up", type=int, metavar="N")

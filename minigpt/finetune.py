@@ -69,6 +69,7 @@ class RunConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.1
+    beta2: float = 0.95                 # a shorter memory of squared gradients: steadier at a high lr
     schedule: str = "cosine"
     warmup_steps: int = 30
     min_lr: float = 1e-4
@@ -117,6 +118,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
         if not 0 <= self.drop_rate < 1:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
         for name in ("max_steps", "patience"):
@@ -135,8 +138,8 @@ class RunConfig:
 # rasbt's ch. 7 settings (gpt_instruction_finetuning.py) for a run from pretrained GPT-2.
 REFERENCE_RECIPE = dict(
     tokenizer="gpt2", data="reference", prompt_style="alpaca", mask_prompt=False, drop_rate=0.0,
-    allowed_max_length=1024, epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, schedule="constant",
-    warmup_steps=0, min_lr=0.0, grad_clip=None, eval_freq=5, eval_iter=5, seed=123, max_new_tokens=256)
+    allowed_max_length=1024, epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, beta2=0.999,
+    schedule="constant", warmup_steps=0, min_lr=0.0, grad_clip=None, eval_freq=5, eval_iter=5, seed=123, max_new_tokens=256)
 
 
 def make_config(**settings):
@@ -227,7 +230,8 @@ def run(config, resume=False, log=print):
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_entries)} training entries make no full batch of {config.batch_size}; "
                          f"lower --batch-size")
-    optimizer = AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.beta2),
+                      weight_decay=config.weight_decay)
     state = training.restore_checkpoint(checkpoint, model, optimizer, train_loader) if resume else None
     write_json(run_dir / "config.json", dataclasses.asdict(config))
     log(describe(config, model, train_loader, len(val_entries), len(test_entries), run_dir, state))
