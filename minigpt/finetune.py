@@ -50,38 +50,38 @@ class RunConfig:
     emb_dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    context_length: int = 128
+    context_length: int = 64            # the longest task example is ~50 bytes
     drop_rate: float = 0.0
     # Data
     data: str = "tasks"                 # "tasks" (built in), "reference" (rasbt's, downloaded) or a path
     data_dir: str = "data"              # where downloads and converted weights are cached
     data_seed: int = 0                  # generates the task dataset
-    n_train: int = 4800                 # task dataset sizes
-    n_val: int = 100
-    n_test: int = 200
+    n_train: int = 48000                # task dataset sizes
+    n_val: int = 250
+    n_test: int = 500
     prompt_style: str = "phi3"
     mask_prompt: bool = True            # loss on the response tokens only
     shuffle_seed: Optional[int] = None  # shuffle a JSON dataset before the 85/10/5 split
     allowed_max_length: int = 1024      # truncate longer training sequences (and at the context length)
     group_by_length: bool = False
     # Training
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 1e-3
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 2e-3
     weight_decay: float = 0.1
     beta2: float = 0.95                 # a shorter memory of squared gradients: steadier at a high lr
     schedule: str = "cosine"
-    warmup_steps: int = 30
-    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    min_lr: float = 2e-4
     grad_clip: Optional[float] = 1.0    # 0 or None: off
-    eval_freq: int = 25
+    eval_freq: int = 100
     eval_iter: int = 5
     patience: Optional[int] = None      # 0 or None: no early stopping
     max_steps: Optional[int] = None     # 0 or None: no bound
     checkpoint_every: Optional[int] = None  # None: at every evaluation
     seed: int = 123
     # Test-set responses and scores
-    max_new_tokens: int = 32
+    max_new_tokens: int = 16
     judge_model: Optional[str] = None   # an Ollama model, e.g. "llama3"
     ollama_url: str = DEFAULT_OLLAMA_URL
     # Output

@@ -1,78 +1,109 @@
-"""Built-in instruction dataset: small tasks whose answers can be checked exactly (draft)."""
+"""The built-in instruction dataset: small tasks whose answers can be checked exactly.
+
+`python train.py` with no arguments trains a small GPT from scratch on these, offline, and scores it
+by exact match on test prompts it never saw. Each task is one short instruction and an input:
+
+    reverse    "Reverse"      "kqzt"           -> "tzqk"     reorders: output position i reads input n-1-i
+    sort       "Sort"         "wbe"            -> "bew"      reorders by value: distinct letters
+    uppercase  "Uppercase"    "mopa"           -> "MOPA"     maps each letter to another
+    count      "Count words"  "ab c dfe"       -> "3"        computes: counts the spaces
+    add        "Add"          "47+8"           -> "55"       computes: digit sums with a carry
+
+Their difficulty is chosen so that a 0.8M-parameter model learns every kind within minutes on a CPU
+(measured: README, "Quick start"): words of 3-5 letters, sorting of distinct letters (repeated
+letters make the next output ambiguous to locate), 2-6 words to count, and a two-digit plus a
+one-digit number (two two-digit numbers needed several times the training). The instructions are
+short because every prompt token costs compute in every layer, while only the answer is learned.
+
+Entries use the Alpaca layout plus "task": {"instruction", "input", "output", "task"}.
+"""
 import numpy as np
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-WORD_LEN = (3, 5)
-SORT_LEN = (3, 5)
-COUNT_WORDS = (2, 6)
-COUNT_WORD_LEN = (1, 3)
-ADD_RANGE = (10, 99)
-SORT_DISTINCT = True
+WORD_LETTERS = (3, 5)        # reverse, sort, uppercase: letters per word
+COUNT_WORDS = (2, 6)         # count: words per input
+COUNT_WORD_LETTERS = (1, 3)  # count: letters per word
+ADD_FIRST = (10, 99)         # add: a two-digit number ...
+ADD_SECOND = (1, 9)          # ... plus a one-digit number
 
 INSTRUCTIONS = {
-    "reverse": "Reverse.",
-    "sort": "Sort.",
-    "uppercase": "Uppercase.",
-    "count": "Count words.",
-    "add": "Add.",
+    "reverse": "Reverse",
+    "sort": "Sort",
+    "uppercase": "Uppercase",
+    "count": "Count words",
+    "add": "Add",
 }
 TASKS = tuple(INSTRUCTIONS)
 
 
-def _word(rng, lo, hi, distinct=False):
-    n = int(rng.integers(lo, hi + 1))
-    idx = rng.choice(len(LETTERS), size=n, replace=not distinct)
-    return "".join(LETTERS[i] for i in idx)
+def _word(rng, lengths, distinct=False):
+    n = int(rng.integers(lengths[0], lengths[1] + 1))
+    return "".join(LETTERS[i] for i in rng.choice(len(LETTERS), size=n, replace=not distinct))
 
 
 def make_example(task, rng):
+    """One random entry of the given task kind, drawn from `rng` (an np.random.Generator)."""
     if task == "reverse":
-        w = _word(rng, *WORD_LEN)
-        inp, out = w, w[::-1]
+        word = _word(rng, WORD_LETTERS)
+        text, answer = word, word[::-1]
     elif task == "sort":
-        w = _word(rng, *SORT_LEN, distinct=SORT_DISTINCT)
-        inp, out = w, "".join(sorted(w))
+        word = _word(rng, WORD_LETTERS, distinct=True)
+        text, answer = word, "".join(sorted(word))
     elif task == "uppercase":
-        w = _word(rng, *WORD_LEN)
-        inp, out = w, w.upper()
+        word = _word(rng, WORD_LETTERS)
+        text, answer = word, word.upper()
     elif task == "count":
         n = int(rng.integers(COUNT_WORDS[0], COUNT_WORDS[1] + 1))
-        inp, out = " ".join(_word(rng, *COUNT_WORD_LEN) for _ in range(n)), str(n)
+        text, answer = " ".join(_word(rng, COUNT_WORD_LETTERS) for _ in range(n)), str(n)
     elif task == "add":
-        a, b = (int(x) for x in rng.integers(ADD_RANGE[0], ADD_RANGE[1] + 1, size=2))
-        inp, out = f"{a}+{b}", str(a + b)
+        a = int(rng.integers(ADD_FIRST[0], ADD_FIRST[1] + 1))
+        b = int(rng.integers(ADD_SECOND[0], ADD_SECOND[1] + 1))
+        text, answer = f"{a}+{b}", str(a + b)
     else:
-        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
-    return {"instruction": INSTRUCTIONS[task], "input": inp, "output": out, "task": task}
+        raise ValueError(f"unknown task {task!r}; choose from: {', '.join(TASKS)}")
+    return {"instruction": INSTRUCTIONS[task], "input": text, "output": answer, "task": task}
+
+
+def _draw(n, tasks, rng, held_out, unique):
+    """n entries, the task kinds in turn, none with a prompt in `held_out`; `unique` holds each out too."""
+    entries = []
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        for _ in range(1000):
+            entry = make_example(task, rng)
+            prompt = (entry["instruction"], entry["input"])
+            if prompt not in held_out:
+                break
+        else:
+            raise ValueError(f"task {task!r} ran out of prompts that are not held out")
+        if unique:
+            held_out.add(prompt)
+        entries.append(entry)
+    return entries
 
 
 def make_task_splits(seed=0, n_train=20000, n_val=250, n_test=500, tasks=TASKS):
+    """(train, val, test), deterministic for a seed; no val or test prompt ever appears in train.
+
+    Test and validation prompts are drawn first, each distinct, and held out; training entries are
+    drawn from everything else (a prompt may recur in train: addition has only 810 of them).
+    """
+    unknown = [task for task in tasks if task not in INSTRUCTIONS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task kinds {unknown}; choose from: {', '.join(TASKS)}")
     rng = np.random.default_rng(seed)
-    sizes = (n_test, n_val, n_train)
-    splits = []
-    seen = set()
-    for n in sizes:
-        split = []
-        for i in range(n):
-            task = tasks[i % len(tasks)]
-            for _ in range(1000):
-                e = make_example(task, rng)
-                key = (e["instruction"], e["input"])
-                if key not in seen:
-                    break
-            else:
-                raise ValueError(f"task {task!r} ran out of distinct prompts")
-            seen.add(key)
-            split.append(e)
-        splits.append(split)
-    test, val, train = splits
+    held_out = set()
+    test = _draw(n_test, tasks, rng, held_out, unique=True)
+    val = _draw(n_val, tasks, rng, held_out, unique=True)
+    train = _draw(n_train, tasks, rng, held_out, unique=False)
     return train, val, test
 
 
 def exact_match_by_task(entries, responses):
+    """(overall rate, {task: rate}) of responses equal to the expected output, whitespace stripped."""
     hits = {}
-    for e, r in zip(entries, responses, strict=True):
-        hits.setdefault(e["task"], []).append(r.strip() == e["output"])
-    per = {t: sum(h) / len(h) for t, h in hits.items()}
-    total = sum(sum(h) for h in hits.values()) / max(1, len(entries))
-    return total, per
+    for entry, response in zip(entries, responses, strict=True):
+        hits.setdefault(entry["task"], []).append(response.strip() == entry["output"])
+    per_task = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
+    overall = sum(sum(h) for h in hits.values()) / max(1, len(entries))
+    return overall, per_task
