@@ -1,5 +1,6 @@
 """minigpt: GPT-2 from scratch in pure NumPy — autograd, hand-derived gradients, real GPT-2 weights,
 instruction fine-tuning on a CPU."""
+from . import memory  # noqa: F401  (first: the allocator keeps freed memory for the next step)
 from . import functional, nn, optim
 from .functional import IGNORE_INDEX, cross_entropy
 from .generation import generate
