@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .ops import as_float_tensor
-from .parallel import for_slices
+from .parallel import for_slices, in_row_slices, matmul, matmul_tn, parallel_map, sequence_blocks
 from .tensor import Tensor, is_grad_enabled
 
 # Targets equal to this are skipped by cross_entropy: padding after the first <|endoftext|> and,
@@ -45,16 +45,16 @@ def linear(x, weight, bias=None):
         raise ValueError(f"linear: input has {x.shape[-1]} features (shape {x.shape}), weight expects {C} "
                          f"(shape {weight.shape})")
     x2d = x.data.reshape(-1, C)                                   # (N, C)
-    out = x2d @ weight.data                                       # (N, OC)
+    out = matmul(x2d, weight.data)                                # (N, OC)
     if bias is not None:
         out += bias.data
 
     def backward(dout):
         dout2d = dout.reshape(-1, OC)                             # (N, OC)
         if x.requires_grad:
-            x.accumulate_grad((dout2d @ weight.data.T).reshape(x.shape))
+            x.accumulate_grad(matmul(dout2d, weight.data.T).reshape(x.shape))
         if weight.requires_grad:
-            weight.accumulate_grad(x2d.T @ dout2d, owned=True)    # (C, OC)
+            weight.accumulate_grad(matmul_tn(x2d, dout2d), owned=True)  # (C, OC)
         if bias is not None and bias.requires_grad:
             bias.accumulate_grad(dout2d.sum(axis=0), owned=True)  # (OC,)
     parents = (x, weight) if bias is None else (x, weight, bias)
@@ -71,14 +71,14 @@ def lm_head(x, wte):
     """
     V, C = wte.shape
     x2d = x.data.reshape(-1, C)                                   # (N, C)
-    logits = x2d @ wte.data.T                                     # (N, V)
+    logits = matmul(x2d, wte.data.T)                              # (N, V)
 
     def backward(dlogits):
         dlogits2d = dlogits.reshape(-1, V)                        # (N, V)
         if x.requires_grad:
-            x.accumulate_grad((dlogits2d @ wte.data).reshape(x.shape))
+            x.accumulate_grad(matmul(dlogits2d, wte.data).reshape(x.shape))
         if wte.requires_grad:
-            wte.accumulate_grad(dlogits2d.T @ x2d, owned=True)    # (V, C)
+            wte.accumulate_grad(matmul_tn(dlogits2d, x2d), owned=True)  # (V, C)
     return Tensor.from_op(logits.reshape(*x.shape[:-1], V), (x, wte), backward)
 
 
@@ -108,16 +108,6 @@ def embedding(ids, weight):
     return Tensor.from_op(weight.data[ids], (weight,), backward)
 
 
-def _in_row_slices(fn, *arrays):
-    """Call fn on matching row slices of arrays on all cores (see parallel.py); return fn's results.
-
-    Each array is viewed as 2-d (rows, last axis); arrays written by fn must be C-contiguous so that
-    view is the array itself.
-    """
-    rows = [a.reshape(-1, a.shape[-1]) for a in arrays]
-    return for_slices(lambda start, stop: fn(*(r[start:stop] for r in rows)), len(rows[0]), rows[0].shape[1])
-
-
 def gelu(x):
     """GELU, tanh approximation, as GPT-2 ("gelu_new").
 
@@ -142,7 +132,7 @@ def gelu(x):
         np.add(ts, 1.0, out=outs)
         outs *= xs
         outs *= 0.5
-    _in_row_slices(forward, x.data, t, out)
+    in_row_slices(forward, x.data, t, out)
 
     def backward(dout):
         dx = np.empty(x.shape, x.dtype)
@@ -160,18 +150,14 @@ def gelu(x):
             dxs += scratch
             dxs += 0.5                                            # + 0.5 (1 + t)
             dxs *= douts
-        _in_row_slices(backward_slice, x.data, t, dout, dx)
+        in_row_slices(backward_slice, x.data, t, dout, dx)
         x.accumulate_grad(dx)
     return Tensor.from_op(out, (x,), backward)
 
 
 def _softmax_in_place(z):
-    """Overwrite z with softmax(z) along the last axis; subtracting the max first keeps exp from overflowing."""
-    def rows(zs):
-        zs -= zs.max(axis=-1, keepdims=True)
-        np.exp(zs, out=zs)
-        zs /= zs.sum(axis=-1, keepdims=True)
-    _in_row_slices(rows, z)
+    """Overwrite z (C-contiguous) with softmax(z) along the last axis, in row slices on all cores."""
+    in_row_slices(_softmax_rows_in_place, z)
     return z
 
 
@@ -211,37 +197,44 @@ def layer_norm(x, weight, bias, eps=1e-5):
                          f"{weight.shape} and {bias.shape}")
     xhat, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)     # (B, T, C)
     rstd = np.empty((*x.shape[:-1], 1), x.dtype)                            # (B, T, 1)
+    # Means over C as matrix-vector products: BLAS sums a row of 128 numbers 4x faster than x.mean(axis=1)
+    mean_weights = np.full(C, 1.0 / C, x.dtype)                             # (C,)
 
     def forward(xs, xhats, rstds, outs):
-        np.subtract(xs, xs.mean(axis=1, keepdims=True), out=xhats)        # x - mean
-        np.multiply(xhats, xhats, out=outs)
-        np.mean(outs, axis=1, keepdims=True, out=rstds)                   # variance
+        np.subtract(xs, (xs @ mean_weights)[:, None], out=xhats)            # x - mean
+        np.multiply(xhats, xhats, out=outs)                                 # outs: scratch for the squares
+        np.matmul(outs, mean_weights, out=rstds[:, 0])                      # variance
         rstds += eps
         np.sqrt(rstds, out=rstds)
-        np.divide(1.0, rstds, out=rstds)                                  # rstd
+        np.divide(1.0, rstds, out=rstds)                                    # rstd
         xhats *= rstds
         np.multiply(xhats, weight.data, out=outs)
         outs += bias.data
-    _in_row_slices(forward, x.data, xhat, rstd, out)
+    in_row_slices(forward, x.data, xhat, rstd, out)
 
     def backward(dout):
         dx = np.empty(x.shape, x.dtype)
+        w_over_C = weight.data / C                                          # (C,)
 
         def backward_slice(douts, xhats, rstds, dxs):
-            g = douts * weight.data
-            mean_g_xhat = np.mean(g * xhats, axis=1, keepdims=True)
-            np.multiply(xhats, mean_g_xhat, out=dxs)
+            ones = np.ones(len(douts), douts.dtype)                         # (n,): sums over rows
+            dout_xhat = douts * xhats                                       # (n, C)
+            db, dw = ones @ douts, ones @ dout_xhat                         # this slice's part of db, dw
+            mean_g = douts @ w_over_C                                       # mean_C(g), g = dout * w
+            mean_g_xhat = dout_xhat @ w_over_C                              # mean_C(g * xhat)
+            np.multiply(xhats, mean_g_xhat[:, None], out=dxs)
+            g = np.multiply(douts, weight.data, out=dout_xhat)              # reuses dout_xhat's memory
             np.subtract(g, dxs, out=dxs)
-            dxs -= g.mean(axis=1, keepdims=True)
+            dxs -= mean_g[:, None]
             dxs *= rstds
-            return douts.sum(axis=0), np.einsum("nc,nc->c", douts, xhats)   # this slice's db, dw
-        partial_sums = _in_row_slices(backward_slice, dout, xhat, rstd, dx)
+            return db, dw
+        partial_sums = in_row_slices(backward_slice, dout, xhat, rstd, dx)
         if bias.requires_grad:
             bias.accumulate_grad(np.sum([db for db, _ in partial_sums], axis=0), owned=True)
         if weight.requires_grad:
             weight.accumulate_grad(np.sum([dw for _, dw in partial_sums], axis=0), owned=True)
         if x.requires_grad:
-            x.accumulate_grad(dx)
+            x.accumulate_grad(dx, owned=True)
     return Tensor.from_op(out, (x, weight, bias), backward)
 
 
@@ -263,17 +256,20 @@ def _split_heads(qkv, n_heads):
 
 
 def causal_self_attention(qkv, n_heads):
-    """Multi-head causal self-attention, all heads in one batched matmul (no loop over heads).
+    """Multi-head causal self-attention, all heads at once (no Python loop over heads).
 
     Forward:  q, k, v = split(qkv) into NH heads
-              scores = q @ k^T / sqrt(hs) + mask   (mask = -inf where the key is in the query's future)
-              att = softmax(scores);  y = att @ v;  out = y with the heads joined back into C
-    Shapes:   qkv (B, T, 3C) -> q, k, v (B, NH, T, hs) -> att (B, NH, T, T) -> out (B, T, C)
+              S = q @ k^T * scale + mask,  scale = 1/sqrt(hs),  mask = -inf where the key is in the query's future
+              att = softmax(S);  y = att @ v;  out = y with the heads joined back into C
+    Shapes:   qkv (B, T, 3C) -> q, k, v (B, NH, T, hs) -> S, att (B, NH, T, T) -> out (B, T, C)
     Backward: datt = dy @ v^T;  dv = att^T @ dy
-              dscores = att * (datt - sum_keys(datt * att))                (softmax backward)
-              dq = dscores @ k / sqrt(hs);  dk = dscores^T @ q / sqrt(hs);  dqkv = join(dq, dk, dv)
+              dS = att * (datt - sum_keys(datt * att)) * scale    (softmax backward; the scale is applied here,
+                                                                   once, as in the forward's S)
+              dq = dS @ k;  dk = dS^T @ q;  dqkv = join(dq, dk, dv)
     Cache:    qkv (q, k, v are views of it), att
     Masked entries have att = 0, so their gradient is exactly zero with no extra masking pass.
+    Sequences are independent, so each thread takes a block of them (or of one sequence's heads) through
+    every step in turn, while its scores are still in cache.
     """
     qkv = as_float_tensor("causal_self_attention", qkv)
     B, T, C3 = qkv.shape
@@ -281,30 +277,45 @@ def causal_self_attention(qkv, n_heads):
         raise ValueError(f"causal_self_attention: last axis {C3} is not 3 * C with C divisible by {n_heads} heads")
     C, hs = C3 // 3, C3 // (3 * n_heads)
     scale = 1.0 / math.sqrt(hs)
-    q, k, v = _split_heads(qkv.data, n_heads)
-    att = q @ k.transpose(0, 1, 3, 2)                             # (B, NH, T, T)
-    att *= scale
-    att += _causal_mask(T, T, att.dtype)
-    _softmax_in_place(att)
-    y = att @ v                                                   # (B, NH, T, hs)
-    out = y.transpose(0, 2, 1, 3).reshape(B, T, C)                # (B, T, C)
+    mask = _causal_mask(T, T, qkv.dtype)                          # (T, T)
+    q, k, v = _split_heads(qkv.data, n_heads)                     # (B, NH, T, hs) views of qkv
+    att = np.empty((B, n_heads, T, T), qkv.dtype)                 # (B, NH, T, T)
+    out = np.empty((B, T, C), qkv.dtype)                          # (B, T, C)
+    y = out.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)      # (B, NH, T, hs) view of out
+    blocks = sequence_blocks(B, n_heads, 2 * T * T * hs)          # two T x T x hs products per head
+
+    def forward(block):
+        np.matmul(q[block], k[block].transpose(0, 1, 3, 2), out=att[block])     # S
+        att[block] *= scale
+        att[block] += mask
+        _softmax_rows_in_place(att[block])                        # att
+        np.matmul(att[block], v[block], out=y[block])
+    parallel_map(forward, blocks)
 
     def backward(dout):
+        dqkv = np.empty((B, T, 3, n_heads, hs), dtype=qkv.dtype)  # (B, T, 3, NH, hs)
+        dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, NH, T, hs) views
         dy = dout.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
-        dscores = dy @ v.transpose(0, 1, 3, 2)                    # datt (B, NH, T, T)
-        dv = att.transpose(0, 1, 3, 2) @ dy                       # (B, NH, T, hs)
 
-        def softmax_backward(datt_rows, att_rows):               # in place: datt -> dscores
-            datt_rows -= np.einsum("ij,ij->i", datt_rows, att_rows)[:, None]
-            datt_rows *= att_rows
-            datt_rows *= scale
-        _in_row_slices(softmax_backward, dscores, att)
-        dqkv = np.empty((B, T, 3, n_heads, hs), dtype=qkv.dtype)
-        dqkv[:, :, 0] = (dscores @ k).transpose(0, 2, 1, 3)        # dq
-        dqkv[:, :, 1] = (dscores.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)  # dk
-        dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
-        qkv.accumulate_grad(dqkv.reshape(B, T, C3))
+        def backward_block(block):
+            att_b = att[block]
+            dS = dy[block] @ v[block].transpose(0, 1, 3, 2)       # datt, until the next two lines make it dS
+            np.matmul(att_b.transpose(0, 1, 3, 2), dy[block], out=dv[block])
+            dS -= np.sum(dS * att_b, axis=-1, keepdims=True)
+            dS *= att_b
+            dS *= scale
+            np.matmul(dS, k[block], out=dq[block])
+            np.matmul(dS.transpose(0, 1, 3, 2), q[block], out=dk[block])
+        parallel_map(backward_block, blocks)
+        qkv.accumulate_grad(dqkv.reshape(B, T, C3), owned=True)
     return Tensor.from_op(out, (qkv,), backward)
+
+
+def _softmax_rows_in_place(z):
+    """Overwrite z (any shape, any strides) with softmax along its last axis."""
+    z -= z.max(axis=-1, keepdims=True)                            # the largest becomes 0: exp cannot overflow
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
 
 
 def cached_causal_attention(qkv, n_heads, keys, values, start):
@@ -441,14 +452,14 @@ def lm_head_cross_entropy(x, wte, targets, ignore_index=IGNORE_INDEX):
     x2d = x.data.reshape(-1, C)                                   # (B*T, C)
     kept_rows = None if len(target_ids) == len(x2d) else np.flatnonzero(valid)
     x_valid = x2d if kept_rows is None else x2d[kept_rows]        # (N, C)
-    dz_unit = x_valid @ wte.data.T                                # (N, V): the logits, for now
+    dz_unit = matmul(x_valid, wte.data.T)                         # (N, V): the logits, for now
     need_grad = is_grad_enabled() and (x.requires_grad or wte.requires_grad)
     loss = _cross_entropy_rows(dz_unit, target_ids, need_grad)    # now the gradient for dloss = 1
 
     def backward(dloss):
         dz = dz_unit if dloss == 1 else dz_unit * dloss
         if x.requires_grad:
-            dx_valid = dz @ wte.data                              # (N, C)
+            dx_valid = matmul(dz, wte.data)                       # (N, C)
             if kept_rows is None:
                 dx = dx_valid
             else:
@@ -456,5 +467,5 @@ def lm_head_cross_entropy(x, wte, targets, ignore_index=IGNORE_INDEX):
                 dx[kept_rows] = dx_valid
             x.accumulate_grad(dx.reshape(x.shape), owned=True)
         if wte.requires_grad:
-            wte.accumulate_grad(dz.T @ x_valid, owned=True)        # (V, C)
+            wte.accumulate_grad(matmul_tn(dz, x_valid), owned=True)  # (V, C)
     return Tensor.from_op(np.asarray(loss, dtype=x.dtype), (x, wte), backward)
