@@ -109,10 +109,10 @@ class LoRALinear(Module):
 
     def merged_weight(self):
         """W + (alpha / r) A B as a new array (C, OC); W is left as it is."""
-        delta = self.lora_A.data @ self.lora_B.data               # (C, r) @ (r, OC) -> (C, OC)
-        delta *= self.scale
-        delta += self.weight.data
-        return delta
+        merged = self.lora_A.data @ self.lora_B.data              # (C, r) @ (r, OC) -> (C, OC): A B
+        merged *= self.scale                                      # (alpha / r) A B
+        merged += self.weight.data                                # W + (alpha / r) A B, built in place
+        return merged
 
 
 @dataclasses.dataclass(frozen=True)
