@@ -11,7 +11,11 @@ from .tensor import Tensor
 
 
 class Parameter(Tensor):
-    """A trainable tensor: a leaf that always requires a gradient."""
+    """A tensor a module owns: a leaf that requires a gradient, unless frozen.
+
+    Freeze it with `p.requires_grad = False` (LoRA freezes the base model this way): every op then
+    skips its gradient, and `parameters(trainable_only=True)`, what an optimizer is given, leaves it out.
+    """
 
     def __init__(self, data):
         data = np.asarray(data)
@@ -40,17 +44,19 @@ class Module:
                     if isinstance(item, Module):
                         yield from item.named_modules(f"{prefix}{name}.{i}.")
 
-    def named_parameters(self):
-        """(name, Parameter) pairs such as ('h.0.attn.c_attn.weight', ...), each Parameter once."""
+    def named_parameters(self, trainable_only=False):
+        """(name, Parameter) pairs such as ('h.0.attn.c_attn.weight', ...), each Parameter once;
+        with trainable_only, only those that are not frozen."""
         seen = set()
         for module_name, module in self.named_modules():
             for name, value in vars(module).items():
-                if isinstance(value, Parameter) and id(value) not in seen:
+                if (isinstance(value, Parameter) and id(value) not in seen
+                        and (value.requires_grad or not trainable_only)):
                     seen.add(id(value))
                     yield (f"{module_name}.{name}" if module_name else name), value
 
-    def parameters(self):
-        return [p for _, p in self.named_parameters()]
+    def parameters(self, trainable_only=False):
+        return [p for _, p in self.named_parameters(trainable_only)]
 
     def train(self, mode=True):
         for _, module in self.named_modules():
@@ -92,6 +98,13 @@ class Linear(Module):
         rng = rng if rng is not None else np.random.default_rng(0)
         self.weight = Parameter((rng.standard_normal((in_features, out_features)) * std).astype(dtype))
         self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_parameters(cls, weight, bias=None):
+        """A Linear around existing Parameters, shared rather than copied (LoRA's merge builds one)."""
+        layer = cls.__new__(cls)
+        layer.weight, layer.bias = weight, bias
+        return layer
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)

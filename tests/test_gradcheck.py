@@ -1,7 +1,8 @@
 """Every differentiable op against central finite differences in float64 (relative error <= 1e-6).
 
 OP_CASES is the registry: op name -> cases, each a function of a Generator returning (fn, inputs).
-test_every_op_is_registered fails when an op is added to ops.py or functional.py without a case here.
+test_every_op_is_registered fails when an op is added to ops.py, functional.py or lora.py without a
+case here.
 """
 import inspect
 import zlib
@@ -9,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
-from minigpt import GradcheckError, Tensor, functional as F, gradcheck, ops
+from minigpt import GradcheckError, Tensor, functional as F, gradcheck, lora, ops
 
 
 def randn(rng, *shape):
@@ -42,6 +43,16 @@ def cross_entropy_case(rng, ignored_fraction, shape=(3, 5), V=7):
 def lm_head_cross_entropy_case(rng, ignored_fraction, shape=(2, 4), V=9, C=5):
     targets = random_targets(rng, ignored_fraction, shape, V)
     return (lambda x, wte: F.lm_head_cross_entropy(x, wte, targets)), [randn(rng, *shape, C), randn(rng, V, C)]
+
+
+def lora_linear_case(rng, x_shape, bias=True, C=4, OC=5, r=3):
+    """x, A and B are checked; the frozen W and b are constants, made in x's dtype on each call."""
+    weight, b = randn(rng, C, OC), randn(rng, OC) if bias else None
+
+    def fn(x, A, B):
+        frozen_b = None if b is None else Tensor(b.astype(x.dtype))
+        return lora.lora_linear(x, Tensor(weight.astype(x.dtype)), frozen_b, A, B, scale=1.5)
+    return fn, [randn(rng, *x_shape, C), randn(rng, C, r), randn(rng, r, OC)]
 
 
 OP_CASES = {
@@ -82,6 +93,9 @@ OP_CASES = {
     "concat": [lambda r: (lambda a, b: ops.concat([a, b, a], axis=1), [randn(r, 2, 3), randn(r, 2, 1)])],
     "linear": [lambda r: (F.linear, [randn(r, 2, 3, 4), randn(r, 4, 5), randn(r, 5)]),
                lambda r: (F.linear, [randn(r, 3, 4), randn(r, 4, 2)])],
+    "lora_linear": [lambda r: lora_linear_case(r, (2, 3)),
+                    lambda r: lora_linear_case(r, (2, 3, 2), bias=False),      # N-d x, no bias
+                    lambda r: lora_linear_case(r, (7,), C=6, OC=2, r=2)],
     "lm_head": [lambda r: (F.lm_head, [randn(r, 2, 3, 4), randn(r, 7, 4)])],
     "embedding": [lambda r: ((lambda ids: lambda w: F.embedding(ids, w))(ids_with_repeats(r, 5, (2, 6))),
                              [randn(r, 5, 3)])],
@@ -103,12 +117,15 @@ OP_CASES = {
 }
 
 # Public functions of the op modules that are not differentiable ops.
-NOT_OPS = {"as_float_tensor", "cached_causal_attention"}
+NOT_OPS = {"as_float_tensor", "cached_causal_attention",
+           "apply_lora", "check_hyperparameters", "lora_config", "describe", "merge_lora", "unmerge_lora",
+           "save_adapters", "load_adapters"}
+OP_MODULES = (ops, F, lora)
 
 
 def differentiable_ops():
     found = set()
-    for module in (ops, F):
+    for module in OP_MODULES:
         for name, fn in inspect.getmembers(module, inspect.isfunction):
             if fn.__module__ == module.__name__ and not name.startswith("_") and name not in NOT_OPS:
                 found.add(name)
@@ -119,7 +136,7 @@ def test_every_op_is_registered():
     missing = differentiable_ops() - set(OP_CASES)
     assert not missing, f"ops without a finite-difference case in OP_CASES: {sorted(missing)}"
     for name in differentiable_ops():
-        op = getattr(ops, name, None) or getattr(F, name)
+        op = next(getattr(module, name) for module in OP_MODULES if hasattr(module, name))
         assert "Backward:" in op.__doc__, f"{name}'s docstring does not state its gradient"
 
 

@@ -100,6 +100,17 @@ def test_modules_list_parameters_by_gpt2_name_and_switch_modes():
     assert isinstance(model.h[0], Module)
 
 
+def test_a_frozen_parameter_gets_no_gradient_and_is_left_out_of_the_trainable_ones():
+    """The tied embedding frozen: neither its lookup nor the output head may give it a gradient."""
+    model = tiny_model()
+    model.wte.weight.requires_grad = False
+    names = [name for name, _ in model.named_parameters()]
+    assert [name for name, _ in model.named_parameters(trainable_only=True)] == names[1:]
+    assert model.parameters(trainable_only=True) == model.parameters()[1:]
+    model.loss(*batch(np.random.default_rng(4))).backward()
+    assert model.wte.weight.grad is None and model.wpe.weight.grad is not None
+
+
 def test_dropout_is_active_in_train_mode_only():
     model = tiny_model(drop_rate=0.5)
     idx = np.array([[1, 2, 3]])
