@@ -1,7 +1,7 @@
 """Every differentiable op against central finite differences in float64 (relative error <= 1e-6).
 
 OP_CASES is the registry: op name -> cases, each a function of a Generator returning (fn, inputs).
-test_every_op_is_registered fails when an op is added to ops.py or functional.py without a case here.
+test_every_op_is_registered fails when an op is added to ops.py, functional.py or dpo.py without a case here.
 """
 import inspect
 import zlib
@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from minigpt import GradcheckError, Tensor, functional as F, gradcheck, ops
+from minigpt import GradcheckError, Tensor, dpo, functional as F, gradcheck, ops
 
 
 def randn(rng, *shape):
@@ -37,6 +37,19 @@ def random_targets(rng, ignored_fraction, shape, V):
 def cross_entropy_case(rng, ignored_fraction, shape=(3, 5), V=7):
     targets = random_targets(rng, ignored_fraction, shape, V)
     return lambda z: F.cross_entropy(z, targets), [randn(rng, *shape, V)]
+
+
+def sequence_logprobs_case(rng, ignored_fraction, reduction, shape=(3, 5), V=9, C=4):
+    targets = random_targets(rng, ignored_fraction, shape, V)
+    targets[:, -1] = rng.integers(0, V, size=shape[0])  # every sequence keeps at least one target
+    return ((lambda x, wte: dpo.sequence_logprobs(x, wte, targets, reduction)),
+            [randn(rng, *shape, C), randn(rng, V, C)])
+
+
+def dpo_loss_case(rng, beta, scale=1.0, B=5):
+    ref_chosen, ref_rejected = scale * randn(rng, B), scale * randn(rng, B)  # constants: no gradient
+    return ((lambda chosen, rejected: dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)),
+            [scale * randn(rng, B), scale * randn(rng, B)])
 
 
 def lm_head_cross_entropy_case(rng, ignored_fraction, shape=(2, 4), V=9, C=5):
@@ -97,18 +110,25 @@ OP_CASES = {
     "dropout": [lambda r: (lambda x: F.dropout(x, 0.4, np.random.default_rng(7)), [randn(r, 4, 6)])],
     "lm_head_cross_entropy": [lambda r: lm_head_cross_entropy_case(r, 0.0),
                               lambda r: lm_head_cross_entropy_case(r, 0.6)],
+    "sequence_logprobs": [lambda r: sequence_logprobs_case(r, 0.0, "mean"),
+                          lambda r: sequence_logprobs_case(r, 0.5, "mean"),   # prompt and padding ignored
+                          lambda r: sequence_logprobs_case(r, 0.5, "sum")],
+    "dpo_loss": [lambda r: dpo_loss_case(r, beta=0.1),
+                 lambda r: dpo_loss_case(r, beta=2.0, scale=3.0)],         # |z| up to ~20: saturated pairs
     "cross_entropy": [lambda r: cross_entropy_case(r, 0.0),
                       lambda r: cross_entropy_case(r, 0.3),       # some targets ignored
                       lambda r: cross_entropy_case(r, 0.9)],      # most targets ignored
 }
 
 # Public functions of the op modules that are not differentiable ops.
-NOT_OPS = {"as_float_tensor", "cached_causal_attention"}
+NOT_OPS = {"as_float_tensor", "cached_causal_attention",
+           "reward_metrics", "batch_logprobs", "reference_logprobs", "dpo_batch_loss"}
+OP_MODULES = (ops, F, dpo)
 
 
 def differentiable_ops():
     found = set()
-    for module in (ops, F):
+    for module in OP_MODULES:
         for name, fn in inspect.getmembers(module, inspect.isfunction):
             if fn.__module__ == module.__name__ and not name.startswith("_") and name not in NOT_OPS:
                 found.add(name)
@@ -119,7 +139,7 @@ def test_every_op_is_registered():
     missing = differentiable_ops() - set(OP_CASES)
     assert not missing, f"ops without a finite-difference case in OP_CASES: {sorted(missing)}"
     for name in differentiable_ops():
-        op = getattr(ops, name, None) or getattr(F, name)
+        op = next(getattr(module, name) for module in OP_MODULES if hasattr(module, name))
         assert "Backward:" in op.__doc__, f"{name}'s docstring does not state its gradient"
 
 
