@@ -8,7 +8,8 @@ policy pi (the model being trained) and a frozen reference model ref (the fine-t
 
 The loss raises the policy's margin between the two responses relative to the reference; beta (0.1
 by default) sets how far the policy may move from the reference. beta * (log pi - log ref) is a
-response's implicit reward, reported with its margin and accuracy.
+response's implicit reward, reported with its margin and accuracy (the reference notebook prints
+log pi - log ref without beta: its rewards and margins are ours divided by beta).
 
 log pi(y|x) here is the MEAN log-probability of the response's tokens (its closing <|endoftext|>
 included), as in the reference notebook (rasbt's dpo-from-scratch), not the paper's sum: with the

@@ -1,7 +1,7 @@
 """Every differentiable op against central finite differences in float64 (relative error <= 1e-6).
 
 OP_CASES is the registry: op name -> cases, each a function of a Generator returning (fn, inputs).
-test_every_op_is_registered fails when an op is added to ops.py, functional.py or dpo.py without a case here.
+test_every_op_is_registered fails when an op of ops.py, functional.py or dpo.py has no case here.
 """
 import inspect
 import zlib
