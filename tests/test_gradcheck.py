@@ -1,8 +1,7 @@
 """Every differentiable op against central finite differences in float64 (relative error <= 1e-6).
 
 OP_CASES is the registry: op name -> cases, each a function of a Generator returning (fn, inputs).
-test_every_op_is_registered fails when an op is added to ops.py, functional.py or lora.py without a
-case here.
+test_every_op_is_registered fails when an op of ops.py, functional.py, lora.py or dpo.py has no case here.
 """
 import inspect
 import zlib
@@ -10,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from minigpt import GradcheckError, Tensor, functional as F, gradcheck, lora, ops
+from minigpt import GradcheckError, Tensor, dpo, functional as F, gradcheck, lora, ops
 
 
 def randn(rng, *shape):
@@ -38,6 +37,19 @@ def random_targets(rng, ignored_fraction, shape, V):
 def cross_entropy_case(rng, ignored_fraction, shape=(3, 5), V=7):
     targets = random_targets(rng, ignored_fraction, shape, V)
     return lambda z: F.cross_entropy(z, targets), [randn(rng, *shape, V)]
+
+
+def sequence_logprobs_case(rng, ignored_fraction, reduction, shape=(3, 5), V=9, C=4):
+    targets = random_targets(rng, ignored_fraction, shape, V)
+    targets[:, -1] = rng.integers(0, V, size=shape[0])  # every sequence keeps at least one target
+    return ((lambda x, wte: dpo.sequence_logprobs(x, wte, targets, reduction)),
+            [randn(rng, *shape, C), randn(rng, V, C)])
+
+
+def dpo_loss_case(rng, beta, scale=1.0, B=5):
+    ref_chosen, ref_rejected = scale * randn(rng, B), scale * randn(rng, B)  # constants: no gradient
+    return ((lambda chosen, rejected: dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)),
+            [scale * randn(rng, B), scale * randn(rng, B)])
 
 
 def lm_head_cross_entropy_case(rng, ignored_fraction, shape=(2, 4), V=9, C=5):
@@ -111,6 +123,11 @@ OP_CASES = {
     "dropout": [lambda r: (lambda x: F.dropout(x, 0.4, np.random.default_rng(7)), [randn(r, 4, 6)])],
     "lm_head_cross_entropy": [lambda r: lm_head_cross_entropy_case(r, 0.0),
                               lambda r: lm_head_cross_entropy_case(r, 0.6)],
+    "sequence_logprobs": [lambda r: sequence_logprobs_case(r, 0.0, "mean"),
+                          lambda r: sequence_logprobs_case(r, 0.5, "mean"),   # prompt and padding ignored
+                          lambda r: sequence_logprobs_case(r, 0.5, "sum")],
+    "dpo_loss": [lambda r: dpo_loss_case(r, beta=0.1),
+                 lambda r: dpo_loss_case(r, beta=2.0, scale=3.0)],         # |z| up to ~20: saturated pairs
     "cross_entropy": [lambda r: cross_entropy_case(r, 0.0),
                       lambda r: cross_entropy_case(r, 0.3),       # some targets ignored
                       lambda r: cross_entropy_case(r, 0.9)],      # most targets ignored
@@ -119,8 +136,9 @@ OP_CASES = {
 # Public functions of the op modules that are not differentiable ops.
 NOT_OPS = {"as_float_tensor", "cached_causal_attention",
            "apply_lora", "check_hyperparameters", "lora_config", "describe", "merge_lora", "unmerge_lora",
-           "save_adapters", "load_adapters"}
-OP_MODULES = (ops, F, lora)
+           "save_adapters", "load_adapters",
+           "reward_metrics", "batch_logprobs", "reference_logprobs", "dpo_batch_loss"}
+OP_MODULES = (ops, F, lora, dpo)
 
 
 def differentiable_ops():

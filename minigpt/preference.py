@@ -1,0 +1,139 @@
+"""Preference data for DPO: load and validate, split, tokenize chosen/rejected pairs, collate.
+
+An entry is {"instruction", "input", "output", "chosen", "rejected"} (rasbt's
+instruction-data-with-preference.json: "chosen" is the preferred response, "rejected" the other).
+Both responses follow the same prompt, built exactly as in fine-tuning and generation (format_input +
+response header of the prompt style), and each ends with <|endoftext|>. A batch of B pairs is one
+(2B, T) array: the B chosen sequences, then the B rejected ones, padded together so that one forward
+pass scores both. The targets keep only the response and its closing <|endoftext|>:
+
+    prompt P P P (P = 3 tokens, response header included), chosen c1 c2, rejected r1 (E = <|endoftext|>)
+    chosen    inputs  P P P c1 c2           targets  I I c1 c2 E
+    rejected  inputs  P P P r1 E            targets  I I r1 E  I       (I = IGNORE_INDEX)
+
+The closing <|endoftext|> counts: a response is preferred as a whole, stopping included (the same
+target the fine-tuning collate keeps, and TRL's choice). The reference notebook differs in two ways:
+it appends no <|endoftext|>, and its mask keeps the "### Response:" header tokens, which are the same
+in both responses. Entries whose chosen and rejected responses are equal (6 of the reference's 1,100)
+have no preference: they add log 2 to the loss and nothing to the gradient.
+"""
+import hashlib
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .data import (INSTRUCTION_KEYS, collate, format_input, load_json_entries, response_header, split_data,
+                   validate_entries)
+from .fileio import download_file
+from .tokenizer import encode
+
+PREFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+                       "ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json")
+PREFERENCE_KEYS = INSTRUCTION_KEYS + ("chosen", "rejected")
+
+
+def load_preference_data(path):
+    """The entries of a preference JSON file; one clear error naming the first bad entry."""
+    return load_json_entries(path, PREFERENCE_KEYS, what="preference data")
+
+
+def download_preference_data(directory="data"):
+    """Path of rasbt's 1,100-entry preference dataset in `directory`, downloaded on first use."""
+    path = Path(directory) / "instruction-data-with-preference.json"
+    if not path.is_file():
+        download_file(PREFERENCE_DATA_URL, path,
+                      hint="Pass --data PATH to use a local copy of instruction-data-with-preference.json.")
+    return path
+
+
+def split_preference_data(entries, shuffle_seed=None):
+    """(train, val, test): 85% / 5% / 10% of the entries, by data.split_data (1,100 -> 935 / 55 / 110)."""
+    # split_data returns (train, test, val) today; when it returns (train, val, test), only this line changes
+    train, test, val = split_data(entries, shuffle_seed=shuffle_seed)
+    return train, val, test
+
+
+class PreferenceBatch(NamedTuple):
+    """B preference pairs padded together: rows 0..B-1 are the chosen sequences, B..2B-1 the rejected."""
+    inputs: np.ndarray    # (2B, T) int64 token ids
+    targets: np.ndarray   # (2B, T) int64, IGNORE_INDEX on prompt and padding
+    indices: np.ndarray   # (B,) positions of the pairs in their dataset
+    fingerprint: str      # of the dataset, so cached reference log-probabilities can be matched to it
+
+    @property
+    def size(self):
+        return len(self.indices)
+
+    chosen_inputs = property(lambda self: self.inputs[:self.size])       # (B, T)
+    chosen_targets = property(lambda self: self.targets[:self.size])     # (B, T)
+    rejected_inputs = property(lambda self: self.inputs[self.size:])     # (B, T)
+    rejected_targets = property(lambda self: self.targets[self.size:])   # (B, T)
+
+
+def collate_preferences(chosen, rejected, prompt_lengths, pad_token_id, allowed_max_length=None):
+    """Pad, shift and mask B chosen and B rejected token lists into (inputs, targets), both (2B, T).
+
+    Each list is prompt + response; data.collate appends <|endoftext|> (= pad_token_id) and keeps it
+    as a target, sets padding targets after it to IGNORE_INDEX, and masks the prompt_lengths[i]
+    prompt tokens (both sequences of pair i share the prompt). T = the longest of all 2B plus one,
+    cut to allowed_max_length.
+    """
+    if not (len(chosen) == len(rejected) == len(prompt_lengths)):
+        raise ValueError(f"collate_preferences: {len(chosen)} chosen, {len(rejected)} rejected and "
+                         f"{len(prompt_lengths)} prompt lengths; they must match")
+    return collate(list(chosen) + list(rejected), pad_token_id=pad_token_id,
+                   allowed_max_length=allowed_max_length,
+                   prompt_lengths=np.concatenate([prompt_lengths, prompt_lengths]))
+
+
+class PreferenceDataset:
+    """Preference entries tokenized once.
+
+    chosen[i], rejected[i]: token ids of prompt + response (the collate appends <|endoftext|>)
+    prompt_lengths[i]:      tokens of the prompt, response header included; encoded on its own, as
+                            in data.InstructionDataset, so it is exactly the prompt the model gets
+                            at generation time
+    allowed_max_length:     sequences are cut to this many input positions (the model's context);
+                            an entry whose prompt alone is longer is an error, as none of its
+                            response would be scored
+    fingerprint:            a hash of all of the above, which ties reference log-probabilities to it
+    """
+
+    def __init__(self, entries, tokenizer, style="alpaca", allowed_max_length=None):
+        validate_entries(entries, PREFERENCE_KEYS, source="preference data")
+        self.entries = entries
+        self.style = style
+        self.pad_token_id = tokenizer.eot_token
+        self.allowed_max_length = allowed_max_length
+        self.chosen, self.rejected, self.prompt_lengths = [], [], []
+        for i, entry in enumerate(entries):
+            prompt_ids = encode(tokenizer, format_input(entry, style) + response_header(style))
+            if allowed_max_length is not None and len(prompt_ids) > allowed_max_length:
+                raise ValueError(f"preference data: entry {i}: the prompt is {len(prompt_ids)} tokens, more "
+                                 f"than allowed_max_length {allowed_max_length}, so no response token would "
+                                 f"remain")
+            self.chosen.append(prompt_ids + encode(tokenizer, entry["chosen"]))
+            self.rejected.append(prompt_ids + encode(tokenizer, entry["rejected"]))
+            self.prompt_lengths.append(len(prompt_ids))
+        content = [self.chosen, self.rejected, self.prompt_lengths, self.pad_token_id, allowed_max_length]
+        self.fingerprint = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+    def __len__(self):
+        return len(self.chosen)
+
+    def batch(self, indices):
+        """The PreferenceBatch of the pairs at `indices`."""
+        indices = np.asarray(indices, dtype=np.int64)                  # (B,)
+        inputs, targets = collate_preferences(
+            [self.chosen[i] for i in indices], [self.rejected[i] for i in indices],
+            np.asarray(self.prompt_lengths)[indices], self.pad_token_id, self.allowed_max_length)
+        return PreferenceBatch(inputs, targets, indices, self.fingerprint)
+
+    def batches(self, batch_size):
+        """Every pair once, in order, in batches of batch_size (the last may be smaller)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            yield self.batch(np.arange(start, min(start + batch_size, len(self))))

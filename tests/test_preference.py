@@ -1,0 +1,137 @@
+"""Preference data: validation, download, split, tokenization and the pair collate."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minigpt import preference
+from minigpt.data import InstructionDataset
+from minigpt.functional import IGNORE_INDEX
+from minigpt.preference import (PreferenceDataset, collate_preferences, load_preference_data,
+                                split_preference_data)
+from minigpt.tokenizer import EOT, byte_tokenizer, gpt2_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PREFERENCE_FILE = SHARED_DATA / "instruction-data-with-preference.json"
+I = IGNORE_INDEX
+PAIR = {"instruction": "Edit the following sentence for grammar.", "input": "He go to the park every day.",
+        "output": "He goes to the park every day.", "chosen": "He goes to the park every day.",
+        "rejected": "He goes to the stupid park every single day."}
+
+
+def write(tmp_path, entries):
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def synthetic_pairs(n):
+    return [{"instruction": f"task {i}", "input": "x" * (i % 2), "output": "y" * (i % 3 + 1),
+             "chosen": "y" * (i % 3 + 1), "rejected": "z" * (i % 4)} for i in range(n)]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({k: v for k, v in PAIR.items() if k != "rejected"}, r"entry 1 is missing the key 'rejected'"),
+    (dict(PAIR, chosen=None), r"entry 1: 'chosen' must be a string, got NoneType"),
+    (dict(PAIR, chosen=["a", "b"]), r"entry 1: 'chosen' must be a string, got list"),
+    (dict(PAIR, instruction=3), r"entry 1: 'instruction' must be a string, got int"),
+])
+def test_load_names_the_bad_entry(tmp_path, entry, message):
+    path = write(tmp_path, [PAIR, entry, PAIR])
+    with pytest.raises(ValueError, match=message) as info:
+        load_preference_data(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_keeps_a_valid_file_and_the_dataset_validates_entries_in_memory(tmp_path):
+    assert load_preference_data(write(tmp_path, [PAIR])) == [PAIR]
+    with pytest.raises(FileNotFoundError, match="preference data file not found"):
+        load_preference_data(tmp_path / "absent.json")
+    with pytest.raises(ValueError, match="preference data: entry 0 is missing the key 'chosen'"):
+        PreferenceDataset([{"instruction": "a", "input": "", "output": "b"}], byte_tokenizer())
+
+
+def test_download_uses_the_cached_file_and_otherwise_the_public_url(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(preference, "download_file", lambda url, path, hint: calls.append((url, path, hint)))
+    path = preference.download_preference_data(tmp_path)
+    assert calls == [(preference.PREFERENCE_DATA_URL, tmp_path / "instruction-data-with-preference.json",
+                      calls[0][2])]
+    assert path == calls[0][1] and "--data PATH" in calls[0][2]
+    assert preference.PREFERENCE_DATA_URL.endswith("ch07/04_preference-tuning-with-dpo/"
+                                                   "instruction-data-with-preference.json")
+    path.write_text(json.dumps([PAIR]))
+    assert preference.download_preference_data(tmp_path) == path and len(calls) == 1
+
+
+def test_split_is_85_5_10_in_train_val_test_order():
+    entries = synthetic_pairs(1100)
+    train, val, test = split_preference_data(entries)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train == entries[:935] and test == entries[935:1045] and val == entries[1045:]  # as the reference
+    shuffled = split_preference_data(entries, shuffle_seed=3)
+    assert shuffled == split_preference_data(entries, shuffle_seed=3) and shuffled[0] != train
+
+
+def test_collate_keeps_exactly_the_responses_and_their_end_of_text():
+    """Pair 0: prompt 1 2 3, chosen 7 8, rejected 9.  Pair 1: prompt 4 5, chosen 6, rejected 10 11 12."""
+    E = 99
+    inputs, targets = collate_preferences(chosen=[[1, 2, 3, 7, 8], [4, 5, 6]],
+                                          rejected=[[1, 2, 3, 9], [4, 5, 10, 11, 12]],
+                                          prompt_lengths=[3, 2], pad_token_id=E)
+    np.testing.assert_array_equal(inputs, [[1, 2, 3, 7, 8],        # chosen 0
+                                           [4, 5, 6, E, E],        # chosen 1
+                                           [1, 2, 3, 9, E],        # rejected 0
+                                           [4, 5, 10, 11, 12]])    # rejected 1
+    np.testing.assert_array_equal(targets, [[I, I, 7, 8, E],
+                                            [I, 6, E, I, I],
+                                            [I, I, 9, E, I],
+                                            [I, 10, 11, 12, E]])
+    with pytest.raises(ValueError, match="2 chosen, 1 rejected and 2 prompt lengths"):
+        collate_preferences([[1], [2]], [[3]], [1, 1], E)
+
+
+def test_dataset_prompt_is_the_fine_tuning_prompt_and_batches_score_the_response_only():
+    tokenizer = byte_tokenizer()
+    entries = [PAIR, dict(PAIR, input="", chosen="Yes.", rejected="")]
+    dataset = PreferenceDataset(entries, tokenizer, style="phi3")
+    as_instructions = InstructionDataset([dict(e, output=e["chosen"]) for e in entries], tokenizer, "phi3")
+    assert dataset.chosen == as_instructions.token_ids
+    assert dataset.prompt_lengths == as_instructions.prompt_lengths
+    batch = dataset.batch([1, 0])
+    assert batch.size == 2 and batch.inputs.shape == batch.targets.shape == (4, batch.inputs.shape[1])
+    np.testing.assert_array_equal(batch.chosen_inputs, batch.inputs[:2])
+    for row, text in zip(batch.targets, ["Yes.", PAIR["chosen"], "", PAIR["rejected"]]):
+        assert tokenizer.decode(row[row != I].tolist()) == text + EOT
+    assert [b.indices.tolist() for b in dataset.batches(1)] == [[0], [1]]
+
+
+def test_fingerprint_follows_the_content_and_allowed_length_cuts_or_refuses():
+    tokenizer = byte_tokenizer()
+    base = PreferenceDataset([PAIR], tokenizer)
+    assert PreferenceDataset([dict(PAIR)], tokenizer).fingerprint == base.fingerprint
+    for other in (PreferenceDataset([dict(PAIR, rejected="No.")], tokenizer),
+                  PreferenceDataset([PAIR], tokenizer, style="phi3"),
+                  PreferenceDataset([PAIR], tokenizer, allowed_max_length=400)):
+        assert other.fingerprint != base.fingerprint
+    prompt_length = base.prompt_lengths[0]
+    cut = PreferenceDataset([PAIR], tokenizer, allowed_max_length=prompt_length + 2).batch([0])
+    assert cut.inputs.shape == (2, prompt_length + 2)
+    kept = cut.targets[0][cut.targets[0] != I]
+    assert tokenizer.decode(kept.tolist()) == PAIR["chosen"][:3]   # response cut, no fake end of text
+    with pytest.raises(ValueError, match=f"entry 0: the prompt is {prompt_length} tokens, more than "
+                                         f"allowed_max_length {prompt_length - 1}"):
+        PreferenceDataset([PAIR], tokenizer, allowed_max_length=prompt_length - 1)
+
+
+@pytest.mark.skipif(not PREFERENCE_FILE.is_file(), reason="shared preference data absent")
+def test_the_reference_file_loads_splits_and_masks_with_gpt2_tokens():
+    entries = load_preference_data(PREFERENCE_FILE)
+    assert len(entries) == 1100
+    assert [len(part) for part in split_preference_data(entries)] == [935, 55, 110]
+    tokenizer = gpt2_tokenizer(SHARED_DATA / "gpt2")
+    batch = PreferenceDataset(entries[:2], tokenizer).batch([0, 1])
+    rejected_1 = batch.rejected_targets[1]
+    assert tokenizer.decode(rejected_1[rejected_1 != I].tolist()) == entries[1]["rejected"] + EOT
+    assert entries[1]["rejected"] == "He goes to the stupid park every single day."
