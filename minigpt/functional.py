@@ -36,6 +36,7 @@ def linear(x, weight, bias=None):
     Shapes:   x (..., C), W (C, OC), b (OC,) -> out (..., OC)
     Backward: dx = dout @ W^T;  dW = x^T @ dout (summed over every leading axis);  db = sum(dout)
     Cache:    x, W
+    Plain twin: tests/reference_ops.py:linear
 
     The leading axes are folded into rows, so each product is one BLAS matrix multiply.
     """
@@ -68,6 +69,7 @@ def lm_head(x, wte):
     Shapes:   x (..., C), wte (V, C) -> logits (..., V)
     Backward: dx = dlogits @ wte;  dwte = dlogits^T @ x   (added to the embedding's own gradient)
     Cache:    x, wte
+    Plain twin: tests/reference_ops.py:lm_head
     """
     V, C = wte.shape
     x2d = x.data.reshape(-1, C)                                   # (N, C)
@@ -90,6 +92,7 @@ def embedding(ids, weight):
     Backward: dW[v] = sum of dout[b, t] over every (b, t) with ids[b, t] == v  (scatter-add:
               a repeated id collects the gradient of each of its uses)
     Cache:    ids
+    Plain twin: tests/reference_ops.py:embedding
     The sum per distinct id is formed first, then added into only those rows of dW.
     """
     ids = np.asarray(ids.data if isinstance(ids, Tensor) else ids)
@@ -126,6 +129,7 @@ def gelu(x):
     Backward: dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx),   t = tanh(u),
               du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     Cache:    x, t
+    Plain twin: tests/reference_ops.py:gelu
 
     Written as in-place passes over row slices: no full-size temporaries, and every core busy.
     """
@@ -182,6 +186,7 @@ def softmax(x, axis=-1):
     Shapes:   x (..., V) -> out (..., V)
     Backward: dx = out * (dout - sum(dout * out))                   (sum along axis, kept)
     Cache:    out
+    Plain twin: tests/reference_ops.py:softmax
     """
     x = as_float_tensor("softmax", x)
     on_last_axis = np.moveaxis(x.data, axis, -1).copy()          # our own C-ordered array to overwrite
@@ -202,6 +207,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     Backward: db = sum_BT(dout);  dw = sum_BT(dout * xhat)
               g = dout * w;  dx = rstd * (g - mean_C(g) - xhat * mean_C(g * xhat))
     Cache:    xhat (B, T, C), rstd (B, T, 1)
+    Plain twin: tests/reference_ops.py:layer_norm
     (derivation: llm.c doc/layernorm; the three terms are the direct path, the mean, the variance)
     """
     x = as_float_tensor("layer_norm", x)
@@ -273,6 +279,7 @@ def causal_self_attention(qkv, n_heads):
               dscores = att * (datt - sum_keys(datt * att))                (softmax backward)
               dq = dscores @ k / sqrt(hs);  dk = dscores^T @ q / sqrt(hs);  dqkv = join(dq, dk, dv)
     Cache:    qkv (q, k, v are views of it), att
+    Plain twin: tests/reference_ops.py:causal_self_attention
     Masked entries have att = 0, so their gradient is exactly zero with no extra masking pass.
     """
     qkv = as_float_tensor("causal_self_attention", qkv)
@@ -336,6 +343,7 @@ def dropout(x, p, rng, training=True):
     Shapes:   x (any) -> out (same)
     Backward: dx = dout * mask
     Cache:    mask
+    Plain twin: tests/reference_ops.py:dropout
     The scaling keeps E[out] = x, so evaluation (training=False or p=0) is the identity.
     """
     x = as_float_tensor("dropout", x)
@@ -402,6 +410,7 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
     Backward: dlogits_i = dloss * (softmax(z_i) - onehot(target_i)) / N_valid on valid rows,
               exactly 0 on ignored rows (they never entered the loss)
     Cache:    that gradient for dloss = 1, (N_valid, V), computed in the forward
+    Plain twin: tests/reference_ops.py:cross_entropy
     N_valid == 0 (every target ignored) raises ValueError: the mean over nothing is undefined, and a
     silent nan would poison the weights.
     """
@@ -434,6 +443,7 @@ def lm_head_cross_entropy(x, wte, targets, ignore_index=IGNORE_INDEX):
               dx_valid = dz @ wte  (ignored rows of dx are 0);  dwte = dz^T @ x_valid
     Cache:    x_valid, and dz for dloss = 1, which overwrites z: the (N, V) logits, a step's largest
               array, exist once and are never stored next to their softmax or their gradient
+    Plain twin: tests/reference_ops.py:lm_head_cross_entropy
     """
     x = as_float_tensor("lm_head_cross_entropy", x)
     V, C = wte.shape
