@@ -92,8 +92,8 @@ def awkward_softmax_rows(rng, V=5):
 
 
 def awkward_layer_norm_rows(rng, C=6):
-    """(4, C): an offset of 1e3 over a unit spread, a constant row (variance 0), a spread far below
-    sqrt(eps), and an ordinary row."""
+    """(4, C): an offset of 1e3 over a unit spread, a constant row (variance 0), a variance of 1e-8
+    (far below eps, which then sets the scale), and an ordinary row."""
     x = randn(rng, 4, C)
     x[0] += 1e3
     x[1] = 2.5
