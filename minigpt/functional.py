@@ -36,6 +36,7 @@ def linear(x, weight, bias=None):
     Shapes:   x (..., C), W (C, OC), b (OC,) -> out (..., OC)
     Backward: dx = dout @ W^T;  dW = x^T @ dout (summed over every leading axis);  db = sum(dout)
     Cache:    x, W
+    Plain twin: tests/reference_ops.py:linear
 
     The leading axes are folded into rows, so each product is one BLAS matrix multiply.
     """
@@ -68,6 +69,7 @@ def lm_head(x, wte):
     Shapes:   x (..., C), wte (V, C) -> logits (..., V)
     Backward: dx = dlogits @ wte;  dwte = dlogits^T @ x   (added to the embedding's own gradient)
     Cache:    x, wte
+    Plain twin: tests/reference_ops.py:lm_head
     """
     V, C = wte.shape
     x2d = x.data.reshape(-1, C)                                   # (N, C)
@@ -90,6 +92,7 @@ def embedding(ids, weight):
     Backward: dW[v] = sum of dout[b, t] over every (b, t) with ids[b, t] == v  (scatter-add:
               a repeated id collects the gradient of each of its uses)
     Cache:    ids
+    Plain twin: tests/reference_ops.py:embedding
     The sum per distinct id is formed first, then added into only those rows of dW.
     """
     ids = np.asarray(ids.data if isinstance(ids, Tensor) else ids)
@@ -116,6 +119,7 @@ def gelu(x):
     Backward: dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx),   t = tanh(u),
               du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     Cache:    x, t
+    Plain twin: tests/reference_ops.py:gelu
 
     Written as in-place passes over row slices: no full-size temporaries, and every core busy.
     """
@@ -168,6 +172,7 @@ def softmax(x, axis=-1):
     Shapes:   x (..., V) -> out (..., V)
     Backward: dx = out * (dout - sum(dout * out))                   (sum along axis, kept)
     Cache:    out
+    Plain twin: tests/reference_ops.py:softmax
     """
     x = as_float_tensor("softmax", x)
     on_last_axis = np.moveaxis(x.data, axis, -1).copy()          # our own C-ordered array to overwrite
@@ -188,6 +193,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     Backward: db = sum_BT(dout);  dw = sum_BT(dout * xhat)
               g = dout * w;  dx = rstd * (g - mean_C(g) - xhat * mean_C(g * xhat))
     Cache:    xhat (B, T, C), rstd (B, T, 1)
+    Plain twin: tests/reference_ops.py:layer_norm
     (derivation: llm.c doc/layernorm; the three terms are the direct path, the mean, the variance)
     """
     x = as_float_tensor("layer_norm", x)
@@ -197,13 +203,16 @@ def layer_norm(x, weight, bias, eps=1e-5):
                          f"{weight.shape} and {bias.shape}")
     xhat, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)     # (B, T, C)
     rstd = np.empty((*x.shape[:-1], 1), x.dtype)                            # (B, T, 1)
-    # Means over C as matrix-vector products: BLAS sums a row of 128 numbers 4x faster than x.mean(axis=1)
-    mean_weights = np.full(C, 1.0 / C, x.dtype)                             # (C,)
+    # Sums over C as matrix-vector products: BLAS sums a row of 128 numbers 4x faster than x.sum(axis=1).
+    # (Weights of exactly 1, then a division by C: weights of 1/C would round, and with the mean far from 0
+    # that rounding would show in xhat.)
+    ones = np.ones(C, x.dtype)                                              # (C,)
 
     def forward(xs, xhats, rstds, outs):
-        np.subtract(xs, (xs @ mean_weights)[:, None], out=xhats)            # x - mean
+        np.subtract(xs, (xs @ ones / C)[:, None], out=xhats)                # x - mean
         np.multiply(xhats, xhats, out=outs)                                 # outs: scratch for the squares
-        np.matmul(outs, mean_weights, out=rstds[:, 0])                      # variance
+        np.matmul(outs, ones, out=rstds[:, 0])
+        rstds /= C                                                          # variance
         rstds += eps
         np.sqrt(rstds, out=rstds)
         np.divide(1.0, rstds, out=rstds)                                    # rstd
@@ -214,14 +223,13 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
     def backward(dout):
         dx = np.empty(x.shape, x.dtype)
-        w_over_C = weight.data / C                                          # (C,)
 
         def backward_slice(douts, xhats, rstds, dxs):
             ones = np.ones(len(douts), douts.dtype)                         # (n,): sums over rows
             dout_xhat = douts * xhats                                       # (n, C)
             db, dw = ones @ douts, ones @ dout_xhat                         # this slice's part of db, dw
-            mean_g = douts @ w_over_C                                       # mean_C(g), g = dout * w
-            mean_g_xhat = dout_xhat @ w_over_C                              # mean_C(g * xhat)
+            mean_g = douts @ weight.data / C                                # mean_C(g), g = dout * w
+            mean_g_xhat = dout_xhat @ weight.data / C                       # mean_C(g * xhat)
             np.multiply(xhats, mean_g_xhat[:, None], out=dxs)
             g = np.multiply(douts, weight.data, out=dout_xhat)              # reuses dout_xhat's memory
             np.subtract(g, dxs, out=dxs)
@@ -267,6 +275,7 @@ def causal_self_attention(qkv, n_heads):
                                                                    once, as in the forward's S)
               dq = dS @ k;  dk = dS^T @ q;  dqkv = join(dq, dk, dv)
     Cache:    qkv (q, k, v are views of it), att
+    Plain twin: tests/reference_ops.py:causal_self_attention
     Masked entries have att = 0, so their gradient is exactly zero with no extra masking pass.
     Sequences are independent, so each thread takes a block of them (or of one sequence's heads) through
     every step in turn, while its scores are still in cache.
@@ -347,6 +356,7 @@ def dropout(x, p, rng, training=True):
     Shapes:   x (any) -> out (same)
     Backward: dx = dout * mask
     Cache:    mask
+    Plain twin: tests/reference_ops.py:dropout
     The scaling keeps E[out] = x, so evaluation (training=False or p=0) is the identity.
     """
     x = as_float_tensor("dropout", x)
@@ -413,6 +423,7 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
     Backward: dlogits_i = dloss * (softmax(z_i) - onehot(target_i)) / N_valid on valid rows,
               exactly 0 on ignored rows (they never entered the loss)
     Cache:    that gradient for dloss = 1, (N_valid, V), computed in the forward
+    Plain twin: tests/reference_ops.py:cross_entropy
     N_valid == 0 (every target ignored) raises ValueError: the mean over nothing is undefined, and a
     silent nan would poison the weights.
     """
@@ -445,6 +456,7 @@ def lm_head_cross_entropy(x, wte, targets, ignore_index=IGNORE_INDEX):
               dx_valid = dz @ wte  (ignored rows of dx are 0);  dwte = dz^T @ x_valid
     Cache:    x_valid, and dz for dloss = 1, which overwrites z: the (N, V) logits, a step's largest
               array, exist once and are never stored next to their softmax or their gradient
+    Plain twin: tests/reference_ops.py:lm_head_cross_entropy
     """
     x = as_float_tensor("lm_head_cross_entropy", x)
     V, C = wte.shape

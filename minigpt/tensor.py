@@ -74,6 +74,7 @@ class Tensor:
     @classmethod
     def from_op(cls, data, parents, backward_fn):
         """The output of an op: records parents and backward only when some input needs a gradient."""
+        data = np.asarray(data)  # NumPy returns a 0-d result as a scalar, which __init__ would make float32
         if _GradMode.enabled and any(p.requires_grad for p in parents):
             return cls(data, requires_grad=True, parents=parents, backward_fn=backward_fn)
         return cls(data)

@@ -4,6 +4,9 @@ Optional: skipped unless torch and transformers are importable. The reference is
 random weights, written by transformers' own save_pretrained, so the test also proves that minigpt
 reads what transformers writes and that transformers reads what minigpt writes.
 """
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -114,3 +117,19 @@ def test_greedy_generation_matches_transformers(hf_checkpoint):
         expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
                                       do_sample=False, pad_token_id=0).numpy()
     np.testing.assert_array_equal(minigpt.generate(ours, idx, 10), expected)
+
+
+def test_the_committed_fixture_is_what_transformers_computes_today():
+    """tests/fixtures/gpt2-parity.npz (read by test_parity_fixture.py) against a fresh run of its script."""
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    spec = importlib.util.spec_from_file_location("make_parity_fixture", fixtures / "make_parity_fixture.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fresh = script.build_fixture()
+    with np.load(fixtures / "gpt2-parity.npz", allow_pickle=False) as archive:
+        committed = {name: archive[name] for name in archive.files}
+    assert sorted(committed) == sorted(fresh)
+    for name in ("config", "inputs", "targets") + tuple(n for n in fresh if n.startswith("weight/")):
+        np.testing.assert_array_equal(committed[name], fresh[name], err_msg=name)
+    for name in ("logits", "loss") + tuple(n for n in fresh if n.startswith("grad/")):
+        assert relative_error(committed[name], fresh[name]) < 1e-12, name

@@ -106,6 +106,15 @@ def test_python_numbers_take_the_tensor_dtype_and_arrays_must_match():
         x + np.ones(3, dtype=np.float64)
 
 
+def test_ops_on_a_float64_scalar_stay_float64():
+    """A loss is 0-d, and NumPy returns 0-d results as scalars: no op may round them to float32."""
+    loss = Tensor(np.array(1 + 1e-12), requires_grad=True)
+    for out in (-loss, loss * 2.0, loss + loss, loss / 3.0, loss ** 2, loss.exp(), loss.log(), loss.tanh()):
+        assert out.dtype == np.float64
+    (-loss).backward()
+    assert loss.grad.dtype == np.float64 and loss.grad == -1.0
+
+
 def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match=r"shapes \(3, 4\) and \(5,\) cannot be broadcast"):
         ops.add(np.ones((3, 4)), np.ones(5))
