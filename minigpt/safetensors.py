@@ -12,6 +12,7 @@ padding), names each tensor once, and its metadata maps strings to strings; each
 fits its dtype and shape, and together the ranges cover the data buffer exactly: no gaps, no
 overlap, nothing after the last tensor. That last rule is what catches a header length that is a
 few bytes off (the padding would still parse), which would otherwise shift every tensor silently.
+
 Reading maps the file with `np.memmap`, so float32 tensors are zero-copy views of the file and a
 6 GB checkpoint is never held in RAM twice. Half-precision tensors are widened to float32.
 """
