@@ -114,6 +114,8 @@ def build_parser():
     add(out, "--judge-model", "also score the test responses with this Ollama model, e.g. llama3",
         metavar="NAME")
     add(out, "--ollama-url", "address of the Ollama server for --judge-model", metavar="URL")
+    add(out, "--judge-timeout", "longest wait for one judge reply, from connecting to its last byte",
+        type=float, metavar="SECONDS")
     add(out, "--out-dir", "the run folder (none: runs/<name>)", metavar="DIR")
     add(out, "--name", "name of the run folder under runs/ (none: <model>-<data>-<date>-<time>)")
     add(out, "--export-hf", "also write the final and best weights as Hugging Face GPT-2 folders",

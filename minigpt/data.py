@@ -12,13 +12,12 @@ padded with <|endoftext|> and shifted by one into inputs and targets, both (B, T
 The first E stays a target so the model learns to stop. With prompt masking, targets that are prompt
 tokens become I as well, so the loss is taken on the response only.
 """
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from .fileio import download_file
+from .fileio import download_file, parse_json
 from .functional import IGNORE_INDEX
 from .tokenizer import encode
 
@@ -36,12 +35,14 @@ def load_json_entries(path, keys, what="data"):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
+    text = path.read_bytes()
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        entries = parse_json(text, path)
+    except ValueError as e:
+        if text.lstrip().startswith(b"{"):  # one object, or one per line: the entries need a list
+            raise ValueError(f"{e} (expected one JSON list of entries, [{{...}}, {{...}}]; JSON Lines, "
+                             f"one object per line, is not supported)") from None
+        raise
     validate_entries(entries, keys, source=str(path))
     return entries
 

@@ -36,6 +36,23 @@ def atomic_write(path, mode="wb"):
         raise
 
 
+def parse_json(text, source, error=ValueError, **options):
+    """json.loads for text read from a file -> the object; malformed input raises `error`, one line.
+
+    `text` is a str or UTF-8 bytes; `source` names where it came from (a file, or part of one);
+    `options` go to json.loads. json.loads recurses once per nesting level, so a few thousand '['
+    would end in a RecursionError traceback: here that is one more kind of malformed input.
+    """
+    try:
+        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text, **options)
+    except UnicodeDecodeError as e:
+        raise error(f"{source}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{source}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise error(f"{source}: invalid JSON: nested too deeply to parse") from None
+
+
 def write_json(path, obj):
     """Write `obj` as indented JSON, atomically."""
     with atomic_write(path, "w") as f:

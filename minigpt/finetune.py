@@ -15,6 +15,7 @@ the best ones), model-best.npz (the lowest validation loss), test-responses.json
 plus "model_response") and metrics.json. With export_hf, also model-final-hf/ and model-best-hf/.
 """
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,8 @@ import numpy as np
 from . import tasks, training, weights
 from .data import (DataLoader, InstructionDataset, PROMPT_STYLES, download_instruction_data,
                    load_instruction_data, split_data)
-from .evaluate import DEFAULT_OLLAMA_URL, JudgeUnavailable, judge_responses, score_responses
+from .evaluate import (DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL, JudgeUnavailable, judge_responses,
+                       score_responses)
 from .fileio import write_json
 from .model import GPTConfig, GPTModel
 from .nn import Dropout
@@ -36,8 +38,8 @@ from .tokenizer import TOKENIZERS, get_tokenizer
 CHECKPOINT_NAME = "checkpoint.npz"
 DATASETS = ("tasks", "reference")  # besides a path to a JSON file
 # Settings a resumed run may change: they bound the run or only affect what happens after training.
-RESUME_OVERRIDES = ("max_steps", "max_new_tokens", "judge_model", "ollama_url", "export_hf", "vocab_dir",
-                    "data_dir")
+RESUME_OVERRIDES = ("max_steps", "max_new_tokens", "judge_model", "ollama_url", "judge_timeout", "export_hf",
+                    "vocab_dir", "data_dir")
 
 
 @dataclasses.dataclass
@@ -84,6 +86,7 @@ class RunConfig:
     max_new_tokens: int = 16
     judge_model: Optional[str] = None   # an Ollama model, e.g. "llama3"
     ollama_url: str = DEFAULT_OLLAMA_URL
+    judge_timeout: float = DEFAULT_JUDGE_TIMEOUT  # seconds for one reply, from connecting to its last byte
     # Output
     out_dir: Optional[str] = None       # the run folder; default runs/<name>
     name: Optional[str] = None          # default <model>-<data>-<date>-<time>
@@ -116,6 +119,9 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.judge_timeout < math.inf:
+            raise ValueError(f"judge_timeout must be a positive number of seconds, "
+                             f"got {self.judge_timeout!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.beta2 < 1:
@@ -326,7 +332,8 @@ def score(entries, config, log=print):
         log(f"  {task:<12} exact match {rate:.1%}")
     if config.judge_model:
         try:
-            metrics["judge"] = judge_responses(entries, model=config.judge_model, url=config.ollama_url)
+            metrics["judge"] = judge_responses(entries, model=config.judge_model, url=config.ollama_url,
+                                               timeout=config.judge_timeout)
             mean = metrics["judge"]["mean_score"]
             log(f"judge ({config.judge_model}): {'n/a' if mean is None else f'{mean:.1f}'} / 100")
         except JudgeUnavailable as e:

@@ -7,6 +7,12 @@ Layout of a .safetensors file (https://github.com/huggingface/safetensors):
                              "__metadata__": {str: str}}   (metadata optional)
     [rest]     the data buffer: raw little-endian tensors; offsets are relative to its start
 
+The reader holds a file to the format's rules: the header starts with '{' (it may end in space
+padding), names each tensor once, and its metadata maps strings to strings; each tensor's byte range
+fits its dtype and shape, and together the ranges cover the data buffer exactly: no gaps, no
+overlap, nothing after the last tensor. That last rule is what catches a header length that is a
+few bytes off (the padding would still parse), which would otherwise shift every tensor silently.
+
 Reading maps the file with `np.memmap`, so float32 tensors are zero-copy views of the file and a
 6 GB checkpoint is never held in RAM twice. Half-precision tensors are widened to float32.
 """
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.fileio import atomic_write
+from minigpt.fileio import atomic_write, parse_json
 
 # Storage dtype code -> how its bytes are laid out on disk. BF16 has no NumPy dtype: it is read
 # as raw uint16 bits and widened by hand (see bf16_bits_to_float32).
@@ -38,6 +44,7 @@ CODES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.f
          np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
          np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 METADATA_KEY = "__metadata__"
+MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit: a longer header is refused unread
 
 
 class CheckpointError(ValueError):
@@ -64,16 +71,20 @@ def read_safetensors(path):
         if 8 + header_len > file_size:
             raise CheckpointError(f"{path}: header length {header_len} is longer than the file "
                                   f"({file_size} bytes); not a safetensors file or truncated")
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: header length {header_len} is over the {MAX_HEADER_BYTES} "
+                                  f"bytes the format allows; not a safetensors file")
         header_bytes = f.read(header_len)
     header = _parse_header(path, header_bytes)
-    metadata = header.pop(METADATA_KEY, None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: {METADATA_KEY} must be a JSON object")
+    metadata = header.pop(METADATA_KEY, None)
+    metadata = {} if metadata is None else metadata  # null reads as no metadata, as in the reference
+    if not (isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())):
+        raise CheckpointError(f"{path}: {METADATA_KEY} must map strings to strings")
 
     data_start = 8 + header_len
     data_len = file_size - data_start
     spans = {name: _check_entry(path, name, entry, data_len) for name, entry in header.items()}
-    _check_no_overlap(path, spans)
+    _check_coverage(path, spans, data_len)
 
     # np.memmap refuses a zero-length map, which a file of only empty tensors would need.
     buffer = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,))
@@ -81,7 +92,11 @@ def read_safetensors(path):
     tensors = {}
     for name, entry in header.items():
         begin, _ = spans[name]
-        stored = np.ndarray(tuple(entry["shape"]), DTYPES[entry["dtype"]], buffer=buffer, offset=begin)
+        try:
+            stored = np.ndarray(tuple(entry["shape"]), DTYPES[entry["dtype"]], buffer=buffer, offset=begin)
+        except ValueError as e:  # more or larger dimensions (even beside a 0) than NumPy can index
+            raise CheckpointError(f"{path}: tensor {name!r} of shape {entry['shape']} cannot be a NumPy "
+                                  f"array ({e})") from None
         tensors[name] = _to_compute_dtype(stored, entry["dtype"])
     return tensors, metadata
 
@@ -137,13 +152,11 @@ def _parse_header(path, header_bytes):
             raise CheckpointError(f"{path}: header names tensor {duplicates[0]!r} more than once")
         return dict(pairs)
 
-    try:
-        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=reject_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: header is not valid JSON; not a safetensors file") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object; not a safetensors file")
-    return header
+    if not header_bytes.startswith(b"{"):
+        raise CheckpointError(f"{path}: header is not a JSON object (it must start with '{{'); "
+                              f"not a safetensors file")
+    # A header that starts with '{' and parses is a JSON object.
+    return parse_json(header_bytes, f"{path}: header", CheckpointError, object_pairs_hook=reject_duplicates)
 
 
 def _check_entry(path, name, entry, data_len):
@@ -151,7 +164,7 @@ def _check_entry(path, name, entry, data_len):
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets")
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if code not in DTYPES:
+    if not isinstance(code, str) or code not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {code!r} "
                               f"(supported: {', '.join(DTYPES)})")
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
@@ -174,16 +187,23 @@ def _is_count(value):
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_no_overlap(path, spans):
-    """Two tensors must never share bytes (empty tensors occupy none)."""
-    previous_name, previous_end = None, 0
+def _check_coverage(path, spans, data_len):
+    """The (begin, end) spans must tile the data buffer: in offset order, each begins where the
+    previous one ended (an empty tensor occupies no bytes), and the last ends at the end of the file."""
+    previous_name, covered = None, 0
     for name, (begin, end) in sorted(spans.items(), key=lambda item: item[1]):
-        if begin == end:
-            continue
-        if begin < previous_end:
+        if begin < covered:
             raise CheckpointError(f"{path}: tensors {previous_name!r} and {name!r} overlap in the data "
                                   f"buffer")
-        previous_name, previous_end = name, end
+        if begin > covered:
+            raise CheckpointError(f"{path}: bytes {covered}..{begin} of the data buffer belong to no "
+                                  f"tensor (before {name!r}); the format allows no gaps")
+        previous_name, covered = name, end
+    if covered < data_len:
+        extra = data_len - covered
+        bytes_belong = "1 byte belongs" if extra == 1 else f"{extra} bytes belong"
+        raise CheckpointError(f"{path}: {bytes_belong} to no tensor after the last one (junk after the "
+                              f"data, or a wrong header length)")
 
 
 def _to_compute_dtype(stored, code):

@@ -1,5 +1,6 @@
 """Instruction data: validation errors, prompt styles, splits, collate rules, the loader."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,23 @@ def test_load_errors_name_the_entry_and_problem(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as info:
         load_instruction_data(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_json_lines_says_a_list_is_expected(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in [WITH_INPUT, NO_INPUT]))
+    with pytest.raises(ValueError) as info:
+        load_instruction_data(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: invalid JSON at line 2, column 1: Extra data")
+    assert "one JSON list of entries" in message and "JSON Lines" in message and "\n" not in message
+
+
+def test_load_json_nested_too_deeply_is_one_line(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: invalid JSON: nested too deeply"):
+        load_instruction_data(path)
 
 
 def test_load_not_utf8(tmp_path):

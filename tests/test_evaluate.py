@@ -5,10 +5,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from minigpt import finetune
 from minigpt.data import format_input
 from minigpt.evaluate import (JudgeUnavailable, exact_match, judge_responses, lcs_length, main,
                               parse_score, rouge_l_f1, score_responses)
@@ -69,24 +71,42 @@ def test_score_responses():
 
 @pytest.fixture
 def ollama():
-    """A fake Ollama on 127.0.0.1: answers /api/chat with the queued replies, records each request."""
-    state = {"replies": [], "requests": [], "status": 200}
+    """A fake Ollama on 127.0.0.1: answers /api/chat with the queued replies, records each request.
+
+    With "trickle" set, the whole answer (status line, headers, body) goes out one byte at a time,
+    that many seconds apart; with "raw" set, that body is sent as it is."""
+    state = {"replies": [], "requests": [], "status": 200, "trickle": None, "raw": None}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             request = self.rfile.read(int(self.headers["Content-Length"]))
             state["requests"].append((self.path, json.loads(request)))
-            if state["status"] == 200:
+            if state["trickle"]:
+                return self.trickle()
+            if state["raw"] is not None:
+                body = state["raw"]
+            elif state["status"] == 200:
                 body = {"model": "fake", "message": {"role": "assistant", "content": state["replies"].pop(0)},
                         "done": True}
             else:
                 body = {"error": "model 'nope' not found"}
-            payload = json.dumps(body).encode()
+            payload = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(state["status"])
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
+
+        def trickle(self):
+            payload = json.dumps({"message": {"role": "assistant", "content": "85"}, "done": True}).encode()
+            answer = (f"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+            try:
+                for i in range(len(answer)):
+                    time.sleep(state["trickle"])
+                    self.wfile.write(answer[i:i + 1])
+            except OSError:  # the client hung up, as it should
+                pass
 
         def log_message(self, *args):  # keep pytest's output clean
             pass
@@ -138,6 +158,40 @@ def test_judge_skips_unparsable_replies_with_a_warning(ollama, capsys):
     assert "warning: judge reply for entry 0 has no score" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", [85, None, 85.5, ["85"], {"score": 85}, True])
+def test_judge_counts_a_reply_that_is_not_text_as_unparsable(ollama, capsys, content):
+    ollama["replies"] = [content, "60"]
+    result = judge_responses(ENTRIES, url=ollama["url"], timeout=5)
+    assert result["scores"] == [None, 60] and result["mean_score"] == 60 and result["scored"] == 1
+    assert f"warning: judge reply for entry 0 has no score, skipped: {content!r}" in capsys.readouterr().err
+
+
+def test_a_trickling_server_is_cut_off_at_the_deadline(ollama):
+    """The fake sends a byte every 0.1 s: each read is quick, but the whole reply would take ~12 s."""
+    ollama["trickle"] = 0.1
+    start = time.monotonic()
+    with pytest.raises(JudgeUnavailable) as info:
+        judge_responses(ENTRIES, url=ollama["url"], timeout=1)
+    assert time.monotonic() - start < 5
+    assert str(info.value) == (f"the Ollama server at {ollama['url']} sent no complete reply within 1 s; "
+                               f"a model that is slow to load may need a longer --judge-timeout")
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"[" * 100_000 + b"]" * 100_000, "did not answer like an Ollama server"),
+    (b"not json", "did not answer like an Ollama server: b'not json'"),
+])
+def test_a_reply_that_is_not_ollama_json_is_one_line(ollama, body, message):
+    ollama["raw"] = body
+    with pytest.raises(JudgeUnavailable, match=message):
+        judge_responses(ENTRIES, url=ollama["url"], timeout=5)
+
+
+def test_an_ollama_url_that_is_not_http_is_refused():
+    with pytest.raises(JudgeUnavailable, match="'localhost:11434' is not an http:// address"):
+        judge_responses(ENTRIES, url="localhost:11434", timeout=5)
+
+
 def test_judge_unavailable_says_how_to_start_ollama(closed_url):
     with pytest.raises(JudgeUnavailable) as info:
         judge_responses(ENTRIES, url=closed_url, timeout=5)
@@ -176,6 +230,43 @@ def test_cli_with_judge(responses_file, ollama, capsys):
     ollama["replies"] = ["70", "90"]
     assert main([str(responses_file), "--judge-model", "llama3", "--ollama-url", ollama["url"]]) == 0
     assert "judge (llama3)  80.0 / 100 over 2 scored responses" in capsys.readouterr().out
+
+
+def test_cli_judge_timeout_flag_and_replies_that_are_not_text(responses_file, ollama, tmp_path, capsys):
+    ollama["replies"] = [None, 7]
+    out = tmp_path / "metrics.json"
+    assert main([str(responses_file), "--judge-model", "llama3", "--ollama-url", ollama["url"],
+                 "--judge-timeout", "5", "--out", str(out)]) == 0
+    assert "judge (llama3)  n/a / 100 over 0 scored responses" in capsys.readouterr().out
+    assert json.loads(out.read_text())["judge"]["scores"] == [None, None]
+    ollama["trickle"] = 0.1
+    start = time.monotonic()
+    assert main([str(responses_file), "--judge-model", "llama3", "--ollama-url", ollama["url"],
+                 "--judge-timeout", "0.5"]) == 0
+    assert time.monotonic() - start < 5
+    assert "skipping the LLM judge: the Ollama server" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
+def test_cli_judge_timeout_must_be_positive_seconds(responses_file, capsys, value):
+    with pytest.raises(SystemExit) as info:
+        main([str(responses_file), "--judge-timeout", value])
+    assert info.value.code == 2
+    assert f"--judge-timeout: {value!r} is not a positive number of seconds" in capsys.readouterr().err
+
+
+def test_training_runs_keep_their_metrics_when_the_judge_replies_badly(ollama):
+    """train.py scores through finetune.score: a reply that is not text must not lose metrics.json."""
+    ollama["replies"] = [85, "70"]
+    config = finetune.RunConfig(judge_model="llama3", ollama_url=ollama["url"], judge_timeout=5)
+    metrics = finetune.score(ENTRIES, config, log=lambda line: None)
+    assert metrics["judge"]["scores"] == [None, 70] and metrics["count"] == 2
+    ollama["trickle"] = 0.1
+    start, lines = time.monotonic(), []
+    metrics = finetune.score(ENTRIES, finetune.RunConfig(judge_model="llama3", ollama_url=ollama["url"],
+                                                         judge_timeout=0.5), log=lines.append)
+    assert time.monotonic() - start < 5 and metrics["judge"] is None
+    assert any(line.startswith("skipping the LLM judge: the Ollama server") for line in lines)
 
 
 def test_cli_judge_unavailable_still_scores(responses_file, closed_url, capsys):

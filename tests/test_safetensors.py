@@ -109,7 +109,8 @@ CORRUPT_FILES = {
     "too_small": (b"\x01\x02\x03", "too small to be a safetensors file"),
     "header_longer_than_file": (struct.pack("<Q", 1000) + b"{}",
                                 "header length 1000 is longer than the file"),
-    "not_json": ((b"\xff\xfe{oops", b""), "header is not valid JSON"),
+    "not_utf8": ((b'{"\xff": 1}', b""), "header: not UTF-8 text (byte 2"),
+    "not_json": ((b"{oops", b""), "header: invalid JSON at line 1, column 2"),
     "not_object": ((b"[1, 2]", b""), "header is not a JSON object"),
     "unknown_dtype": (({"w": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
                       "tensor 'w' has unknown dtype 'Q4'"),
@@ -123,6 +124,27 @@ CORRUPT_FILES = {
     "duplicate": ((b'{"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
                    b'"w": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}', bytes(2)),
                   "names tensor 'w' more than once"),
+    # The format's own rules (huggingface/safetensors README, "Format"): the header is a JSON object
+    # starting with '{', its metadata maps strings to strings, and the tensors cover the data
+    # buffer exactly, with neither gaps nor trailing bytes.
+    "header_starts_with_space": ((b' {"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', bytes(1)),
+                                 "header is not a JSON object (it must start with '{')"),
+    "gap": (({"a": f32_entry(0, 4, [1]), "b": f32_entry(8, 12, [1])}, bytes(12)),
+            "bytes 4..8 of the data buffer belong to no tensor"),
+    "gap_at_start": (({"w": f32_entry(4, 8, [1])}, bytes(8)),
+                     "bytes 0..4 of the data buffer belong to no tensor"),
+    "trailing_junk": (({"w": f32_entry(0, 4, [1])}, bytes(4) + b"junk"),
+                      "4 bytes belong to no tensor after the last one"),
+    "empty_tensor_inside_another": (({"a": f32_entry(0, 8, [2]), "e": f32_entry(4, 4, [0])}, bytes(8)),
+                                    "'a' and 'e' overlap"),
+    "metadata_not_strings": (({"__metadata__": {"step": 3}, "w": f32_entry(0, 4, [1])}, bytes(4)),
+                             "__metadata__ must map strings to strings"),
+    "dtype_list": (({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+                   "tensor 'w' has unknown dtype ['F32']"),
+    "too_many_dimensions": (({"w": f32_entry(0, 4, [1] * 65)}, bytes(4)), "cannot be a NumPy array"),
+    "shape_beyond_numpy": (({"w": f32_entry(0, 0, [0, 2 ** 62])}, b""), "cannot be a NumPy array"),
+    "deeply_nested_header": ((b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b""),
+                             "nested too deeply"),
 }
 
 
@@ -142,6 +164,29 @@ def test_malformed_file_gives_one_line_error_naming_the_file(tmp_path, case):
         read_safetensors(path)
     assert message in str(info.value)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_header_length_one_byte_short_is_refused(tmp_path):
+    """The writer pads the header with spaces, so one byte less still parses as JSON; the data
+    buffer would then start one byte early and every tensor be read one byte off."""
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, {"w": np.arange(3, dtype=np.float32)})
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert raw[8 + n - 1:8 + n] == b" "  # the premise: the header ends in padding
+    raw[:8] = struct.pack("<Q", n - 1)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="1 byte belongs to no tensor after the last one"):
+        read_safetensors(path)
+
+
+def test_header_larger_than_the_reference_limit_is_refused_before_reading_it(tmp_path):
+    path = tmp_path / "huge-header.safetensors"
+    with open(path, "wb") as f:  # a sparse file: no disk space used
+        f.write(struct.pack("<Q", 200_000_000))
+        f.truncate(8 + 200_000_000)
+    with pytest.raises(CheckpointError, match="header length 200000000 is over the 100000000 bytes"):
+        read_safetensors(path)
 
 
 def test_missing_file(tmp_path):

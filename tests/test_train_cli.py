@@ -128,6 +128,8 @@ def test_ctrl_c_saves_the_run_and_says_how_to_resume(tmp_path, capsys, monkeypat
     (["--lr", "fast"], "invalid float value"),
     (["--batch-size", "0"], "batch_size must be a positive integer"),
     (["--n-heads", "3"], "not divisible"),
+    (["--judge-timeout", "0"], "judge_timeout must be a positive number of seconds, got 0.0"),
+    (["--judge-timeout", "nan"], "judge_timeout must be a positive number of seconds, got nan"),
     (["--prompt-style", "chatml"], "invalid choice"),
     (["--resume", "nowhere"], "no checkpoint"),
     (["--no-such-flag"], "unrecognized arguments"),

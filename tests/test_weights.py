@@ -18,8 +18,8 @@ from minigpt import weights
 from minigpt.model import GPT2_PRESETS, GPTConfig, GPTModel
 from minigpt.safetensors import (CheckpointError, bf16_bits_to_float32, float32_to_bf16_bits,
                                  read_safetensors, write_safetensors)
-from minigpt.weights import (load_hf_gpt2, load_npz, load_weights, save_hf_gpt2, save_npz,
-                             weights_format)
+from minigpt.weights import (check_float_parameter, load_hf_gpt2, load_npz, load_weights, save_hf_gpt2,
+                             save_npz, weights_format)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=50, context_length=16, emb_dim=8, n_heads=2, n_layers=2)
@@ -156,6 +156,50 @@ def test_bad_hf_checkpoint_names_the_tensor(tmp_path, case):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.int64, np.uint8])
+def test_a_parameter_stored_as_integers_or_booleans_is_refused(tmp_path, dtype):
+    """An I32 tensor has as many bytes as an F32 one: cast into a float parameter, it would load
+    as nonsense without a word."""
+    tensors = tiny_hf_tensors()
+    tensors["h.1.attn.c_proj.weight"] = np.ones((8, 8), dtype)
+    write_hf_checkpoint(tmp_path, tensors)
+    message = (f"model.safetensors: tensor h.1.attn.c_proj.weight has dtype {np.dtype(dtype).name}, "
+               f"but a parameter must be floating point")
+    with pytest.raises(CheckpointError, match=message):
+        load_hf_gpt2(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("float_dtype", ["F32", "F16", "BF16"])
+def test_a_parameter_holding_nan_or_inf_is_refused(tmp_path, bad, float_dtype):
+    tensors = tiny_hf_tensors()
+    tensors["h.0.mlp.c_fc.weight"][3, 5] = bad
+    tensors["h.0.mlp.c_fc.weight"][7, 1] = bad
+    write_hf_checkpoint(tmp_path, tensors, float_dtype=float_dtype)
+    with pytest.raises(CheckpointError) as info:
+        load_hf_gpt2(tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'model.safetensors'}: tensor h.0.mlp.c_fc.weight holds 2 "
+                               f"non-finite values (NaN or inf; the first at index (3, 5))")
+
+
+def test_check_float_parameter():
+    """The check the loaders share: float dtypes only, every value finite."""
+    check_float_parameter("f", "w", np.zeros((2, 3), np.float16))  # passes: nothing to raise
+    check_float_parameter("f", "w", np.full(3, np.finfo(np.float64).max))  # sums to inf, yet finite
+    with pytest.raises(CheckpointError, match="^f: tensor w has dtype int8, but a parameter must be"):
+        check_float_parameter("f", "w", np.zeros(3, np.int8))
+    with pytest.raises(CheckpointError, match=r"^f: tensor w holds 1 non-finite value \(NaN or inf; "
+                                              r"the first at index \(1,\)\)$"):
+        check_float_parameter("f", "w", np.array([np.finfo(np.float64).max, np.nan, 1.0]))
+
+
+def test_config_json_nested_too_deeply_is_one_line(tmp_path):
+    write_hf_checkpoint(tmp_path, tiny_hf_tensors())
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match=r"config.json: invalid JSON: nested too deeply"):
+        load_hf_gpt2(tmp_path)
+
+
 @pytest.mark.parametrize("config, message", [
     ({"n_head": 2, "n_embd": 16}, "n_embd is 16 but the weights"),
     ({"n_head": 3}, "not divisible by n_heads 3"),
@@ -224,6 +268,8 @@ def test_bad_npz_files(tmp_path):
         write_npz(tmp_path / "no_config.npz", **state): "no __config__ entry",
         write_npz(tmp_path / "bad_config.npz",
                   __config__=np.array('{"emb_dim": "x"}')): "not a valid GPTConfig",
+        write_npz(tmp_path / "deep_config.npz", __config__=np.array("[" * 100_000 + "]" * 100_000),
+                  **state): "__config__: invalid JSON: nested too deeply",
         write_npz(tmp_path / "missing.npz", __config__=config,
                   **drop("ln_f.bias")(state)): "missing tensor ln_f.bias",
         write_npz(tmp_path / "misshaped.npz", __config__=config,
