@@ -30,7 +30,7 @@ import numpy as np
 
 from .functional import IGNORE_INDEX, _checked_targets
 from .ops import as_float_tensor
-from .parallel import for_slices
+from .parallel import for_slices, matmul, matmul_tn
 from .tensor import Tensor, is_grad_enabled, no_grad
 
 DEFAULT_BETA = 0.1
@@ -91,7 +91,7 @@ def sequence_logprobs(x, wte, targets, reduction="mean", ignore_index=IGNORE_IND
                          f"({ignore_index}), so it has no log-probability")
     weights = (1.0 / counts if reduction == "mean" else np.ones(B)).astype(x.dtype)  # (B,) w_b
     x_kept = x.data.reshape(-1, C)[kept_rows]                     # (N, C)
-    dz_unit = x_kept @ wte.data.T                                 # (N, V): the logits, for now
+    dz_unit = matmul(x_kept, wte.data.T)                          # (N, V): the logits, for now
     need_grad = is_grad_enabled() and (x.requires_grad or wte.requires_grad)
     token_logprobs = _logprob_rows(dz_unit, target_ids, need_grad)  # (N,); dz_unit: onehot - softmax
     logp = np.bincount(row_sequence, weights=token_logprobs, minlength=B).astype(x.dtype) * weights  # (B,)
@@ -100,10 +100,10 @@ def sequence_logprobs(x, wte, targets, reduction="mean", ignore_index=IGNORE_IND
         row_scale = (dlogp * weights)[row_sequence][:, None]      # (N, 1) s_i
         if x.requires_grad:
             dx = np.zeros((B * T, C), dtype=x.dtype)
-            dx[kept_rows] = row_scale * (dz_unit @ wte.data)      # (N, C)
+            dx[kept_rows] = row_scale * matmul(dz_unit, wte.data)  # (N, C)
             x.accumulate_grad(dx.reshape(x.shape), owned=True)
         if wte.requires_grad:
-            wte.accumulate_grad(dz_unit.T @ (row_scale * x_kept), owned=True)  # (V, C)
+            wte.accumulate_grad(matmul_tn(dz_unit, row_scale * x_kept), owned=True)  # (V, C)
     return Tensor.from_op(logp, (x, wte), backward)
 
 

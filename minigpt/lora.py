@@ -27,6 +27,7 @@ import numpy as np
 from .fileio import atomic_write
 from .nn import Linear, Module, Parameter
 from .ops import as_float_tensor
+from .parallel import matmul, matmul_tn
 from .safetensors import CheckpointError
 from .tensor import Tensor
 
@@ -63,24 +64,22 @@ def lora_linear(x, weight, bias, A, B, scale):
                          f"W {weight.shape}, A {A.shape}, B {B.shape}")
     scale = float(scale)  # a NumPy float64 scale would turn float32 activations into float64
     x2d = x.data.reshape(-1, C)                                   # (N, C)
-    xA_scaled = scale * (x2d @ A.data)                            # (N, r)
-    out = x2d @ weight.data                                       # (N, OC)
-    if bias is not None:
-        out += bias.data
-    out += xA_scaled @ B.data                                     # (N, r) @ (r, OC) -> (N, OC)
+    xA_scaled = scale * matmul(x2d, A.data)                       # (N, r)
+    out = matmul(x2d, weight.data, None if bias is None else bias.data)  # (N, OC)
+    out += matmul(xA_scaled, B.data)                              # (N, r) @ (r, OC) -> (N, OC)
 
     def backward(dout):
         dout2d = dout.reshape(-1, OC)                             # (N, OC)
         if x.requires_grad or A.requires_grad:
-            dxA = scale * (dout2d @ B.data.T)                     # (N, r): the gradient of x @ A
+            dxA = scale * matmul(dout2d, B.data.T)                # (N, r): the gradient of x @ A
             if A.requires_grad:
-                A.accumulate_grad(x2d.T @ dxA, owned=True)        # (C, r)
+                A.accumulate_grad(matmul_tn(x2d, dxA), owned=True)  # (C, r)
             if x.requires_grad:
-                dx = dout2d @ weight.data.T                       # (N, C)
-                dx += dxA @ A.data.T
+                dx = matmul(dout2d, weight.data.T)                # (N, C)
+                dx += matmul(dxA, A.data.T)
                 x.accumulate_grad(dx.reshape(x.shape), owned=True)
         if B.requires_grad:
-            B.accumulate_grad(xA_scaled.T @ dout2d, owned=True)   # (r, OC)
+            B.accumulate_grad(matmul_tn(xA_scaled, dout2d), owned=True)  # (r, OC)
     return Tensor.from_op(out.reshape(*x.shape[:-1], OC), (x, A, B), backward)
 
 

@@ -9,6 +9,7 @@ import builtins
 
 import numpy as np
 
+from . import parallel
 from .tensor import Tensor, unbroadcast
 
 
@@ -189,19 +190,22 @@ def matmul(a, b):
         raise ValueError(f"matmul: batch shapes of {a.shape} and {b.shape} cannot be broadcast") from None
     k = a.shape[-1]
     if b.ndim == 2:
-        out = (a.data.reshape(-1, k) @ b.data).reshape(*a.shape[:-1], b.shape[-1])
+        out = parallel.matmul(a.data.reshape(-1, k), b.data).reshape(*a.shape[:-1], b.shape[-1])
     else:
         out = a.data @ b.data
 
     def backward(dout):
+        if b.ndim == 2:  # one product per direction, split over threads (see parallel.py)
+            dout2d = dout.reshape(-1, b.shape[-1])
+            if a.requires_grad:
+                a.accumulate_grad(parallel.matmul(dout2d, b.data.T).reshape(a.shape))
+            if b.requires_grad:
+                b.accumulate_grad(parallel.matmul_tn(a.data.reshape(-1, k), dout2d))
+            return
         if a.requires_grad:
             a.accumulate_grad(unbroadcast(dout @ np.swapaxes(b.data, -1, -2), a.shape))
         if b.requires_grad:
-            if b.ndim == 2:
-                db = a.data.reshape(-1, k).T @ dout.reshape(-1, b.shape[-1])
-            else:
-                db = unbroadcast(np.swapaxes(a.data, -1, -2) @ dout, b.shape)
-            b.accumulate_grad(db)
+            b.accumulate_grad(unbroadcast(np.swapaxes(a.data, -1, -2) @ dout, b.shape))
     return Tensor.from_op(out, (a, b), backward)
 
 

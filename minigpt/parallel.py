@@ -207,17 +207,22 @@ def in_row_slices(fn, *arrays):
 # ---------------------------------------------------------------------------------------------
 # Matrix products
 
-def matmul(a, b, out=None):
-    """a @ b for a (N, K) and b (K, M) -> (N, M), its rows (or, for few rows, its columns) split over threads."""
+def matmul(a, b, bias=None):
+    """a @ b (+ bias) for a (N, K), b (K, M), bias (M,) -> (N, M), its rows (or, for few rows, its columns)
+    split over threads; each slice adds its bias while it is still in cache."""
     N, K = a.shape
     M = b.shape[1]
-    out = np.empty((N, M), dtype=np.result_type(a, b)) if out is None else out
-    work = N * K * M
-    if N >= M or not SPLIT_MATMULS:
-        parallel_map(lambda rows: np.matmul(a[rows], b, out=out[rows]), _slices(N, _count_matmul_slices(N, work)))
+    out = np.empty((N, M), dtype=np.result_type(a, b))
+
+    def product(rows, cols):
+        np.matmul(a[rows], b[:, cols], out=out[rows, cols])
+        if bias is not None:
+            out[rows, cols] += bias[cols]
+    everything = slice(None)
+    if N >= M:
+        parallel_map(lambda rows: product(rows, everything), _slices(N, _count_matmul_slices(N, N * K * M)))
     else:
-        parallel_map(lambda cols: np.matmul(a, b[:, cols], out=out[:, cols]),
-                     _slices(M, _count_matmul_slices(M, work)))
+        parallel_map(lambda cols: product(everything, cols), _slices(M, _count_matmul_slices(M, N * K * M)))
     return out
 
 
