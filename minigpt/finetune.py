@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from . import tasks, training, weights
+from .checkpoint import read_checkpoint, restore_checkpoint
 from .data import (DataLoader, InstructionDataset, PROMPT_STYLES, download_instruction_data,
                    load_instruction_data, split_data)
 from .evaluate import DEFAULT_OLLAMA_URL, JudgeUnavailable, judge_responses, score_responses
@@ -211,7 +212,7 @@ def run(config, resume=False, log=print):
     run_dir = Path(config.out_dir or Path("runs") / (config.name or default_name(config)))
     config = dataclasses.replace(config, out_dir=str(run_dir))
     checkpoint = run_dir / CHECKPOINT_NAME
-    model_config = training.read_checkpoint(checkpoint)["model_config"] if resume else None
+    model_config = read_checkpoint(checkpoint)["model_config"] if resume else None
     if not resume and (run_dir / "config.json").exists():
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                          f"or choose another --out-dir")
@@ -232,7 +233,7 @@ def run(config, resume=False, log=print):
                          f"lower --batch-size")
     optimizer = AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.beta2),
                       weight_decay=config.weight_decay)
-    state = training.restore_checkpoint(checkpoint, model, optimizer, train_loader) if resume else None
+    state = restore_checkpoint(checkpoint, model, optimizer, train_loader) if resume else None
     write_json(run_dir / "config.json", dataclasses.asdict(config))
     log(describe(config, model, train_loader, len(val_entries), len(test_entries), run_dir, state))
 
@@ -264,7 +265,7 @@ def resume(run_dir, log=print, **overrides):
     if fixed:
         raise ValueError(f"a resumed run keeps its settings ({run_dir / 'config.json'}); it cannot change "
                          f"{', '.join(fixed)} (only {', '.join(RESUME_OVERRIDES)})")
-    config = RunConfig(**training.read_checkpoint(checkpoint)["run_config"])
+    config = RunConfig(**read_checkpoint(checkpoint)["run_config"])
     return run(dataclasses.replace(config, out_dir=str(run_dir), **overrides), resume=True, log=log)
 
 
