@@ -66,7 +66,8 @@ class BestWeights:
             model.load_state_dict(self.arrays)
             return
         with np.load(self.path, allow_pickle=False) as archive:
-            model.load_state_dict({name: archive[name] for name in archive.files if name != CONFIG_KEY})
+            names = [name for name in archive.files if name != CONFIG_KEY]
+            model.load_arrays(names, archive.__getitem__, source=self.path)
 
 
 def save_checkpoint(path, model, optimizer, state, run_config=None):
@@ -102,15 +103,8 @@ def restore_checkpoint(path, model, optimizer, train_loader):
     """Load a checkpoint into model, optimizer, the loader's position and the dropout RNG -> TrainState."""
     with _open_checkpoint(path) as archive:
         meta = _metadata(path, archive)
-        names = [name for name in archive.files if name.startswith("model/")]
-        params = dict(model.named_parameters())
-        if sorted(names) != sorted(f"model/{name}" for name in params):
-            raise ValueError(f"{path}: the checkpoint's parameters do not match the model")
-        for name, param in params.items():
-            value = archive[f"model/{name}"]
-            if value.shape != param.shape:
-                raise ValueError(f"{path}: {name} has shape {value.shape}, the model expects {param.shape}")
-            param.data[...] = value
+        names = [name.removeprefix("model/") for name in archive.files if name.startswith("model/")]
+        model.load_arrays(names, lambda name: archive[f"model/{name}"], source=path)
         n = len(optimizer.params)
         optimizer.load_state_dict({**meta["optimizer"], **{
             key: [archive[f"optimizer/{key}/{i}"] for i in range(n)] for key in ("exp_avg", "exp_avg_sq")}})

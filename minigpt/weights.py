@@ -71,7 +71,7 @@ def load_hf_gpt2(path, dtype=np.float32):
     params = _hf_parameters(weights_file, tensors)
     cfg = _infer_config(weights_file, params, hf_config)
     model = GPTModel(cfg, dtype=dtype)
-    _copy_into(weights_file, model, params.keys(), params.__getitem__)
+    model.load_arrays(params.keys(), params.__getitem__, source=weights_file, error=CheckpointError)
     return model
 
 
@@ -205,31 +205,6 @@ def _preset_n_heads(emb_dim, n_layers):
     return None
 
 
-def _copy_into(source, model, names, load):
-    """Copy the tensors `names` (fetched one at a time by `load(name)`) into `model`'s parameters.
-
-    Every parameter must be present with its exact shape and every tensor must be a parameter.
-    Arrays are copied into the live parameters one by one, so a large .npz is never held in memory
-    beside the model.
-    """
-    live, names = model.state_dict(), set(names)
-    missing = [name for name in live if name not in names]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{source}: missing tensor {missing[0]}{more}")
-    unexpected = sorted(names - live.keys())
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]}{more} is not a parameter "
-                              f"of this GPT-2 configuration")
-    for name, param in live.items():
-        value = load(name)
-        if value.shape != param.shape:
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(value.shape)}, "
-                                  f"expected {param.shape}")
-        param[...] = value  # casts to the model's dtype
-
-
 # ----------------------------------------------------------------------------- minigpt's .npz
 
 def save_npz(model, path):
@@ -256,7 +231,7 @@ def load_npz(path, dtype=np.float32):
             cfg = _config_from_json(path, archive[CONFIG_KEY])
             model = GPTModel(cfg, dtype=dtype)
             names = [name for name in archive.files if name != CONFIG_KEY]
-            _copy_into(path, model, names, archive.__getitem__)
+            model.load_arrays(names, archive.__getitem__, source=path, error=CheckpointError)
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # a damaged member, or a pickled one

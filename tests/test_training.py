@@ -235,7 +235,7 @@ def test_restoring_into_a_different_model_or_a_missing_file_fails_clearly(tmp_pa
     model, optimizer, train_loader, val_loader = setup()
     save_checkpoint(tmp_path / "c.npz", model, optimizer, TrainState())
     other = GPTModel(GPTConfig(vocab_size=257, context_length=64, emb_dim=16, n_heads=2, n_layers=2))
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match=r"c.npz: missing tensor h.1.ln_1.weight \(and \d+ more\)"):
         restore_checkpoint(tmp_path / "c.npz", other, AdamW(other.parameters()), train_loader)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         read_checkpoint(tmp_path / "missing.npz")
