@@ -6,16 +6,14 @@ training loader's position and RNG, the dropout RNG). `restore_checkpoint` puts 
 `minigpt.training.train` continues with the very losses an uninterrupted run would have had.
 Files are plain arrays plus JSON (no pickle) and are written atomically.
 """
-import contextlib
 import dataclasses
 import json
-import zipfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .fileio import atomic_write
+from .fileio import atomic_write, open_npz
 from .weights import CONFIG_KEY, save_npz
 
 CHECKPOINT_FORMAT = "minigpt-checkpoint-1"
@@ -65,7 +63,7 @@ class BestWeights:
         if self.path is None:
             model.load_state_dict(self.arrays)
             return
-        with np.load(self.path, allow_pickle=False) as archive:
+        with open_npz(self.path) as archive:
             names = [name for name in archive.files if name != CONFIG_KEY]
             model.load_arrays(names, archive.__getitem__, source=self.path)
 
@@ -95,13 +93,13 @@ def save_checkpoint(path, model, optimizer, state, run_config=None):
 
 def read_checkpoint(path):
     """A checkpoint's JSON metadata (model_config, optimizer, train_state, run_config); no arrays."""
-    with _open_checkpoint(path) as archive:
+    with open_npz(path) as archive:
         return _metadata(path, archive)
 
 
 def restore_checkpoint(path, model, optimizer, train_loader):
     """Load a checkpoint into model, optimizer, the loader's position and the dropout RNG -> TrainState."""
-    with _open_checkpoint(path) as archive:
+    with open_npz(path) as archive:
         meta = _metadata(path, archive)
         names = [name.removeprefix("model/") for name in archive.files if name.startswith("model/")]
         model.load_arrays(names, lambda name: archive[f"model/{name}"], source=path)
@@ -112,20 +110,6 @@ def restore_checkpoint(path, model, optimizer, train_loader):
     train_loader.load_state_dict(state.loader_state)
     model.dropout_rng.bit_generator.state = state.dropout_rng_state
     return state
-
-
-@contextlib.contextmanager
-def _open_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it
-        raise ValueError(f"{path}: damaged checkpoint (not an .npz archive)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            yield archive
-    except (zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise ValueError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
 
 
 def _metadata(path, archive):

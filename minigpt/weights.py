@@ -17,12 +17,11 @@ import dataclasses
 import json
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from minigpt.fileio import atomic_write, download_file, write_json
+from minigpt.fileio import atomic_write, download_file, open_npz, write_json
 from minigpt.model import GPT2_PRESETS, GPTConfig, GPTModel
 from minigpt.safetensors import CheckpointError, read_safetensors, write_safetensors
 
@@ -218,24 +217,13 @@ def save_npz(model, path):
 
 def load_npz(path, dtype=np.float32):
     """Load a .npz written by `save_npz` -> GPTModel (never unpickles anything)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not an .npz archive; expected one written by minigpt "
-                              f"(python -m minigpt.convert makes one from Hugging Face weights)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if CONFIG_KEY not in archive.files:
-                raise CheckpointError(f"{path}: no {CONFIG_KEY} entry, so not written by minigpt's save_npz")
-            cfg = _config_from_json(path, archive[CONFIG_KEY])
-            model = GPTModel(cfg, dtype=dtype)
-            names = [name for name in archive.files if name != CONFIG_KEY]
-            model.load_arrays(names, archive.__getitem__, source=path, error=CheckpointError)
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # a damaged member, or a pickled one
-        raise CheckpointError(f"{path}: corrupt .npz archive ({e})") from None
+    with open_npz(path, error=CheckpointError, hint="; expected one written by minigpt (python -m "
+                  "minigpt.convert makes one from Hugging Face weights)") as archive:
+        if CONFIG_KEY not in archive.files:
+            raise CheckpointError(f"{path}: no {CONFIG_KEY} entry, so not written by minigpt's save_npz")
+        model = GPTModel(_config_from_json(path, archive[CONFIG_KEY]), dtype=dtype)
+        names = [name for name in archive.files if name != CONFIG_KEY]
+        model.load_arrays(names, archive.__getitem__, source=path, error=CheckpointError)
     return model
 
 

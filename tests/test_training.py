@@ -237,8 +237,18 @@ def test_restoring_into_a_different_model_or_a_missing_file_fails_clearly(tmp_pa
     other = GPTModel(GPTConfig(vocab_size=257, context_length=64, emb_dim=16, n_heads=2, n_layers=2))
     with pytest.raises(ValueError, match=r"c.npz: missing tensor h.1.ln_1.weight \(and \d+ more\)"):
         restore_checkpoint(tmp_path / "c.npz", other, AdamW(other.parameters()), train_loader)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="missing.npz: no such file"):
         read_checkpoint(tmp_path / "missing.npz")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="damaged"):
+    with pytest.raises(ValueError, match="bad.npz: not an .npz archive"):
         read_checkpoint(tmp_path / "bad.npz")
+
+
+def test_a_damaged_checkpoint_entry_is_one_clear_error(tmp_path):
+    model, optimizer, train_loader, _ = setup()
+    path = save_checkpoint(tmp_path / "c.npz", model, optimizer, TrainState())
+    data = bytearray(path.read_bytes())
+    data[data.index(model.wte.weight.data.tobytes()[:64]) + 10] ^= 0xFF  # one damaged byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"c.npz: damaged .npz archive \(entry 'model/wte.weight': Bad CRC-32"):
+        restore_checkpoint(path, model, optimizer, train_loader)
