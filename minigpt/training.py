@@ -1,5 +1,6 @@
 """The training loop: AdamW steps under a learning-rate schedule, periodic evaluation, early stopping
-and checkpoints that resume exactly (written by minigpt.checkpoint). After rasbt's `train_model_simple` and `calc_loss_loader` (ch. 5, 7).
+and checkpoints that resume exactly (minigpt.checkpoint). After rasbt's `train_model_simple` and
+`calc_loss_loader` (ch. 5, 7).
 
 One optimizer step on a batch of inputs and targets, both (B, T):
 
@@ -16,7 +17,8 @@ Every `eval_freq` steps (and before the first, and after the last) the mean loss
 
 Exact resume: a checkpoint holds everything the next step depends on (weights, Adam's m and v and
 step counts, the training loader's position and RNG, the dropout RNG, the history, early stopping),
-so `checkpoint.restore_checkpoint` + `train` continue with the very losses an uninterrupted run would have had.
+so `checkpoint.restore_checkpoint` + `train` continue with the very losses an uninterrupted run
+would have had.
 Ctrl-C is held back during an update, so a checkpoint never holds a half-applied step.
 """
 import contextlib
@@ -169,8 +171,9 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
     (its `.history` holds the evaluations).
 
     state: a TrainState from `checkpoint.restore_checkpoint` to continue a run (None: start).
-    checkpoint_path: where `checkpoint.save_checkpoint` writes (with `run_config`, any JSON-able dict) at every
-        evaluation or every config.checkpoint_every steps, at the end, and on Ctrl-C before re-raising.
+    checkpoint_path: where `checkpoint.save_checkpoint` writes (with `run_config`, any JSON-able dict)
+        at every evaluation or every config.checkpoint_every steps, at the end, and on Ctrl-C before
+        re-raising.
     best_path: a .npz kept holding the best weights (None: kept in memory). When early stopping ends
         the run, the model is left holding them.
     on_step(state), on_epoch_end(state): called after every step and after every epoch.
