@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from minigpt.data import PROMPT_STYLES, format_input, response_header
+from minigpt.data import PROMPT_STYLES, build_prompt
 from minigpt.generation import generate_tokens
 from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV, encode, get_tokenizer
 from minigpt.weights import HUB_REPOS, load_weights, pretrained_gpt2
@@ -124,11 +124,11 @@ def choose_tokenizer(args, vocab_size):
     return get_tokenizer(name, args.vocab_dir)
 
 
-def build_prompt(text, style, raw=False, input_text=None):
+def prompt_text(text, style, raw=False, input_text=None):
     """Raw text as is, or an instruction (+ input) wrapped as in fine-tuning: prompt + response header."""
     if raw:
         return text
-    return format_input({"instruction": text, "input": input_text or ""}, style) + response_header(style)
+    return build_prompt({"instruction": text, "input": input_text or ""}, style)
 
 
 class TextStream:
@@ -191,7 +191,7 @@ def run(args, out):
 
     if not args.interactive:
         text = args.prompt if args.prompt is not None else args.instruction
-        answer(build_prompt(text, args.prompt_style, raw=args.prompt is not None, input_text=args.input))
+        answer(prompt_text(text, args.prompt_style, raw=args.prompt is not None, input_text=args.input))
         return 0
     show_marker = sys.stdin.isatty()   # "> " goes to stderr, and only for a person: stdout is only text
     while True:
@@ -200,7 +200,7 @@ def run(args, out):
         line = sys.stdin.readline().rstrip("\r\n")
         if not line.strip() or line.strip().lower() in QUIT_WORDS:   # EOF reads as ""
             return 0
-        answer(build_prompt(line, args.prompt_style, raw=args.raw))
+        answer(prompt_text(line, args.prompt_style, raw=args.raw))
 
 
 def main(argv=None, out=None):

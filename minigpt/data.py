@@ -117,9 +117,15 @@ def response_header(style="alpaca"):
     return _prompt_style(style).response
 
 
+def build_prompt(entry, style="alpaca"):
+    """What the model is given: prompt + response header. Training appends the output; generation,
+    the test responses and generate.py let the model continue it."""
+    return format_input(entry, style) + response_header(style)
+
+
 def format_example(entry, style="alpaca"):
     """The full training text: prompt + response header + output."""
-    return format_input(entry, style) + response_header(style) + entry["output"]
+    return build_prompt(entry, style) + entry["output"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +160,7 @@ class InstructionDataset:
         self.token_ids = []
         self.prompt_lengths = []
         for entry in entries:
-            prompt_ids = encode(tokenizer, format_input(entry, style) + response_header(style))
+            prompt_ids = encode(tokenizer, build_prompt(entry, style))
             self.token_ids.append(prompt_ids + encode(tokenizer, entry["output"]))
             self.prompt_lengths.append(len(prompt_ids))
 

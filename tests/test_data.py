@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minigpt import data
-from minigpt.data import (DataLoader, InstructionDataset, collate, format_example, format_input,
+from minigpt.data import (DataLoader, InstructionDataset, build_prompt, collate, format_example, format_input,
                           load_instruction_data, response_header, split_data)
 from minigpt.functional import IGNORE_INDEX
 from minigpt.tokenizer import byte_tokenizer, encode, gpt2_tokenizer
@@ -100,6 +100,7 @@ def test_phi3_prompt_exact_text():
     assert format_input(WITH_INPUT, "phi3") == ("<|user|>\nEdit the following sentence for grammar.\n"
                                                 "He go to the park every day.")
     assert format_input(NO_INPUT, "phi3") == "<|user|>\nConvert 45 kilometers to meters."
+    assert build_prompt(NO_INPUT, "phi3") == "<|user|>\nConvert 45 kilometers to meters.\n<|assistant|>:\n"
     assert format_example(NO_INPUT, "phi3") == ("<|user|>\nConvert 45 kilometers to meters.\n<|assistant|>:\n"
                                                 "45 kilometers is 45000 meters.")
 
