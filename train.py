@@ -79,8 +79,9 @@ def build_parser():
     add(data, "--prompt-style", "prompt template", choices=list(PROMPT_STYLES))
     add(data, "--mask-prompt", "take the loss on the response tokens only",
         action=argparse.BooleanOptionalAction)
-    add(data, "--shuffle-seed", "shuffle a JSON dataset with this seed before the 85/10/5 split "
-                                "(none: split in file order, like the reference)", type=int, metavar="N")
+    add(data, "--shuffle-seed", "shuffle a JSON dataset with this seed before the 85%% train / 5%% "
+                                "validation / 10%% test split (none: split in file order, like the "
+                                "reference)", type=int, metavar="N")
     add(data, "--allowed-max-length", "truncate training sequences to this many tokens (never beyond "
                                       "the model's context)", type=int, metavar="T")
     add(data, "--group-by-length", "batch training examples of similar length together (less padding; "

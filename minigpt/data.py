@@ -132,8 +132,9 @@ def format_example(entry, style="alpaca"):
 # Splitting and the dataset
 
 def split_data(entries, train_frac=0.85, test_frac=0.10, shuffle_seed=None):
-    """(train, test, val) as in the reference: the first int(n*train_frac) entries, the next
-    int(n*test_frac), the rest (1,100 -> 935 / 110 / 55). With `shuffle_seed`, a shuffled copy is split."""
+    """(train, val, test), cut as the reference cuts them: train is the first int(n*train_frac)
+    entries, test the next int(n*test_frac), val the rest (1,100 -> 935 train / 55 val / 110 test:
+    85% / 5% / 10%). With `shuffle_seed`, a shuffled copy is split."""
     if not (0 <= train_frac and 0 <= test_frac and train_frac + test_frac <= 1):
         raise ValueError(f"split fractions must be >= 0 and sum to <= 1, got train {train_frac}, "
                          f"test {test_frac}")
@@ -143,7 +144,8 @@ def split_data(entries, train_frac=0.85, test_frac=0.10, shuffle_seed=None):
         entries = [entries[i] for i in order]
     n_train = int(len(entries) * train_frac)
     n_test = int(len(entries) * test_frac)
-    return entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:]
+    train, test, val = entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:]
+    return train, val, test
 
 
 class InstructionDataset:

@@ -62,7 +62,7 @@ class RunConfig:
     n_test: int = 500
     prompt_style: str = "phi3"
     mask_prompt: bool = True            # loss on the response tokens only
-    shuffle_seed: Optional[int] = None  # shuffle a JSON dataset before the 85/10/5 split
+    shuffle_seed: Optional[int] = None  # shuffle a JSON file before its 85% / 5% / 10% train/val/test split
     allowed_max_length: int = 1024      # truncate longer training sequences (and at the context length)
     group_by_length: bool = False
     # Training
@@ -162,10 +162,10 @@ def load_splits(config):
         return tasks.make_task_splits(seed=config.data_seed, n_train=config.n_train, n_val=config.n_val,
                                       n_test=config.n_test)
     path = download_instruction_data(config.data_dir) if config.data == "reference" else config.data
-    train, test, val = split_data(load_instruction_data(path), shuffle_seed=config.shuffle_seed)
+    train, val, test = split_data(load_instruction_data(path), shuffle_seed=config.shuffle_seed)
     if not (train and val and test):
         raise ValueError(f"{path}: {len(train)} train / {len(val)} validation / {len(test)} test entries "
-                         f"after the 85/5/10 split; every part needs at least one (use more entries)")
+                         f"after the 85% / 5% / 10% split; every part needs at least one (use more entries)")
     return train, val, test
 
 

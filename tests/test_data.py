@@ -115,16 +115,16 @@ def test_unknown_style_lists_choices():
 
 @pytest.mark.skipif(not (SHARED_DATA / "instruction-data.json").is_file(), reason="shared dataset absent")
 def test_split_sizes_on_the_reference_dataset():
-    train, test, val = split_data(load_instruction_data(SHARED_DATA / "instruction-data.json"))
-    assert (len(train), len(test), len(val)) == (935, 110, 55)
+    train, val, test = split_data(load_instruction_data(SHARED_DATA / "instruction-data.json"))
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
 
 
 def test_split_sizes_and_order(tmp_path):
     entries = load_instruction_data(write(tmp_path, synthetic_entries(1100)))
-    train, test, val = split_data(entries)
-    assert (len(train), len(test), len(val)) == (935, 110, 55)
-    assert train + test + val == entries  # unshuffled: consecutive slices
-    assert [len(part) for part in split_data(entries[:20])] == [17, 2, 1]  # int(17.0), int(2.0), rest
+    train, val, test = split_data(entries)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train + test + val == entries  # consecutive slices; test comes before val, as in the reference
+    assert [len(part) for part in split_data(entries[:20])] == [17, 1, 2]  # int(17.0), rest, int(2.0)
 
 
 def test_split_shuffle_is_seeded_and_leaves_input_alone():
