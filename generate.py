@@ -19,11 +19,9 @@ import numpy as np
 
 from minigpt.data import PROMPT_STYLES, build_prompt
 from minigpt.generation import generate_tokens
-from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV, encode, get_tokenizer
+from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV, VOCAB_SIZES, encode, get_tokenizer
 from minigpt.weights import HUB_REPOS, load_weights, pretrained_gpt2
 
-# Each tokenizer's vocabulary size: a model with that many token embeddings uses it by default.
-TOKENIZER_SIZES = {"gpt2": 50257, "byte": 257}
 QUIT_WORDS = ("quit", "exit")
 
 
@@ -73,7 +71,8 @@ def build_parser():
                           help="seed for sampling, so a run can be repeated (default: a fresh seed)")
     tokens = parser.add_argument_group("tokenizer")
     tokens.add_argument("--tokenizer", choices=TOKENIZERS,
-                        help="default: gpt2 for a model with vocabulary 50257, byte for 257")
+                        help=f"default: gpt2 for a model with vocabulary {VOCAB_SIZES['gpt2']}, byte for "
+                             f"{VOCAB_SIZES['byte']}")
     tokens.add_argument("--vocab-dir", metavar="DIR",
                         help=f"folder with GPT-2's encoder.json and vocab.bpe, to build the gpt2 tokenizer "
                              f"offline (default: ${VOCAB_DIR_ENV}, else tiktoken downloads them)")
@@ -114,12 +113,12 @@ def choose_tokenizer(args, vocab_size):
 
     Checked against the known sizes first, so a mismatch never waits for a tokenizer download.
     """
-    name = args.tokenizer or {size: name for name, size in TOKENIZER_SIZES.items()}.get(vocab_size)
+    name = args.tokenizer or {size: name for name, size in VOCAB_SIZES.items()}.get(vocab_size)
     if name is None:
         raise ValueError(f"the model's vocabulary has {vocab_size} tokens, which matches no tokenizer "
-                         f"(gpt2 has {TOKENIZER_SIZES['gpt2']}, byte {TOKENIZER_SIZES['byte']})")
-    if TOKENIZER_SIZES[name] != vocab_size:
-        raise ValueError(f"tokenizer {name} has {TOKENIZER_SIZES[name]} tokens but the model's vocabulary "
+                         f"(gpt2 has {VOCAB_SIZES['gpt2']}, byte {VOCAB_SIZES['byte']})")
+    if VOCAB_SIZES[name] != vocab_size:
+        raise ValueError(f"tokenizer {name} has {VOCAB_SIZES[name]} tokens but the model's vocabulary "
                          f"has {vocab_size}; choose another --tokenizer")
     return get_tokenizer(name, args.vocab_dir)
 

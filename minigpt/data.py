@@ -20,12 +20,11 @@ import numpy as np
 
 from .fileio import download_file
 from .functional import IGNORE_INDEX
-from .tokenizer import encode
+from .tokenizer import GPT2_EOT_ID, encode  # <|endoftext|>: the default padding token
 
 REFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                       "ch07/01_main-chapter-code/instruction-data.json")
 INSTRUCTION_KEYS = ("instruction", "input", "output")
-GPT2_EOT_ID = 50256  # <|endoftext|> in GPT-2's vocabulary: the default padding token
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 from minigpt.fileio import atomic_write, download_file, open_npz, write_json
 from minigpt.model import GPT2_PRESETS, GPTConfig, GPTModel
 from minigpt.safetensors import CheckpointError, read_safetensors, write_safetensors
+from minigpt.tokenizer import GPT2_EOT_ID
 
 # Preset name -> the Hugging Face hub repository holding its weights.
 HUB_REPOS = {
@@ -39,7 +40,6 @@ CONFIG_KEY = "__config__"  # the .npz entry holding the GPTConfig as a JSON stri
 HF_PREFIX = "transformer."  # save_pretrained nests GPT2Model inside GPT2LMHeadModel.transformer
 HF_WEIGHTS_NAME = "model.safetensors"
 HF_CONFIG_NAME = "config.json"
-GPT2_EOT_ID = 50256  # <|endoftext|>, GPT-2's bos and eos token
 # Activations equal to minigpt's GELU (the tanh approximation), under transformers' names.
 HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
