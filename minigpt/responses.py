@@ -12,8 +12,8 @@ import numpy as np
 
 from .data import build_prompt
 from .generation import generate
+from .progress import format_duration
 from .tokenizer import encode
-from .training import format_duration
 
 
 def prompt_ids(tokenizer, entry, style):

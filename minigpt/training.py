@@ -32,6 +32,7 @@ from typing import Optional
 from .checkpoint import BestWeights, TrainState, save_checkpoint
 from .data import DataLoader
 from .optim import clip_grad_norm
+from .progress import format_duration
 from .tensor import no_grad
 
 SCHEDULES = ("constant", "cosine")
@@ -133,16 +134,6 @@ def epoch_progress(loader):
     if position["epoch"] == 0:
         return 0.0
     return position["epoch"] - 1 + position["batches_done"] / position["num_batches"]
-
-
-def format_duration(seconds):
-    """45s, 3m12s, 2h05m."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @contextlib.contextmanager
