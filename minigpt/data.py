@@ -20,7 +20,7 @@ import numpy as np
 
 from .fileio import download_file
 from .functional import IGNORE_INDEX
-from .tokenizer import GPT2_EOT_ID, encode  # <|endoftext|>: the default padding token
+from .tokenizer import EOT, GPT2_EOT_ID, encode  # GPT2_EOT_ID: the default padding token
 
 REFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                       "ch07/01_main-chapter-code/instruction-data.json")
@@ -204,6 +204,39 @@ def collate(batch, pad_token_id=GPT2_EOT_ID, ignore_index=IGNORE_INDEX, allowed_
         inputs = inputs[:, :allowed_max_length]
         targets = targets[:, :allowed_max_length]
     return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
+
+
+def format_batch(inputs, targets, tokenizer, rows=4, ignore_index=IGNORE_INDEX):
+    """A batch as the model sees it, as text: for each of the first `rows` rows the decoded input,
+    then one line per position t: the input token, and the target the loss compares the prediction
+    at t with, or ignore_index where the loss skips it (padding after the first <|endoftext|>, and
+    with prompt masking the prompt). Tokens are shown as id and repr'd text, so "\n" is visible."""
+    shown = range(min(rows, len(inputs)))
+    digits = max(len(str(ignore_index)), len(str(tokenizer.n_vocab - 1)))  # ids right-aligned
+    input_cells = [[f"{x:>{digits}} {token_text(tokenizer, x)}" for x in inputs[i]] for i in shown]
+    width = max(len(cell) for row in input_cells for cell in row)
+    lines = []
+    for i in shown:
+        ids = inputs[i].tolist()
+        end = len(ids)
+        while end and ids[end - 1] == tokenizer.eot_token:  # the padding, summed up in the text line
+            end -= 1
+        padding = f" + {len(ids) - end} x {EOT!r}" if end < len(ids) else ""
+        lines.append(f"row {i + 1} of {len(inputs)}, input text: {tokenizer.decode(ids[:end])!r}{padding}")
+        lines.append(f"  {'pos':>4}  {'input':<{width}}  target")
+        for t, (cell, y) in enumerate(zip(input_cells[i], targets[i])):
+            target = f"{y:>{digits}}" + ("" if y == ignore_index else f" {token_text(tokenizer, y)}")
+            lines.append(f"  {t:>4}  {cell:<{width}}  {target}")
+    return "\n".join(lines)
+
+
+def token_text(tokenizer, token_id):
+    """One token's text, repr'd ('\\n', ' the'); bytes that are not whole UTF-8 characters as b'...'."""
+    raw = tokenizer.decode_single_token_bytes(int(token_id))
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
 
 
 class DataLoader:

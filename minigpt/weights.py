@@ -40,6 +40,7 @@ CONFIG_KEY = "__config__"  # the .npz entry holding the GPTConfig as a JSON stri
 HF_PREFIX = "transformer."  # save_pretrained nests GPT2Model inside GPT2LMHeadModel.transformer
 HF_WEIGHTS_NAME = "model.safetensors"
 HF_CONFIG_NAME = "config.json"
+NPZ_HINT = "; expected one written by minigpt (python -m minigpt.convert makes one from Hugging Face weights)"
 # Activations equal to minigpt's GELU (the tanh approximation), under transformers' names.
 HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
@@ -217,17 +218,23 @@ def save_npz(model, path):
 
 def load_npz(path, dtype=np.float32):
     """Load a .npz written by `save_npz` -> GPTModel (never unpickles anything)."""
-    with open_npz(path, error=CheckpointError, hint="; expected one written by minigpt (python -m "
-                  "minigpt.convert makes one from Hugging Face weights)") as archive:
-        if CONFIG_KEY not in archive.files:
-            raise CheckpointError(f"{path}: no {CONFIG_KEY} entry, so not written by minigpt's save_npz")
-        model = GPTModel(_config_from_json(path, archive[CONFIG_KEY]), dtype=dtype)
+    with open_npz(path, error=CheckpointError, hint=NPZ_HINT) as archive:
+        model = GPTModel(_npz_config(path, archive), dtype=dtype)
         names = [name for name in archive.files if name != CONFIG_KEY]
         model.load_arrays(names, archive.__getitem__, source=path, error=CheckpointError)
     return model
 
 
-def _config_from_json(path, stored):
+def read_npz_config(path):
+    """The GPTConfig of a .npz written by `save_npz`, without reading its weights."""
+    with open_npz(path, error=CheckpointError, hint=NPZ_HINT) as archive:
+        return _npz_config(path, archive)
+
+
+def _npz_config(path, archive):
+    if CONFIG_KEY not in archive.files:
+        raise CheckpointError(f"{path}: no {CONFIG_KEY} entry, so not written by minigpt's save_npz")
+    stored = archive[CONFIG_KEY]  # a 0-d unicode array
     try:
         return GPTConfig(**json.loads(str(stored[()])))
     except (TypeError, ValueError) as e:  # bad JSON, unknown fields, invalid values
