@@ -181,9 +181,7 @@ def build_model(config, tokenizer, model_config=None):
     elif config.weights is not None:
         model = weights.load_weights(config.weights)
     else:
-        model = GPTModel(GPTConfig(vocab_size=tokenizer.n_vocab, context_length=config.context_length,
-                                   emb_dim=config.emb_dim, n_heads=config.n_heads, n_layers=config.n_layers,
-                                   drop_rate=config.drop_rate), seed=config.seed)
+        model = GPTModel(new_model_config(config, tokenizer), seed=config.seed)
     check_tokenizer_fits(config, tokenizer, model.cfg)
     # A loaded model gets the run's dropout and a dropout RNG seeded like a new model's.
     model.cfg.drop_rate = config.drop_rate
@@ -205,10 +203,16 @@ def model_config_of(config, tokenizer):
     elif config.weights is not None:
         cfg = weights.load_hf_gpt2(config.weights).cfg
     else:
-        cfg = GPTConfig(vocab_size=tokenizer.n_vocab, context_length=config.context_length,
-                        emb_dim=config.emb_dim, n_heads=config.n_heads, n_layers=config.n_layers)
+        cfg = new_model_config(config, tokenizer)
     check_tokenizer_fits(config, tokenizer, cfg)
     return cfg
+
+
+def new_model_config(config, tokenizer):
+    """The GPTConfig of a model trained from scratch: the run's sizes, the tokenizer's vocabulary."""
+    return GPTConfig(vocab_size=tokenizer.n_vocab, context_length=config.context_length,
+                     emb_dim=config.emb_dim, n_heads=config.n_heads, n_layers=config.n_layers,
+                     drop_rate=config.drop_rate)
 
 
 def check_tokenizer_fits(config, tokenizer, model_config):

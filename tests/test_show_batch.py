@@ -14,7 +14,7 @@ import pytest
 import train
 from minigpt import GPTConfig, GPTModel, is_grad_enabled, weights
 from minigpt.tokenizer import gpt2_tokenizer
-from minigpt.weights import save_npz
+from minigpt.weights import save_hf_gpt2, save_npz
 
 GPT2_VOCAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2"
 needs_gpt2_vocab = pytest.mark.skipif(not (GPT2_VOCAB / "vocab.bpe").is_file(), reason="GPT-2 vocab absent")
@@ -130,6 +130,15 @@ def test_a_weights_file_gives_the_cut_without_loading_its_weights(tmp_path, caps
                                        data_file(tmp_path), "--batch-size", "4", "--show-batch", "1"])
     assert code == 0 and "alpaca prompts, no prompt masking" in header  # the reference recipe
     assert "cut at 24 tokens" in header and len(rows[0][0]) == 24
+
+
+def test_a_hugging_face_checkpoint_gives_its_context_length(tmp_path, capsys):
+    folder = tmp_path / "hf"
+    model = GPTModel(GPTConfig(vocab_size=257, context_length=20, emb_dim=8, n_heads=2, n_layers=1))
+    save_hf_gpt2(model, folder)
+    code, header, rows = show(capsys, ["--weights", str(folder), "--tokenizer", "byte", "--data",
+                                       data_file(tmp_path), "--batch-size", "4", "--show-batch", "1"])
+    assert code == 0 and "cut at 20 tokens" in header and len(rows[0][0]) == 20
 
 
 @needs_gpt2_vocab
