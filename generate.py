@@ -17,13 +17,11 @@ import sys
 
 import numpy as np
 
-from minigpt.data import PROMPT_STYLES, format_input, response_header
+from minigpt.data import PROMPT_STYLES, build_prompt
 from minigpt.generation import generate_tokens
-from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV, encode, get_tokenizer
+from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV, VOCAB_SIZES, encode, get_tokenizer
 from minigpt.weights import HUB_REPOS, load_weights, pretrained_gpt2
 
-# Each tokenizer's vocabulary size: a model with that many token embeddings uses it by default.
-TOKENIZER_SIZES = {"gpt2": 50257, "byte": 257}
 QUIT_WORDS = ("quit", "exit")
 
 
@@ -73,7 +71,8 @@ def build_parser():
                           help="seed for sampling, so a run can be repeated (default: a fresh seed)")
     tokens = parser.add_argument_group("tokenizer")
     tokens.add_argument("--tokenizer", choices=TOKENIZERS,
-                        help="default: gpt2 for a model with vocabulary 50257, byte for 257")
+                        help=f"default: gpt2 for a model with vocabulary {VOCAB_SIZES['gpt2']}, byte for "
+                             f"{VOCAB_SIZES['byte']}")
     tokens.add_argument("--vocab-dir", metavar="DIR",
                         help=f"folder with GPT-2's encoder.json and vocab.bpe, to build the gpt2 tokenizer "
                              f"offline (default: ${VOCAB_DIR_ENV}, else tiktoken downloads them)")
@@ -114,21 +113,21 @@ def choose_tokenizer(args, vocab_size):
 
     Checked against the known sizes first, so a mismatch never waits for a tokenizer download.
     """
-    name = args.tokenizer or {size: name for name, size in TOKENIZER_SIZES.items()}.get(vocab_size)
+    name = args.tokenizer or {size: name for name, size in VOCAB_SIZES.items()}.get(vocab_size)
     if name is None:
         raise ValueError(f"the model's vocabulary has {vocab_size} tokens, which matches no tokenizer "
-                         f"(gpt2 has {TOKENIZER_SIZES['gpt2']}, byte {TOKENIZER_SIZES['byte']})")
-    if TOKENIZER_SIZES[name] != vocab_size:
-        raise ValueError(f"tokenizer {name} has {TOKENIZER_SIZES[name]} tokens but the model's vocabulary "
+                         f"(gpt2 has {VOCAB_SIZES['gpt2']}, byte {VOCAB_SIZES['byte']})")
+    if VOCAB_SIZES[name] != vocab_size:
+        raise ValueError(f"tokenizer {name} has {VOCAB_SIZES[name]} tokens but the model's vocabulary "
                          f"has {vocab_size}; choose another --tokenizer")
     return get_tokenizer(name, args.vocab_dir)
 
 
-def build_prompt(text, style, raw=False, input_text=None):
+def prompt_text(text, style, raw=False, input_text=None):
     """Raw text as is, or an instruction (+ input) wrapped as in fine-tuning: prompt + response header."""
     if raw:
         return text
-    return format_input({"instruction": text, "input": input_text or ""}, style) + response_header(style)
+    return build_prompt({"instruction": text, "input": input_text or ""}, style)
 
 
 class TextStream:
@@ -191,7 +190,7 @@ def run(args, out):
 
     if not args.interactive:
         text = args.prompt if args.prompt is not None else args.instruction
-        answer(build_prompt(text, args.prompt_style, raw=args.prompt is not None, input_text=args.input))
+        answer(prompt_text(text, args.prompt_style, raw=args.prompt is not None, input_text=args.input))
         return 0
     show_marker = sys.stdin.isatty()   # "> " goes to stderr, and only for a person: stdout is only text
     while True:
@@ -200,7 +199,7 @@ def run(args, out):
         line = sys.stdin.readline().rstrip("\r\n")
         if not line.strip() or line.strip().lower() in QUIT_WORDS:   # EOF reads as ""
             return 0
-        answer(build_prompt(line, args.prompt_style, raw=args.raw))
+        answer(prompt_text(line, args.prompt_style, raw=args.raw))
 
 
 def main(argv=None, out=None):

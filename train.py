@@ -3,6 +3,7 @@
     python train.py                              # offline: a small GPT learns the built-in tasks
     python train.py --model gpt2-medium          # rasbt's ch. 7 job: pretrained GPT-2, his 1,100 examples
     python train.py --resume runs/NAME           # continue an interrupted run exactly
+    python train.py --show-batch                 # print the first batch as the model sees it, then stop
 
 Defaults come from minigpt.finetune: RunConfig (offline) and REFERENCE_RECIPE (--model / --weights).
 """
@@ -19,6 +20,7 @@ from minigpt.weights import HUB_REPOS
 
 EXIT_USAGE = 2        # bad arguments, missing files, no network
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+SHOW_BATCH_ROWS = 4   # rows --show-batch prints unless told otherwise
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -41,6 +43,16 @@ def shown(value):
         if value is constant:
             return text
     return str(value)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def build_parser():
@@ -79,8 +91,9 @@ def build_parser():
     add(data, "--prompt-style", "prompt template", choices=list(PROMPT_STYLES))
     add(data, "--mask-prompt", "take the loss on the response tokens only",
         action=argparse.BooleanOptionalAction)
-    add(data, "--shuffle-seed", "shuffle a JSON dataset with this seed before the 85/10/5 split "
-                                "(none: split in file order, like the reference)", type=int, metavar="N")
+    add(data, "--shuffle-seed", "shuffle a JSON dataset with this seed before the 85%% train / 5%% "
+                                "validation / 10%% test split (none: split in file order, like the "
+                                "reference)", type=int, metavar="N")
     add(data, "--allowed-max-length", "truncate training sequences to this many tokens (never beyond "
                                       "the model's context)", type=int, metavar="T")
     add(data, "--group-by-length", "batch training examples of similar length together (less padding; "
@@ -124,6 +137,11 @@ def build_parser():
                      help=f"continue the run in DIR from its checkpoint, exactly as if never stopped; "
                           f"only {', '.join('--' + name.replace('_', '-') for name in RESUME_OVERRIDES)} "
                           f"may be given with it")
+    out.add_argument("--show-batch", nargs="?", const=SHOW_BATCH_ROWS, type=positive_int, metavar="ROWS",
+                     help=f"print the first training batch, from the run's own loader, as the model sees "
+                          f"it and stop (no training, no run folder): for the first ROWS rows (default "
+                          f"{SHOW_BATCH_ROWS}) the decoded input, then each position's input token and "
+                          f"target, -100 where the loss ignores it (padding, a masked prompt)")
     return parser
 
 
@@ -134,8 +152,14 @@ def main(argv=None):
     except SystemExit as e:  # --help, or a usage error already printed
         return e.code
     resume_dir = settings.pop("resume", None)
+    show_rows = settings.pop("show_batch", None)
     try:
-        if resume_dir is not None:
+        if show_rows is not None:
+            if resume_dir is not None:
+                raise ValueError("--show-batch shows the first batch of a new run; it cannot be combined "
+                                 "with --resume")
+            finetune.show_batch(finetune.make_config(**settings), show_rows)
+        elif resume_dir is not None:
             finetune.resume(resume_dir, **settings)
         else:
             finetune.run(finetune.make_config(**settings))

@@ -45,7 +45,6 @@ THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 LR, WEIGHT_DECAY = 5e-5, 0.1       # the fine-tuning job's AdamW
 IGNORED_FRACTION = 0.4             # share of synthetic targets set to -100
 EPOCH_BATCH_SIZE = 8
-GPT2_EOT_ID = 50256
 MODELS = {
     "gpt2-small": dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12),
     "byte": dict(vocab_size=257, context_length=256, emb_dim=256, n_heads=4, n_layers=4),
@@ -159,7 +158,7 @@ class TorchSide:
         ids = self.torch.from_numpy(prompt)
         out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  use_cache=use_cache, pad_token_id=GPT2_EOT_ID)
+                                  use_cache=use_cache, pad_token_id=self.model.config.eos_token_id)
         assert tuple(out.shape) == (prompt.shape[0], prompt.shape[1] + new_tokens), tuple(out.shape)
 
     def info(self):

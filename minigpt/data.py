@@ -19,12 +19,11 @@ import numpy as np
 
 from .fileio import download_file, parse_json
 from .functional import IGNORE_INDEX
-from .tokenizer import encode
+from .tokenizer import EOT, GPT2_EOT_ID, encode  # GPT2_EOT_ID: the default padding token
 
 REFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                       "ch07/01_main-chapter-code/instruction-data.json")
 INSTRUCTION_KEYS = ("instruction", "input", "output")
-GPT2_EOT_ID = 50256  # <|endoftext|> in GPT-2's vocabulary: the default padding token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,17 +117,24 @@ def response_header(style="alpaca"):
     return _prompt_style(style).response
 
 
+def build_prompt(entry, style="alpaca"):
+    """What the model is given: prompt + response header. Training appends the output; generation,
+    the test responses and generate.py let the model continue it."""
+    return format_input(entry, style) + response_header(style)
+
+
 def format_example(entry, style="alpaca"):
     """The full training text: prompt + response header + output."""
-    return format_input(entry, style) + response_header(style) + entry["output"]
+    return build_prompt(entry, style) + entry["output"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Splitting and the dataset
 
 def split_data(entries, train_frac=0.85, test_frac=0.10, shuffle_seed=None):
-    """(train, test, val) as in the reference: the first int(n*train_frac) entries, the next
-    int(n*test_frac), the rest (1,100 -> 935 / 110 / 55). With `shuffle_seed`, a shuffled copy is split."""
+    """(train, val, test), cut as the reference cuts them: train is the first int(n*train_frac)
+    entries, test the next int(n*test_frac), val the rest (1,100 -> 935 train / 55 val / 110 test:
+    85% / 5% / 10%). With `shuffle_seed`, a shuffled copy is split."""
     if not (0 <= train_frac and 0 <= test_frac and train_frac + test_frac <= 1):
         raise ValueError(f"split fractions must be >= 0 and sum to <= 1, got train {train_frac}, "
                          f"test {test_frac}")
@@ -138,7 +144,8 @@ def split_data(entries, train_frac=0.85, test_frac=0.10, shuffle_seed=None):
         entries = [entries[i] for i in order]
     n_train = int(len(entries) * train_frac)
     n_test = int(len(entries) * test_frac)
-    return entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:]
+    train, test, val = entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:]
+    return train, val, test
 
 
 class InstructionDataset:
@@ -155,7 +162,7 @@ class InstructionDataset:
         self.token_ids = []
         self.prompt_lengths = []
         for entry in entries:
-            prompt_ids = encode(tokenizer, format_input(entry, style) + response_header(style))
+            prompt_ids = encode(tokenizer, build_prompt(entry, style))
             self.token_ids.append(prompt_ids + encode(tokenizer, entry["output"]))
             self.prompt_lengths.append(len(prompt_ids))
 
@@ -198,6 +205,39 @@ def collate(batch, pad_token_id=GPT2_EOT_ID, ignore_index=IGNORE_INDEX, allowed_
         inputs = inputs[:, :allowed_max_length]
         targets = targets[:, :allowed_max_length]
     return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
+
+
+def format_batch(inputs, targets, tokenizer, rows=4, ignore_index=IGNORE_INDEX):
+    """A batch as the model sees it, as text: for each of the first `rows` rows the decoded input,
+    then one line per position t: the input token, and the target the loss compares the prediction
+    at t with, or ignore_index where the loss skips it (padding after the first <|endoftext|>, and
+    with prompt masking the prompt). Tokens are shown as id and repr'd text, so "\n" is visible."""
+    shown = range(min(rows, len(inputs)))
+    digits = max(len(str(ignore_index)), len(str(tokenizer.n_vocab - 1)))  # ids right-aligned
+    input_cells = [[f"{x:>{digits}} {token_text(tokenizer, x)}" for x in inputs[i]] for i in shown]
+    width = max(len(cell) for row in input_cells for cell in row)
+    lines = []
+    for i in shown:
+        ids = inputs[i].tolist()
+        end = len(ids)
+        while end and ids[end - 1] == tokenizer.eot_token:  # the padding, summed up in the text line
+            end -= 1
+        padding = f" + {len(ids) - end} x {EOT!r}" if end < len(ids) else ""
+        lines.append(f"row {i + 1} of {len(inputs)}, input text: {tokenizer.decode(ids[:end])!r}{padding}")
+        lines.append(f"  {'pos':>4}  {'input':<{width}}  target")
+        for t, (cell, y) in enumerate(zip(input_cells[i], targets[i])):
+            target = f"{y:>{digits}}" + ("" if y == ignore_index else f" {token_text(tokenizer, y)}")
+            lines.append(f"  {t:>4}  {cell:<{width}}  {target}")
+    return "\n".join(lines)
+
+
+def token_text(tokenizer, token_id):
+    """One token's text, repr'd ('\\n', ' the'); bytes that are not whole UTF-8 characters as b'...'."""
+    raw = tokenizer.decode_single_token_bytes(int(token_id))
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
 
 
 class DataLoader:

@@ -1,8 +1,10 @@
-"""Files that are never half-written: atomic writes and resumable-safe downloads.
+"""Files that are never half-written, .npz archives read safely, and resumable-safe downloads.
 
 Everything minigpt writes (weights, checkpoints, run files, downloads) goes through `atomic_write`:
 the bytes land in a temporary file beside the target, which is renamed over the target only once it
 is complete. A crash or Ctrl-C leaves the old file (or no file), never a truncated one.
+Everything it reads from an .npz goes through `open_npz`: nothing is ever unpickled, and a bad file
+is one line naming it.
 """
 import contextlib
 import json
@@ -12,7 +14,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -58,6 +63,42 @@ def write_json(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+@contextlib.contextmanager
+def open_npz(path, error=ValueError, hint=""):
+    """Open an .npz for reading without pickle -> NpzArchive (`.files`, `archive[name]`).
+
+    A missing file raises FileNotFoundError. A file that is not an .npz (np.load would try to unpickle
+    it), or an entry that cannot be read (damaged, missing, or a pickled object array), raises `error`
+    with one line naming the file; `hint` ends the not-an-.npz message (how to make a good one).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise error(f"{path}: not an .npz archive{hint}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise error(f"{path}: damaged .npz archive ({e})") from None
+    with archive:
+        yield NpzArchive(path, archive, error)
+
+
+class NpzArchive:
+    """An open .npz whose read errors are one line: `error` naming the file and the entry."""
+
+    def __init__(self, path, archive, error):
+        self.path, self.files, self._archive, self._error = path, archive.files, archive, error
+
+    def __getitem__(self, name):
+        if name not in self.files:
+            raise self._error(f"{self.path}: damaged .npz archive (no entry {name!r})")
+        try:
+            return self._archive[name]
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            raise self._error(f"{self.path}: damaged .npz archive (entry {name!r}: {e})") from None
 
 
 def _format_bytes(n):

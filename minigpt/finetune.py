@@ -4,6 +4,7 @@
     run_dir = finetune.run(finetune.RunConfig())                    # the offline default
     run_dir = finetune.run(finetune.make_config(model="gpt2-small"))  # rasbt's ch. 7 job
     finetune.resume(run_dir, max_steps=0)                             # continue, to the end
+    finetune.show_batch(finetune.RunConfig())                         # the first batch, and stop
 
 Two recipes share one RunConfig. Its defaults are the offline recipe: a small GPT trained from
 scratch on the built-in dataset of checkable tasks (minigpt.tasks) with the byte tokenizer.
@@ -23,11 +24,13 @@ from typing import Optional
 import numpy as np
 
 from . import tasks, training, weights
-from .data import (DataLoader, InstructionDataset, PROMPT_STYLES, download_instruction_data,
+from .checkpoint import read_checkpoint, restore_checkpoint
+from .data import (DataLoader, InstructionDataset, PROMPT_STYLES, download_instruction_data, format_batch,
                    load_instruction_data, split_data)
 from .evaluate import (DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL, JudgeUnavailable, judge_responses,
                        score_responses)
 from .fileio import write_json
+from .functional import IGNORE_INDEX
 from .model import GPTConfig, GPTModel
 from .nn import Dropout
 from .optim import AdamW
@@ -63,7 +66,7 @@ class RunConfig:
     n_test: int = 500
     prompt_style: str = "phi3"
     mask_prompt: bool = True            # loss on the response tokens only
-    shuffle_seed: Optional[int] = None  # shuffle a JSON dataset before the 85/10/5 split
+    shuffle_seed: Optional[int] = None  # shuffle a JSON file before its 85% / 5% / 10% train/val/test split
     allowed_max_length: int = 1024      # truncate longer training sequences (and at the context length)
     group_by_length: bool = False
     # Training
@@ -167,10 +170,10 @@ def load_splits(config):
         return tasks.make_task_splits(seed=config.data_seed, n_train=config.n_train, n_val=config.n_val,
                                       n_test=config.n_test)
     path = download_instruction_data(config.data_dir) if config.data == "reference" else config.data
-    train, test, val = split_data(load_instruction_data(path), shuffle_seed=config.shuffle_seed)
+    train, val, test = split_data(load_instruction_data(path), shuffle_seed=config.shuffle_seed)
     if not (train and val and test):
         raise ValueError(f"{path}: {len(train)} train / {len(val)} validation / {len(test)} test entries "
-                         f"after the 85/5/10 split; every part needs at least one (use more entries)")
+                         f"after the 85% / 5% / 10% split; every part needs at least one (use more entries)")
     return train, val, test
 
 
@@ -184,13 +187,8 @@ def build_model(config, tokenizer, model_config=None):
     elif config.weights is not None:
         model = weights.load_weights(config.weights)
     else:
-        model = GPTModel(GPTConfig(vocab_size=tokenizer.n_vocab, context_length=config.context_length,
-                                   emb_dim=config.emb_dim, n_heads=config.n_heads, n_layers=config.n_layers,
-                                   drop_rate=config.drop_rate), seed=config.seed)
-    if tokenizer.n_vocab > model.cfg.vocab_size:
-        raise ValueError(f"the {config.tokenizer} tokenizer has {tokenizer.n_vocab} tokens but the model "
-                         f"only {model.cfg.vocab_size}; use the tokenizer the model was trained with "
-                         f"(--tokenizer)")
+        model = GPTModel(new_model_config(config, tokenizer), seed=config.seed)
+    check_tokenizer_fits(config, tokenizer, model.cfg)
     # A loaded model gets the run's dropout and a dropout RNG seeded like a new model's.
     model.cfg.drop_rate = config.drop_rate
     for _, module in model.named_modules():
@@ -198,6 +196,54 @@ def build_model(config, tokenizer, model_config=None):
             module.p = config.drop_rate
     model.dropout_rng.bit_generator.state = np.random.default_rng(config.seed + 1).bit_generator.state
     return model
+
+
+def model_config_of(config, tokenizer):
+    """The GPTConfig of the model a run would train, read without its weights where possible: a new
+    model's from the settings, GPT-2's from its preset, a .npz's from its stored config; a Hugging
+    Face file's config is read off its tensors, so that one is loaded."""
+    if config.model is not None:
+        cfg = GPTConfig.preset(config.model)
+    elif config.weights is not None and weights.weights_format(config.weights) == "npz":
+        cfg = weights.read_npz_config(config.weights)
+    elif config.weights is not None:
+        cfg = weights.load_hf_gpt2(config.weights).cfg
+    else:
+        cfg = new_model_config(config, tokenizer)
+    check_tokenizer_fits(config, tokenizer, cfg)
+    return cfg
+
+
+def new_model_config(config, tokenizer):
+    """The GPTConfig of a model trained from scratch: the run's sizes, the tokenizer's vocabulary."""
+    return GPTConfig(vocab_size=tokenizer.n_vocab, context_length=config.context_length,
+                     emb_dim=config.emb_dim, n_heads=config.n_heads, n_layers=config.n_layers,
+                     drop_rate=config.drop_rate)
+
+
+def check_tokenizer_fits(config, tokenizer, model_config):
+    if tokenizer.n_vocab > model_config.vocab_size:
+        raise ValueError(f"the {config.tokenizer} tokenizer has {tokenizer.n_vocab} tokens but the model "
+                         f"only {model_config.vocab_size}; use the tokenizer the model was trained with "
+                         f"(--tokenizer)")
+
+
+def loader_settings(config, tokenizer, context_length):
+    """What the training and validation loaders share: batch size, masking, padding, the cut."""
+    return dict(batch_size=config.batch_size, mask_prompt=config.mask_prompt,
+                pad_token_id=tokenizer.eot_token,
+                allowed_max_length=min(config.allowed_max_length, context_length))
+
+
+def training_loader(config, tokenizer, entries, context_length):
+    """The run's training loader: shuffled with config.seed, full batches only."""
+    loader = DataLoader(InstructionDataset(entries, tokenizer, config.prompt_style), shuffle=True,
+                        drop_last=True, seed=config.seed, group_by_length=config.group_by_length,
+                        **loader_settings(config, tokenizer, context_length))
+    if len(loader) == 0:
+        raise ValueError(f"{len(entries)} training entries make no full batch of {config.batch_size}; "
+                         f"lower --batch-size")
+    return loader
 
 
 def default_name(config):
@@ -217,7 +263,7 @@ def run(config, resume=False, log=print):
     run_dir = Path(config.out_dir or Path("runs") / (config.name or default_name(config)))
     config = dataclasses.replace(config, out_dir=str(run_dir))
     checkpoint = run_dir / CHECKPOINT_NAME
-    model_config = training.read_checkpoint(checkpoint)["model_config"] if resume else None
+    model_config = read_checkpoint(checkpoint)["model_config"] if resume else None
     if not resume and (run_dir / "config.json").exists():
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                          f"or choose another --out-dir")
@@ -225,20 +271,12 @@ def run(config, resume=False, log=print):
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
     train_entries, val_entries, test_entries = load_splits(config)
     model = build_model(config, tokenizer, model_config)
-    loader_settings = dict(batch_size=config.batch_size, mask_prompt=config.mask_prompt,
-                           pad_token_id=tokenizer.eot_token,
-                           allowed_max_length=min(config.allowed_max_length, model.cfg.context_length))
-    train_loader = DataLoader(InstructionDataset(train_entries, tokenizer, config.prompt_style), shuffle=True,
-                              drop_last=True, seed=config.seed, group_by_length=config.group_by_length,
-                              **loader_settings)
+    train_loader = training_loader(config, tokenizer, train_entries, model.cfg.context_length)
     val_loader = DataLoader(InstructionDataset(val_entries, tokenizer, config.prompt_style),
-                            **loader_settings)
-    if len(train_loader) == 0:
-        raise ValueError(f"{len(train_entries)} training entries make no full batch of {config.batch_size}; "
-                         f"lower --batch-size")
+                            **loader_settings(config, tokenizer, model.cfg.context_length))
     optimizer = AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.beta2),
                       weight_decay=config.weight_decay)
-    state = training.restore_checkpoint(checkpoint, model, optimizer, train_loader) if resume else None
+    state = restore_checkpoint(checkpoint, model, optimizer, train_loader) if resume else None
     write_json(run_dir / "config.json", dataclasses.asdict(config))
     log(describe(config, model, train_loader, len(val_entries), len(test_entries), run_dir, state))
 
@@ -260,6 +298,26 @@ def run(config, resume=False, log=print):
     return run_dir
 
 
+def show_batch(config, rows=4, log=print):
+    """Print the first training batch of the run `config` describes, as the model sees it (the first
+    `rows` rows, see data.format_batch), and return. Nothing is trained and no run folder is made;
+    the loader is the run's own (same data, batch size, seed, masking and cut)."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    config.validate()
+    config.check_files()
+    tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
+    train_entries, _, _ = load_splits(config)
+    context_length = model_config_of(config, tokenizer).context_length
+    loader = training_loader(config, tokenizer, train_entries, context_length)
+    inputs, targets = next(iter(loader))                                    # (B, T), (B, T)
+    log(f"first training batch: {inputs.shape[0]} rows x {inputs.shape[1]} positions "
+        f"({config.prompt_style} prompts, {'prompt masked' if config.mask_prompt else 'no prompt masking'}, "
+        f"shuffled with seed {config.seed}, cut at {loader.allowed_max_length} tokens); "
+        f"target {IGNORE_INDEX}: ignored by the loss")
+    log(format_batch(inputs, targets, tokenizer, rows))
+
+
 def resume(run_dir, log=print, **overrides):
     """Continue the run in `run_dir` from its checkpoint; only RESUME_OVERRIDES settings may change."""
     run_dir = Path(run_dir)
@@ -270,7 +328,7 @@ def resume(run_dir, log=print, **overrides):
     if fixed:
         raise ValueError(f"a resumed run keeps its settings ({run_dir / 'config.json'}); it cannot change "
                          f"{', '.join(fixed)} (only {', '.join(RESUME_OVERRIDES)})")
-    config = RunConfig(**training.read_checkpoint(checkpoint)["run_config"])
+    config = RunConfig(**read_checkpoint(checkpoint)["run_config"])
     return run(dataclasses.replace(config, out_dir=str(run_dir), **overrides), resume=True, log=log)
 
 

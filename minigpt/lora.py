@@ -18,13 +18,12 @@ up-projection, not the batch size: leading axes are folded into N rows.
 import dataclasses
 import json
 import math
-import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write
+from .fileio import atomic_write, open_npz, parse_json
 from .nn import Linear, Module, Parameter
 from .ops import as_float_tensor
 from .parallel import matmul, matmul_tn
@@ -255,20 +254,11 @@ def load_adapters(model, path):
 
 def _read_adapters(path):
     """(metadata, {name: array}) of an adapters .npz, or a one-line CheckpointError."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it
-        raise CheckpointError(f"{path}: not an adapters .npz (damaged, or not written by save_adapters)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if ADAPTERS_KEY not in archive.files:
-                raise CheckpointError(f"{path}: no {ADAPTERS_KEY} entry, so not written by save_adapters")
-            meta = json.loads(str(archive[ADAPTERS_KEY][()]))
-            arrays = {name: archive[name] for name in archive.files if name != ADAPTERS_KEY}
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # a damaged member or bad JSON
-        raise CheckpointError(f"{path}: damaged adapters file ({e})") from None
+    with open_npz(path, error=CheckpointError, hint=" (not written by save_adapters)") as archive:
+        if ADAPTERS_KEY not in archive.files:
+            raise CheckpointError(f"{path}: no {ADAPTERS_KEY} entry, so not written by save_adapters")
+        meta = parse_json(str(archive[ADAPTERS_KEY][()]), f"{path}: {ADAPTERS_KEY}", CheckpointError)
+        arrays = {name: archive[name] for name in archive.files if name != ADAPTERS_KEY}
     if not _is_metadata(meta):
         raise CheckpointError(f"{path}: damaged adapters file (metadata is not {ADAPTERS_FORMAT})")
     expected = {f"{layer}.{name}" for layer in meta["layers"] for name in ADAPTER_NAMES}

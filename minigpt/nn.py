@@ -4,6 +4,8 @@ A Module finds its parameters by walking its attributes: a Parameter, a sub-Modu
 Modules (named by position, as GPT-2's `h.0`, `h.1`, ...). The dotted path of attribute names is the
 parameter's name, so a model whose attributes carry GPT-2's names loads GPT-2's checkpoints as they are.
 """
+import collections
+
 import numpy as np
 
 from . import functional as F
@@ -74,21 +76,38 @@ class Module:
         """{name: the parameter's live NumPy array}."""
         return {name: p.data for name, p in self.named_parameters()}
 
-    def load_state_dict(self, state, strict=True):
-        """Copy arrays into the parameters (cast to their dtype); name and shape mismatches are errors."""
-        params = dict(self.named_parameters())
-        missing = [name for name in params if name not in state]
-        unexpected = [name for name in state if name not in params]
-        if strict and (missing or unexpected):
-            raise ValueError(f"state does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        for name, p in params.items():
-            if name not in state:
-                continue
-            value = np.asarray(state[name])
-            if value.shape != p.shape:
-                raise ValueError(f"{name}: the state holds shape {value.shape}, the model expects {p.shape}")
-            p.data[...] = value
+    def load_state_dict(self, state):
+        """Copy {name: array} into the parameters, with load_arrays' checks (errors are ValueErrors)."""
+        self.load_arrays(state.keys(), state.__getitem__)
+
+    def load_arrays(self, names, fetch, source="state", error=ValueError):
+        """Copy the arrays `names` into the parameters of the same name (cast to their dtype).
+
+        `fetch(name)` returns one array; they are read and copied one at a time, so a large file is
+        never held in memory beside the model. Every parameter must be named exactly once, with its
+        exact shape, and no name may be left over. An error is raised as `error` (e.g. weights.py's
+        CheckpointError) and names `source` (a file, or "state") and the tensor.
+        """
+        params, counts = dict(self.named_parameters()), collections.Counter(names)
+        repeated = [name for name, count in counts.items() if count > 1]
+        if repeated:
+            raise error(f"{source}: tensor {repeated[0]} is given more than once")
+        missing = [name for name in params if name not in counts]
+        if missing:
+            raise error(f"{source}: missing tensor {missing[0]}{_and_more(missing)}")
+        unexpected = sorted(counts.keys() - params.keys())
+        if unexpected:
+            raise error(f"{source}: unexpected tensor {unexpected[0]}{_and_more(unexpected)} is not a "
+                        f"parameter of this model")
+        for name, param in params.items():
+            value = np.asarray(fetch(name))
+            if value.shape != param.shape:
+                raise error(f"{source}: tensor {name} has shape {tuple(value.shape)}, expected {param.shape}")
+            param.data[...] = value
+
+
+def _and_more(names):
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
 class Linear(Module):

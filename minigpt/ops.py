@@ -4,6 +4,14 @@ Each op is one function: the forward computes the output with NumPy; the nested 
 adds each input's gradient into `input.grad`. The docstring gives the formula (Forward), the shapes,
 one gradient formula per input (Backward) and what the backward keeps from the forward (Cache).
 `dout` is d(loss)/d(out); `dx` is d(loss)/d(x). Neural-network ops live in functional.py.
+
+Letters used in the shapes below (the same as functional.py's):
+    B  batch size              T  sequence length          C  channels (emb_dim)
+    V  vocabulary size         NH number of heads          hs head size, C / NH
+    OC output channels of a linear layer                   N  rows (B*T, or the rows a loss keeps)
+These ops take any shape: `...` stands for any leading axes, and lower-case letters (n, k, m, L) for
+sizes an op relates to each other. The examples use the letters: attention written with these plain
+ops (instead of functional.py's fused one) would reshape, permute and split exactly so.
 """
 import builtins
 
@@ -260,7 +268,13 @@ def mean(x, axis=None, keepdims=False):
 
 # ----- shapes: reshape, transpose, permute, slicing, split, concat ------------------------------------------
 def reshape(x, shape):
-    """Forward: same elements, new shape.  Backward: dx = dout.reshape(x.shape).  Cache: nothing."""
+    """The same elements in a new shape.
+
+    Forward:  out = x.reshape(shape)            e.g. (B, T, 3C) -> (B, T, 3, NH, hs)
+    Shapes:   x (any) -> out (shape), the same number of elements
+    Backward: dx = dout.reshape(x.shape)
+    Cache:    nothing (x's shape)
+    """
     x = as_float_tensor("reshape", x)
     try:
         out = x.data.reshape(shape)
@@ -270,7 +284,13 @@ def reshape(x, shape):
 
 
 def transpose(x, axis1=-2, axis2=-1):
-    """Swap two axes.  Forward: out = swapaxes(x).  Backward: dx = swapaxes(dout) (its own inverse)."""
+    """Swap two axes.
+
+    Forward:  out = swapaxes(x, axis1, axis2)   e.g. k (B, NH, T, hs) -> k^T (B, NH, hs, T)
+    Shapes:   x (..., n, m) -> out (..., m, n) with the default axes; any two axes in general
+    Backward: dx = swapaxes(dout, axis1, axis2)  (a swap is its own inverse)
+    Cache:    nothing (the two axes)
+    """
     x = as_float_tensor("transpose", x)
     _normalized_axes((axis1, axis2), x.ndim)
     return Tensor.from_op(np.swapaxes(x.data, axis1, axis2), (x,),
@@ -280,8 +300,10 @@ def transpose(x, axis1=-2, axis2=-1):
 def permute(x, axes):
     """Reorder all axes.
 
-    Forward:  out = x.transpose(axes)       e.g. (B,T,NH,hs) -> (B,NH,T,hs) with axes (0,2,1,3)
+    Forward:  out = x.transpose(axes)       e.g. (B, T, NH, hs) -> (B, NH, T, hs) with axes (0, 2, 1, 3)
+    Shapes:   x (s_0, ..., s_n-1) -> out (s_axes[0], ..., s_axes[n-1])
     Backward: dx = dout.transpose(inverse of axes)
+    Cache:    the inverse permutation
     """
     x = as_float_tensor("permute", x)
     axes = tuple(axes)
@@ -328,8 +350,12 @@ def getitem(x, index):
 def split(x, sections, axis=-1):
     """Cut x along `axis` into pieces of the given sizes (or into `sections` equal pieces).
 
-    Forward:  pieces[i] = x[..., start_i:end_i, ...]
-    Backward: each piece's gradient lands in its slice of dx (see getitem)
+    Forward:  pieces[i] = x[..., start_i:end_i, ...] along axis, start_i = the sizes before i summed
+    Shapes:   x (..., L, ...) -> pieces[i] (..., size_i, ...), sum_i size_i = L
+              e.g. qkv (B, T, 3C) -> q, k, v (B, T, C) each
+    Backward: dx = each piece's gradient in its slice, zeros elsewhere (each piece is a getitem node,
+              so the pieces' gradients add up in dx)
+    Cache:    nothing of its own; each piece's getitem keeps its slice
     """
     x = as_float_tensor("split", x)
     length = x.shape[axis]
@@ -350,6 +376,7 @@ def concat(tensors, axis=-1):
     Forward:  out = [x_0, x_1, ...] along `axis`
     Shapes:   x_i equal except along axis -> out (sum of their lengths along axis)
     Backward: dx_i = the slice of dout that x_i occupies
+    Cache:    where each x_i ends along axis (to cut dout apart)
     """
     tensors = [as_float_tensor("concat", t) for t in tensors]
     try:

@@ -2,8 +2,8 @@
 
 An entry is {"instruction", "input", "output", "chosen", "rejected"} (rasbt's
 instruction-data-with-preference.json: "chosen" is the preferred response, "rejected" the other).
-Both responses follow the same prompt, built exactly as in fine-tuning and generation (format_input +
-response header of the prompt style), and each ends with <|endoftext|>. A batch of B pairs is one
+Both responses follow the same prompt, built exactly as in fine-tuning and generation (data.build_prompt:
+prompt and response header of the prompt style), and each ends with <|endoftext|>. A batch of B pairs is one
 (2B, T) array: the B chosen sequences, then the B rejected ones, padded together so that one forward
 pass scores both. The targets keep only the response and its closing <|endoftext|>:
 
@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .data import (INSTRUCTION_KEYS, collate, format_input, load_json_entries, response_header, split_data,
+from .data import (INSTRUCTION_KEYS, build_prompt, collate, load_json_entries, split_data,
                    validate_entries)
 from .fileio import download_file
 from .tokenizer import encode
@@ -50,8 +50,7 @@ def download_preference_data(directory="data"):
 
 def split_preference_data(entries, shuffle_seed=None):
     """(train, val, test): 85% / 5% / 10% of the entries, by data.split_data (1,100 -> 935 / 55 / 110)."""
-    # split_data returns (train, test, val) today; when it returns (train, val, test), only this line changes
-    train, test, val = split_data(entries, shuffle_seed=shuffle_seed)
+    train, val, test = split_data(entries, shuffle_seed=shuffle_seed)
     return train, val, test
 
 
@@ -109,7 +108,7 @@ class PreferenceDataset:
         self.allowed_max_length = allowed_max_length
         self.chosen, self.rejected, self.prompt_lengths = [], [], []
         for i, entry in enumerate(entries):
-            prompt_ids = encode(tokenizer, format_input(entry, style) + response_header(style))
+            prompt_ids = encode(tokenizer, build_prompt(entry, style))
             if allowed_max_length is not None and len(prompt_ids) > allowed_max_length:
                 raise ValueError(f"preference data: entry {i}: the prompt is {len(prompt_ids)} tokens, more "
                                  f"than allowed_max_length {allowed_max_length}, so no response token would "

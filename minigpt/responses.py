@@ -10,15 +10,15 @@ import time
 
 import numpy as np
 
-from .data import format_input, response_header
+from .data import build_prompt
 from .generation import generate
+from .progress import format_duration
 from .tokenizer import encode
-from .training import format_duration
 
 
 def prompt_ids(tokenizer, entry, style):
     """The token ids the model is given: prompt + response header."""
-    return encode(tokenizer, format_input(entry, style) + response_header(style))
+    return encode(tokenizer, build_prompt(entry, style))
 
 
 def decode_response(tokenizer, new_ids):

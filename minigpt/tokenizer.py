@@ -19,7 +19,9 @@ import tiktoken
 import tiktoken.load
 
 EOT = "<|endoftext|>"
-TOKENIZERS = ("gpt2", "byte")
+GPT2_EOT_ID = 50256                          # <|endoftext|> in GPT-2's vocabulary (its bos, eos and padding)
+VOCAB_SIZES = {"gpt2": 50257, "byte": 257}   # tokens of each tokenizer; a model's vocab_size must match
+TOKENIZERS = tuple(VOCAB_SIZES)
 VOCAB_DIR_ENV = "MINIGPT_GPT2_VOCAB_DIR"
 
 # GPT-2's pre-tokenizer (tiktoken's r50k pattern): BPE merges never cross these pieces, which are
@@ -71,7 +73,7 @@ def _gpt2_from_files(vocab_dir):
         vocab_bpe_hash=_GPT2_FILE_SHA256["vocab.bpe"],  # makes tiktoken's file cache safe to reuse
         encoder_json_hash=_GPT2_FILE_SHA256["encoder.json"])
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=mergeable_ranks,
-                             special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+                             special_tokens={EOT: GPT2_EOT_ID}, explicit_n_vocab=VOCAB_SIZES["gpt2"])
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,7 +85,7 @@ def byte_tokenizer():
     """
     return tiktoken.Encoding(name="byte", pat_str=GPT2_SPLIT_PATTERN,
                              mergeable_ranks={bytes([b]): b for b in range(256)},
-                             special_tokens={EOT: 256}, explicit_n_vocab=257)
+                             special_tokens={EOT: 256}, explicit_n_vocab=VOCAB_SIZES["byte"])
 
 
 def get_tokenizer(name, vocab_dir=None):

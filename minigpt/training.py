@@ -1,5 +1,6 @@
 """The training loop: AdamW steps under a learning-rate schedule, periodic evaluation, early stopping
-and checkpoints that resume exactly. After rasbt's `train_model_simple` and `calc_loss_loader` (ch. 5, 7).
+and checkpoints that resume exactly (minigpt.checkpoint). After rasbt's `train_model_simple` and
+`calc_loss_loader` (ch. 5, 7).
 
 One optimizer step on a batch of inputs and targets, both (B, T):
 
@@ -16,31 +17,25 @@ Every `eval_freq` steps (and before the first, and after the last) the mean loss
 
 Exact resume: a checkpoint holds everything the next step depends on (weights, Adam's m and v and
 step counts, the training loader's position and RNG, the dropout RNG, the history, early stopping),
-so `restore_checkpoint` + `train` continue with the very losses an uninterrupted run would have had.
+so `checkpoint.restore_checkpoint` + `train` continue with the very losses an uninterrupted run
+would have had.
 Ctrl-C is held back during an update, so a checkpoint never holds a half-applied step.
 """
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import threading
 import time
-import zipfile
-from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
+from .checkpoint import BestWeights, TrainState, save_checkpoint
 from .data import DataLoader
-from .fileio import atomic_write
 from .optim import clip_grad_norm
+from .progress import format_duration
 from .tensor import no_grad
-from .weights import CONFIG_KEY, save_npz
 
 SCHEDULES = ("constant", "cosine")
-CHECKPOINT_FORMAT = "minigpt-checkpoint-1"
-STATE_KEY = "state"  # the checkpoint entry holding the JSON metadata (a 0-d unicode array)
 
 
 @dataclasses.dataclass
@@ -74,31 +69,6 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-
-
-def new_history():
-    """One list per quantity, one entry per evaluation."""
-    return {"steps": [], "epochs": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "lr": []}
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Where a run stands after its last completed step; all of it goes into the checkpoint."""
-    step: int = 0                                  # optimizer steps done
-    tokens_seen: int = 0
-    history: dict = dataclasses.field(default_factory=new_history)
-    best_val_loss: Optional[float] = None
-    best_step: Optional[int] = None
-    evals_since_best: int = 0
-    stopped_early: bool = False
-    loader_state: Optional[dict] = None            # training loader position after the last step
-    dropout_rng_state: Optional[dict] = None       # model.dropout_rng after the last step
-
-    def remember_position(self, loader, model):
-        """Snapshot the loader and dropout RNG after a completed step. Checkpoints save the snapshot, so
-        one written mid-step (on Ctrl-C, with the next batch already drawn) still matches the weights."""
-        self.loader_state = loader.state_dict()
-        self.dropout_rng_state = model.dropout_rng.bit_generator.state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,16 +136,6 @@ def epoch_progress(loader):
     return position["epoch"] - 1 + position["batches_done"] / position["num_batches"]
 
 
-def format_duration(seconds):
-    """45s, 3m12s, 2h05m."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 @contextlib.contextmanager
 def deferred_interrupt():
     """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block is done, so an
@@ -193,28 +153,6 @@ def deferred_interrupt():
         raise KeyboardInterrupt
 
 
-class BestWeights:
-    """The weights with the lowest validation loss so far: in a .npz at `path` (so they survive a
-    resume and large models need no second copy in memory), or in memory without a path."""
-
-    def __init__(self, path=None):
-        self.path = None if path is None else Path(path)
-        self.arrays = None
-
-    def save(self, model):
-        if self.path is not None:
-            save_npz(model, self.path)
-        else:
-            self.arrays = {name: value.copy() for name, value in model.state_dict().items()}
-
-    def restore(self, model):
-        if self.path is None:
-            model.load_state_dict(self.arrays)
-            return
-        with np.load(self.path, allow_pickle=False) as archive:
-            model.load_state_dict({name: archive[name] for name in archive.files if name != CONFIG_KEY})
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -223,9 +161,10 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
     """Train until config.epochs epochs, config.max_steps steps or early stopping; return the TrainState
     (its `.history` holds the evaluations).
 
-    state: a TrainState from `restore_checkpoint` to continue a run (None: start).
-    checkpoint_path: where `save_checkpoint` writes (with `run_config`, any JSON-able dict) at every
-        evaluation or every config.checkpoint_every steps, at the end, and on Ctrl-C before re-raising.
+    state: a TrainState from `checkpoint.restore_checkpoint` to continue a run (None: start).
+    checkpoint_path: where `checkpoint.save_checkpoint` writes (with `run_config`, any JSON-able dict)
+        at every evaluation or every config.checkpoint_every steps, at the end, and on Ctrl-C before
+        re-raising.
     best_path: a .npz kept holding the best weights (None: kept in memory). When early stopping ends
         the run, the model is left holding them.
     on_step(state), on_epoch_end(state): called after every step and after every epoch.
@@ -345,78 +284,3 @@ class Evaluator:
             state.stopped_early = patience is not None and state.evals_since_best >= patience
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-def save_checkpoint(path, model, optimizer, state, run_config=None):
-    """Write everything a run needs to continue exactly to ONE .npz, atomically (temp file + rename).
-
-    Arrays:  model/<parameter name>, optimizer/exp_avg/<i>, optimizer/exp_avg_sq/<i> (Adam's m and v)
-    "state": JSON in a 0-d unicode array (loads without pickle): the model's GPTConfig, the optimizer's
-             scalars (lr, betas, eps, weight_decay, per-parameter steps), the TrainState (step, tokens,
-             history, early stopping, loader position and RNG, dropout RNG) and `run_config`.
-    """
-    arrays = {f"model/{name}": value for name, value in model.state_dict().items()}
-    for key in ("exp_avg", "exp_avg_sq"):  # the live arrays: no copy of a model-sized state
-        arrays.update({f"optimizer/{key}/{i}": value for i, value in enumerate(getattr(optimizer, key))})
-    meta = {"format": CHECKPOINT_FORMAT,
-            "model_config": dataclasses.asdict(model.cfg),
-            "optimizer": {"lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
-                          "weight_decay": optimizer.weight_decay, "steps": list(optimizer.steps)},
-            "train_state": dataclasses.asdict(state),
-            "run_config": run_config}
-    arrays[STATE_KEY] = np.array(json.dumps(meta))
-    with atomic_write(path) as f:
-        np.savez(f, **arrays)
-    return Path(path)
-
-
-def read_checkpoint(path):
-    """A checkpoint's JSON metadata (model_config, optimizer, train_state, run_config); no arrays."""
-    with _open_checkpoint(path) as archive:
-        return _metadata(path, archive)
-
-
-def restore_checkpoint(path, model, optimizer, train_loader):
-    """Load a checkpoint into model, optimizer, the loader's position and the dropout RNG -> TrainState."""
-    with _open_checkpoint(path) as archive:
-        meta = _metadata(path, archive)
-        names = [name for name in archive.files if name.startswith("model/")]
-        params = dict(model.named_parameters())
-        if sorted(names) != sorted(f"model/{name}" for name in params):
-            raise ValueError(f"{path}: the checkpoint's parameters do not match the model")
-        for name, param in params.items():
-            value = archive[f"model/{name}"]
-            if value.shape != param.shape:
-                raise ValueError(f"{path}: {name} has shape {value.shape}, the model expects {param.shape}")
-            param.data[...] = value
-        n = len(optimizer.params)
-        optimizer.load_state_dict({**meta["optimizer"], **{
-            key: [archive[f"optimizer/{key}/{i}"] for i in range(n)] for key in ("exp_avg", "exp_avg_sq")}})
-    state = TrainState(**meta["train_state"])
-    train_loader.load_state_dict(state.loader_state)
-    model.dropout_rng.bit_generator.state = state.dropout_rng_state
-    return state
-
-
-@contextlib.contextmanager
-def _open_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it
-        raise ValueError(f"{path}: damaged checkpoint (not an .npz archive)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            yield archive
-    except (zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise ValueError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
-
-
-def _metadata(path, archive):
-    if STATE_KEY not in archive.files:
-        raise ValueError(f"{path}: not a minigpt checkpoint (no {STATE_KEY!r} entry)")
-    meta = json.loads(str(archive[STATE_KEY][()]))
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    return meta

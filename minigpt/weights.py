@@ -17,14 +17,14 @@ import dataclasses
 import json
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from minigpt.fileio import atomic_write, download_file, parse_json, write_json
+from minigpt.fileio import atomic_write, download_file, open_npz, parse_json, write_json
 from minigpt.model import GPT2_PRESETS, GPTConfig, GPTModel
 from minigpt.safetensors import CheckpointError, read_safetensors, write_safetensors
+from minigpt.tokenizer import GPT2_EOT_ID
 
 # Preset name -> the Hugging Face hub repository holding its weights.
 HUB_REPOS = {
@@ -40,7 +40,7 @@ CONFIG_KEY = "__config__"  # the .npz entry holding the GPTConfig as a JSON stri
 HF_PREFIX = "transformer."  # save_pretrained nests GPT2Model inside GPT2LMHeadModel.transformer
 HF_WEIGHTS_NAME = "model.safetensors"
 HF_CONFIG_NAME = "config.json"
-GPT2_EOT_ID = 50256  # <|endoftext|>, GPT-2's bos and eos token
+NPZ_HINT = "; expected one written by minigpt (python -m minigpt.convert makes one from Hugging Face weights)"
 # Activations equal to minigpt's GELU (the tanh approximation), under transformers' names.
 HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5
@@ -71,7 +71,7 @@ def load_hf_gpt2(path, dtype=np.float32):
     params = _hf_parameters(weights_file, tensors)
     cfg = _infer_config(weights_file, params, hf_config)
     model = GPTModel(cfg, dtype=dtype)
-    _copy_into(weights_file, model, params.keys(), params.__getitem__)
+    model.load_arrays(params.keys(), params.__getitem__, source=weights_file, error=CheckpointError)
     return model
 
 
@@ -222,31 +222,6 @@ def _preset_n_heads(emb_dim, n_layers):
     return None
 
 
-def _copy_into(source, model, names, load):
-    """Copy the tensors `names` (fetched one at a time by `load(name)`) into `model`'s parameters.
-
-    Every parameter must be present with its exact shape and every tensor must be a parameter.
-    Arrays are copied into the live parameters one by one, so a large .npz is never held in memory
-    beside the model.
-    """
-    live, names = model.state_dict(), set(names)
-    missing = [name for name in live if name not in names]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{source}: missing tensor {missing[0]}{more}")
-    unexpected = sorted(names - live.keys())
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]}{more} is not a parameter "
-                              f"of this GPT-2 configuration")
-    for name, param in live.items():
-        value = load(name)
-        if value.shape != param.shape:
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(value.shape)}, "
-                                  f"expected {param.shape}")
-        param[...] = value  # casts to the model's dtype
-
-
 # ----------------------------------------------------------------------------- minigpt's .npz
 
 def save_npz(model, path):
@@ -260,28 +235,23 @@ def save_npz(model, path):
 
 def load_npz(path, dtype=np.float32):
     """Load a .npz written by `save_npz` -> GPTModel (never unpickles anything)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not an .npz archive; expected one written by minigpt "
-                              f"(python -m minigpt.convert makes one from Hugging Face weights)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if CONFIG_KEY not in archive.files:
-                raise CheckpointError(f"{path}: no {CONFIG_KEY} entry, so not written by minigpt's save_npz")
-            cfg = _config_from_json(path, archive[CONFIG_KEY])
-            model = GPTModel(cfg, dtype=dtype)
-            names = [name for name in archive.files if name != CONFIG_KEY]
-            _copy_into(path, model, names, archive.__getitem__)
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # a damaged member, or a pickled one
-        raise CheckpointError(f"{path}: corrupt .npz archive ({e})") from None
+    with open_npz(path, error=CheckpointError, hint=NPZ_HINT) as archive:
+        model = GPTModel(_npz_config(path, archive), dtype=dtype)
+        names = [name for name in archive.files if name != CONFIG_KEY]
+        model.load_arrays(names, archive.__getitem__, source=path, error=CheckpointError)
     return model
 
 
-def _config_from_json(path, stored):
+def read_npz_config(path):
+    """The GPTConfig of a .npz written by `save_npz`, without reading its weights."""
+    with open_npz(path, error=CheckpointError, hint=NPZ_HINT) as archive:
+        return _npz_config(path, archive)
+
+
+def _npz_config(path, archive):
+    if CONFIG_KEY not in archive.files:
+        raise CheckpointError(f"{path}: no {CONFIG_KEY} entry, so not written by minigpt's save_npz")
+    stored = archive[CONFIG_KEY]  # a 0-d unicode array
     fields = parse_json(str(stored[()]), f"{path}: {CONFIG_KEY}", CheckpointError)
     try:
         return GPTConfig(**fields)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from minigpt import data
-from minigpt.data import (DataLoader, InstructionDataset, collate, format_example, format_input,
+from minigpt.data import (DataLoader, InstructionDataset, build_prompt, collate, format_example, format_input,
                           load_instruction_data, response_header, split_data)
 from minigpt.functional import IGNORE_INDEX
 from minigpt.tokenizer import byte_tokenizer, encode, gpt2_tokenizer
@@ -118,6 +118,7 @@ def test_phi3_prompt_exact_text():
     assert format_input(WITH_INPUT, "phi3") == ("<|user|>\nEdit the following sentence for grammar.\n"
                                                 "He go to the park every day.")
     assert format_input(NO_INPUT, "phi3") == "<|user|>\nConvert 45 kilometers to meters."
+    assert build_prompt(NO_INPUT, "phi3") == "<|user|>\nConvert 45 kilometers to meters.\n<|assistant|>:\n"
     assert format_example(NO_INPUT, "phi3") == ("<|user|>\nConvert 45 kilometers to meters.\n<|assistant|>:\n"
                                                 "45 kilometers is 45000 meters.")
 
@@ -132,16 +133,16 @@ def test_unknown_style_lists_choices():
 
 @pytest.mark.skipif(not (SHARED_DATA / "instruction-data.json").is_file(), reason="shared dataset absent")
 def test_split_sizes_on_the_reference_dataset():
-    train, test, val = split_data(load_instruction_data(SHARED_DATA / "instruction-data.json"))
-    assert (len(train), len(test), len(val)) == (935, 110, 55)
+    train, val, test = split_data(load_instruction_data(SHARED_DATA / "instruction-data.json"))
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
 
 
 def test_split_sizes_and_order(tmp_path):
     entries = load_instruction_data(write(tmp_path, synthetic_entries(1100)))
-    train, test, val = split_data(entries)
-    assert (len(train), len(test), len(val)) == (935, 110, 55)
-    assert train + test + val == entries  # unshuffled: consecutive slices
-    assert [len(part) for part in split_data(entries[:20])] == [17, 2, 1]  # int(17.0), int(2.0), rest
+    train, val, test = split_data(entries)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train + test + val == entries  # consecutive slices; test comes before val, as in the reference
+    assert [len(part) for part in split_data(entries[:20])] == [17, 1, 2]  # int(17.0), rest, int(2.0)
 
 
 def test_split_shuffle_is_seeded_and_leaves_input_alone():

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from minigpt import GPTConfig, GPTModel, Tensor, functional as F, gradcheck, no_grad, ops
-from minigpt.dpo import (batch_logprobs, dpo_batch_loss, dpo_loss, reference_logprobs, reward_metrics,
+from minigpt import GPTConfig, GPTModel, Tensor, functional as F, gradcheck, no_grad
+from minigpt.dpo import (dpo_batch_loss, dpo_loss, reference_logprobs, reward_metrics,
                          sequence_logprobs)
 from minigpt.optim import Adam
 from minigpt.preference import PreferenceDataset

@@ -118,11 +118,11 @@ def test_instruction_is_wrapped_in_the_prompt_style(checkpoints, capsys, style):
     assert out == expected_text(checkpoints["model"], get_tokenizer("byte"), prompt) + "\n"
 
 
-def test_build_prompt_matches_the_fine_tuning_format():
-    prompt = cli.build_prompt("Say hi.", "alpaca")
+def test_prompt_text_matches_the_fine_tuning_format():
+    prompt = cli.prompt_text("Say hi.", "alpaca")
     assert prompt == format_input({"instruction": "Say hi."}) + "\n\n### Response:\n"
     assert prompt.startswith("Below is an instruction") and "### Input" not in prompt
-    assert cli.build_prompt("Say hi.", "alpaca", raw=True) == "Say hi."
+    assert cli.prompt_text("Say hi.", "alpaca", raw=True) == "Say hi."
 
 
 def test_model_name_loads_the_cached_pretrained_npz(checkpoints, tmp_path, capsys, monkeypatch):
@@ -140,7 +140,7 @@ def test_interactive_answers_each_line_until_quit(checkpoints, capsys, monkeypat
                              capsys, monkeypatch=monkeypatch,
                              stdin="Name a color.\nCount to three.\nquit\nnever read\n")
     model, tokenizer = checkpoints["model"], get_tokenizer("byte")
-    answers = [expected_text(model, tokenizer, cli.build_prompt(line, "alpaca"))
+    answers = [expected_text(model, tokenizer, cli.prompt_text(line, "alpaca"))
                for line in ("Name a color.", "Count to three.")]
     assert (code, err) == (0, "")  # no prompt marker on stderr when stdin is not a terminal
     assert out == answers[0] + "\n" + answers[1] + "\n"

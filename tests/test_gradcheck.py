@@ -1,7 +1,8 @@
 """Every differentiable op against central finite differences in float64 (relative error <= 1e-6).
 
 OP_CASES is the registry: op name -> cases, each a function of a Generator returning (fn, inputs).
-test_every_op_is_registered fails when an op of ops.py, functional.py, lora.py or dpo.py has no case here.
+test_every_op_is_registered_and_documented fails when an op of ops.py, functional.py, lora.py or dpo.py
+has no case here, or lacks the four docstring sections (Forward, Shapes, Backward, Cache).
 """
 import inspect
 import zlib
@@ -150,12 +151,18 @@ def differentiable_ops():
     return found
 
 
-def test_every_op_is_registered():
+DOCSTRING_SECTIONS = ("Forward:", "Shapes:", "Backward:", "Cache:")
+
+
+def test_every_op_is_registered_and_documented():
     missing = differentiable_ops() - set(OP_CASES)
     assert not missing, f"ops without a finite-difference case in OP_CASES: {sorted(missing)}"
     for name in differentiable_ops():
-        op = next(getattr(module, name) for module in OP_MODULES if hasattr(module, name))
-        assert "Backward:" in op.__doc__, f"{name}'s docstring does not state its gradient"
+        doc = next(getattr(module, name) for module in OP_MODULES if hasattr(module, name)).__doc__ or ""
+        absent = [section for section in DOCSTRING_SECTIONS if section not in doc]
+        assert not absent, f"{name}'s docstring lacks {', '.join(absent)}"
+        positions = [doc.index(section) for section in DOCSTRING_SECTIONS]
+        assert positions == sorted(positions), f"{name}'s docstring sections are out of order"
 
 
 CASES = [(name, i) for name, cases in OP_CASES.items() for i in range(len(cases))]

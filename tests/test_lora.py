@@ -313,10 +313,10 @@ def test_adapters_that_do_not_fit_are_refused_and_the_model_is_untouched(tmp_pat
     refused_file("adapters for a different base: theirs has n_layers 2, this model 3",
                  model=tiny_model(n_layers=3))
     refused_file("adapters for a different base: same shapes, but not the weights", model=tiny_model(seed=1))
-    refused_file("not an adapters .npz", data=b"not a zip file")
+    refused_file("not an .npz archive", data=b"not a zip file")
     damaged = bytearray(good.read_bytes())
     damaged[len(damaged) // 3] ^= 0xFF                                       # one byte of A's data flipped
-    refused_file("damaged adapters file", data=bytes(damaged))
+    refused_file("damaged .npz archive", data=bytes(damaged))
     refused_file("LoRA rank must be a positive integer, got 0", rank=0)
     refused_file("LoRA alpha must be a positive number, got -1", alpha=-1)
     refused_file(r"LoRA rank 9 is larger than layer h.0.attn.c_attn \(8 -> 24\): at most 8", rank=9)

@@ -124,11 +124,16 @@ def test_state_dict_round_trip_and_mismatch_errors():
     b.load_state_dict(a.state_dict())
     idx = np.array([[1, 2, 3]])
     np.testing.assert_array_equal(a(idx).data, b(idx).data)
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match=r"state: missing tensor wpe.weight \(and \d+ more\)"):
         b.load_state_dict({"wte.weight": a.wte.weight.data})
+    with pytest.raises(ValueError, match="unexpected tensor lm_head.weight is not a parameter"):
+        b.load_state_dict(dict(a.state_dict(), **{"lm_head.weight": a.wte.weight.data}))
     bad = dict(a.state_dict(), **{"wpe.weight": np.zeros((3, 3))})
-    with pytest.raises(ValueError, match=r"wpe.weight: the state holds shape \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"state: tensor wpe.weight has shape \(3, 3\), expected"):
         b.load_state_dict(bad)
+    names = list(a.state_dict()) + ["wpe.weight"]
+    with pytest.raises(ValueError, match="tensor wpe.weight is given more than once"):
+        b.load_arrays(names, a.state_dict().__getitem__)
 
 
 def test_bad_inputs_get_clear_errors():

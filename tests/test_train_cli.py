@@ -74,7 +74,7 @@ def test_weights_file_with_byte_tokenizer_and_a_json_dataset(tmp_path, capsys):
     config = read(run_dir / "config.json")  # the reference recipe, because the run starts from weights
     assert (config["prompt_style"], config["lr"], config["schedule"], config["mask_prompt"]) == (
         "alpaca", 5e-5, "constant", False)
-    assert len(read(run_dir / "test-responses.json")) == 4  # 40 entries -> 34 / 4 test / 2 val
+    assert len(read(run_dir / "test-responses.json")) == 4  # 40 entries -> 34 train / 2 val / 4 test
     metrics = read(run_dir / "metrics.json")
     assert metrics["exact_match_by_task"] == {} and metrics["judge"] is None
     assert (run_dir / "model-final-hf" / "model.safetensors").is_file()
@@ -140,6 +140,12 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, mes
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_json_dataset_too_small_to_split_names_the_parts(tmp_path, capsys):
+    assert train.main(["--data", str(instruction_file(tmp_path, n=5)), "--out-dir", str(tmp_path / "run")]) == 2
+    assert "4 train / 1 validation / 0 test entries after the 85% / 5% / 10% split" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_model_in_a_real_process_gives_no_traceback(tmp_path):

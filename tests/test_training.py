@@ -8,12 +8,12 @@ import numpy.lib.format
 import pytest
 
 from minigpt import GPTConfig, GPTModel, is_grad_enabled, training
+from minigpt.checkpoint import TrainState, read_checkpoint, restore_checkpoint, save_checkpoint
 from minigpt.data import DataLoader, InstructionDataset
 from minigpt.optim import AdamW
 from minigpt.tasks import make_task_splits
 from minigpt.tokenizer import byte_tokenizer
-from minigpt.training import (TrainConfig, calc_loss_loader, deferred_interrupt, learning_rate,
-                              read_checkpoint, restore_checkpoint, save_checkpoint, train)
+from minigpt.training import TrainConfig, calc_loss_loader, deferred_interrupt, learning_rate, train
 
 TINY = GPTConfig(vocab_size=257, context_length=64, emb_dim=16, n_heads=2, n_layers=1)
 
@@ -233,12 +233,22 @@ def test_checkpoint_is_plain_arrays_and_json(tmp_path):
 
 def test_restoring_into_a_different_model_or_a_missing_file_fails_clearly(tmp_path):
     model, optimizer, train_loader, val_loader = setup()
-    save_checkpoint(tmp_path / "c.npz", model, optimizer, training.TrainState())
+    save_checkpoint(tmp_path / "c.npz", model, optimizer, TrainState())
     other = GPTModel(GPTConfig(vocab_size=257, context_length=64, emb_dim=16, n_heads=2, n_layers=2))
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match=r"c.npz: missing tensor h.1.ln_1.weight \(and \d+ more\)"):
         restore_checkpoint(tmp_path / "c.npz", other, AdamW(other.parameters()), train_loader)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="missing.npz: no such file"):
         read_checkpoint(tmp_path / "missing.npz")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="damaged"):
+    with pytest.raises(ValueError, match="bad.npz: not an .npz archive"):
         read_checkpoint(tmp_path / "bad.npz")
+
+
+def test_a_damaged_checkpoint_entry_is_one_clear_error(tmp_path):
+    model, optimizer, train_loader, _ = setup()
+    path = save_checkpoint(tmp_path / "c.npz", model, optimizer, TrainState())
+    data = bytearray(path.read_bytes())
+    data[data.index(model.wte.weight.data.tobytes()[:64]) + 10] ^= 0xFF  # one damaged byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"c.npz: damaged .npz archive \(entry 'model/wte.weight': Bad CRC"):
+        restore_checkpoint(path, model, optimizer, train_loader)

@@ -275,7 +275,7 @@ def test_bad_npz_files(tmp_path):
         write_npz(tmp_path / "misshaped.npz", __config__=config,
                   **{**state, "wte.weight": np.ones((50, 4))}): "tensor wte.weight has shape (50, 4)",
         write_npz(tmp_path / "object.npz", __config__=config,
-                  **{**state, "wte.weight": np.array([None], dtype=object)}): "corrupt .npz",
+                  **{**state, "wte.weight": np.array([None], dtype=object)}): "damaged .npz archive",
     }
     for path, message in cases.items():
         with pytest.raises(CheckpointError, match=re.escape(message)):

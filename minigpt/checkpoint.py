@@ -1,0 +1,122 @@
+"""Checkpoints: everything a run needs to continue exactly, in ONE .npz; and the best weights so far.
+
+A checkpoint holds the weights, Adam's m and v and step counts, and a TrainState: where the run
+stands after its last completed step (step and token counts, the history, early stopping, the
+training loader's position and RNG, the dropout RNG). `restore_checkpoint` puts all of it back, so
+`minigpt.training.train` continues with the very losses an uninterrupted run would have had.
+Files are plain arrays plus JSON (no pickle) and are written atomically.
+"""
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .fileio import atomic_write, open_npz, parse_json
+from .weights import CONFIG_KEY, save_npz
+
+CHECKPOINT_FORMAT = "minigpt-checkpoint-1"
+STATE_KEY = "state"  # the checkpoint entry holding the JSON metadata (a 0-d unicode array)
+
+
+def new_history():
+    """One list per quantity, one entry per evaluation."""
+    return {"steps": [], "epochs": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "lr": []}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a run stands after its last completed step; all of it goes into the checkpoint."""
+    step: int = 0                                  # optimizer steps done
+    tokens_seen: int = 0
+    history: dict = dataclasses.field(default_factory=new_history)
+    best_val_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    loader_state: Optional[dict] = None            # training loader position after the last step
+    dropout_rng_state: Optional[dict] = None       # model.dropout_rng after the last step
+
+    def remember_position(self, loader, model):
+        """Snapshot the loader and dropout RNG after a completed step. Checkpoints save the snapshot, so
+        one written mid-step (on Ctrl-C, with the next batch already drawn) still matches the weights."""
+        self.loader_state = loader.state_dict()
+        self.dropout_rng_state = model.dropout_rng.bit_generator.state
+
+
+class BestWeights:
+    """The weights with the lowest validation loss so far: in a .npz at `path` (so they survive a
+    resume and large models need no second copy in memory), or in memory without a path."""
+
+    def __init__(self, path=None):
+        self.path = None if path is None else Path(path)
+        self.arrays = None
+
+    def save(self, model):
+        if self.path is not None:
+            save_npz(model, self.path)
+        else:
+            self.arrays = {name: value.copy() for name, value in model.state_dict().items()}
+
+    def restore(self, model):
+        if self.path is None:
+            model.load_state_dict(self.arrays)
+            return
+        with open_npz(self.path) as archive:
+            names = [name for name in archive.files if name != CONFIG_KEY]
+            model.load_arrays(names, archive.__getitem__, source=self.path)
+
+
+def save_checkpoint(path, model, optimizer, state, run_config=None):
+    """Write everything a run needs to continue exactly to ONE .npz, atomically (temp file + rename).
+
+    Arrays:  model/<parameter name>, optimizer/exp_avg/<i>, optimizer/exp_avg_sq/<i> (Adam's m and v)
+    "state": JSON in a 0-d unicode array (loads without pickle): the model's GPTConfig, the optimizer's
+             scalars (lr, betas, eps, weight_decay, per-parameter steps), the TrainState (step, tokens,
+             history, early stopping, loader position and RNG, dropout RNG) and `run_config`.
+    """
+    arrays = {f"model/{name}": value for name, value in model.state_dict().items()}
+    for key in ("exp_avg", "exp_avg_sq"):  # the live arrays: no copy of a model-sized state
+        arrays.update({f"optimizer/{key}/{i}": value for i, value in enumerate(getattr(optimizer, key))})
+    meta = {"format": CHECKPOINT_FORMAT,
+            "model_config": dataclasses.asdict(model.cfg),
+            "optimizer": {"lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
+                          "weight_decay": optimizer.weight_decay, "steps": list(optimizer.steps)},
+            "train_state": dataclasses.asdict(state),
+            "run_config": run_config}
+    arrays[STATE_KEY] = np.array(json.dumps(meta))
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+    return Path(path)
+
+
+def read_checkpoint(path):
+    """A checkpoint's JSON metadata (model_config, optimizer, train_state, run_config); no arrays."""
+    with open_npz(path) as archive:
+        return _metadata(path, archive)
+
+
+def restore_checkpoint(path, model, optimizer, train_loader):
+    """Load a checkpoint into model, optimizer, the loader's position and the dropout RNG -> TrainState."""
+    with open_npz(path) as archive:
+        meta = _metadata(path, archive)
+        names = [name.removeprefix("model/") for name in archive.files if name.startswith("model/")]
+        model.load_arrays(names, lambda name: archive[f"model/{name}"], source=path)
+        n = len(optimizer.params)
+        optimizer.load_state_dict({**meta["optimizer"], **{
+            key: [archive[f"optimizer/{key}/{i}"] for i in range(n)] for key in ("exp_avg", "exp_avg_sq")}})
+    state = TrainState(**meta["train_state"])
+    train_loader.load_state_dict(state.loader_state)
+    model.dropout_rng.bit_generator.state = state.dropout_rng_state
+    return state
+
+
+def _metadata(path, archive):
+    if STATE_KEY not in archive.files:
+        raise ValueError(f"{path}: not a minigpt checkpoint (no {STATE_KEY!r} entry)")
+    meta = parse_json(str(archive[STATE_KEY][()]), f"{path}: {STATE_KEY}")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path}: checkpoint format {found!r}, expected {CHECKPOINT_FORMAT!r}")
+    return meta
