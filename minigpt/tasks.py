@@ -15,8 +15,21 @@ letters make the next output ambiguous to locate), 2-6 words to count, and a two
 one-digit number (two two-digit numbers needed several times the training). The instructions are
 short because every prompt token costs compute in every layer, while only the answer is learned.
 
+One more kind is never in the default mix; it is there to teach a trained model something new
+(README, "LoRA": a default run's model learns it through adapters alone, `--data tasks:swapcase,...`):
+
+    swapcase   "Swap case"    "kQzT"           -> "KqZt"     maps each letter by its case
+
+It is clearly new, yet within reach of a few hundred adapter steps: its inputs mix upper and lower
+case (the default kinds only ever show lower case) and half of its letters map the other way from
+uppercase, while the reading pattern, output position i reads input i, is one the model already has.
+(Subtracting was rejected: the model's addition is its weakest kind; doubling each letter is
+ambiguous to track on repeated letters.)
+
 Entries use the Alpaca layout plus "task": {"instruction", "input", "output", "task"}.
 """
+import math
+
 import numpy as np
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -32,8 +45,11 @@ INSTRUCTIONS = {
     "uppercase": "Uppercase",
     "count": "Count words",
     "add": "Add",
+    "swapcase": "Swap case",
 }
-TASKS = tuple(INSTRUCTIONS)
+TASKS = ("reverse", "sort", "uppercase", "count", "add")   # the default mix
+KINDS = tuple(INSTRUCTIONS)                                 # every kind: the default mix and the new one
+DATA_PREFIX = "tasks:"                                      # --data tasks:KIND,KIND selects kinds
 
 
 def _word(rng, lengths, distinct=False):
@@ -59,8 +75,13 @@ def make_example(task, rng):
         a = int(rng.integers(ADD_FIRST[0], ADD_FIRST[1] + 1))
         b = int(rng.integers(ADD_SECOND[0], ADD_SECOND[1] + 1))
         text, answer = f"{a}+{b}", str(a + b)
+    elif task == "swapcase":
+        word = _word(rng, WORD_LETTERS)
+        upper = rng.random(len(word)) < 0.5                       # each letter's case, a fair coin
+        text = "".join(c.upper() if up else c for c, up in zip(word, upper))
+        answer = text.swapcase()
     else:
-        raise ValueError(f"unknown task {task!r}; choose from: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; choose from: {', '.join(KINDS)}")
     return {"instruction": INSTRUCTIONS[task], "input": text, "output": answer, "task": task}
 
 
@@ -83,20 +104,55 @@ def _draw(n, tasks, rng, held_out, unique):
 
 
 def make_task_splits(seed=0, n_train=20000, n_val=250, n_test=500, tasks=TASKS):
-    """(train, val, test), deterministic for a seed; no val or test prompt ever appears in train.
+    """(train, val, test) of the kinds `tasks`, deterministic for a seed; no val or test prompt ever
+    appears in train. Training draws the kinds in turn: a kind listed k times is drawn k times as often.
 
     Test and validation prompts are drawn first, each distinct, and held out; training entries are
     drawn from everything else (a prompt may recur in train: addition has only 810 of them).
+    The held-out prompts of the default kinds are always the default dataset's (drawn first, from
+    the same stream, then filtered to `tasks`), so a run on a selection of kinds is tested on the
+    very prompts a default run held out and never trains on them: scores before and after teaching
+    a model a new kind are held-out scores of the same prompts. A kind outside TASKS gets as many
+    test and validation prompts as the first default kind, drawn next.
     """
     unknown = [task for task in tasks if task not in INSTRUCTIONS]
     if unknown or not tasks:
-        raise ValueError(f"unknown task kinds {unknown}; choose from: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task kinds {unknown}; choose from: {', '.join(KINDS)}")
     rng = np.random.default_rng(seed)
     held_out = set()
-    test = _draw(n_test, tasks, rng, held_out, unique=True)
-    val = _draw(n_val, tasks, rng, held_out, unique=True)
+    test = _draw(n_test, TASKS, rng, held_out, unique=True)
+    val = _draw(n_val, TASKS, rng, held_out, unique=True)
+    new = [task for task in dict.fromkeys(tasks) if task not in TASKS]
+    if new:
+        test += _draw(len(new) * math.ceil(n_test / len(TASKS)), new, rng, held_out, unique=True)
+        val += _draw(len(new) * math.ceil(n_val / len(TASKS)), new, rng, held_out, unique=True)
+    test, val = ([entry for entry in split if entry["task"] in tasks] for split in (test, val))
     train = _draw(n_train, tasks, rng, held_out, unique=False)
     return train, val, test
+
+
+def selected_kinds(data):
+    """The task kinds a --data value names, in the turns training draws them: 'tasks' -> TASKS;
+    'tasks:swapcase,add' -> ('swapcase', 'add'); 'tasks:swapcase*3,add' -> swapcase 3 times as often:
+    ('swapcase', 'swapcase', 'swapcase', 'add'). None for anything else (a dataset file). An unknown
+    kind, a kind named twice or a weight that is not a positive integer raises a one-line ValueError."""
+    if data == "tasks":
+        return TASKS
+    if not data.startswith(DATA_PREFIX):
+        return None
+    turns, named = [], set()
+    for item in data[len(DATA_PREFIX):].split(","):
+        kind, _, weight = (part.strip() for part in item.partition("*"))
+        if kind not in INSTRUCTIONS:
+            raise ValueError(f"unknown task kind {kind!r} in --data {data}; "
+                             f"choose from: {', '.join(KINDS)}")
+        if kind in named:
+            raise ValueError(f"--data {data} names the task kind {kind} twice")
+        if weight and not (weight.isdigit() and int(weight) > 0):
+            raise ValueError(f"--data {data}: the weight of {kind} must be a positive integer, got {weight!r}")
+        named.add(kind)
+        turns += [kind] * int(weight or 1)
+    return tuple(turns)
 
 
 def exact_match_by_task(entries, responses):

@@ -1,4 +1,7 @@
-"""The built-in task dataset: deterministic, held out, and every answer right."""
+"""The built-in task dataset: deterministic, held out, and every answer right; selections of kinds."""
+import hashlib
+import json
+
 import pytest
 
 from minigpt import tasks
@@ -25,6 +28,8 @@ def solve(e):
     if task == "add":
         a, b = x.split("+")
         return str(int(a) + int(b))
+    if task == "swapcase":
+        return bytes(b ^ 0x20 for b in x.encode("ascii")).decode("ascii")  # ASCII: case is bit 5
     raise AssertionError(f"no independent solver for task {task!r}")
 
 
@@ -88,8 +93,58 @@ def test_exact_match_by_task():
 
 
 def test_asking_for_more_prompts_than_exist_fails_clearly():
-    # add has 90 * 9 = 810 distinct prompts: 900 held-out test prompts cannot exist
+    # add has 90 * 9 = 810 distinct prompts: 4,500 held-out test prompts, 900 of them additions, cannot exist
     with pytest.raises(ValueError, match="ran out of prompts"):
-        tasks.make_task_splits(seed=0, n_train=10, n_val=0, n_test=900, tasks=("add",))
+        tasks.make_task_splits(seed=0, n_train=10, n_val=0, n_test=4500, tasks=("add",))
     with pytest.raises(ValueError, match="unknown task kinds"):
         tasks.make_task_splits(tasks=("divide",))
+
+
+def test_the_default_dataset_is_unchanged_by_the_kinds_outside_the_mix():
+    """SHA-256 of the default run's test and validation sets and its first 1,000 training entries (the
+    train split is drawn one entry at a time, after them), as generated at commit c480504, before
+    `swapcase` existed: adding a kind must not change what `python train.py` trains and tests on."""
+    splits = tasks.make_task_splits(seed=0, n_train=1000, n_val=250, n_test=500)
+    assert hashlib.sha256(json.dumps(splits).encode()).hexdigest() == \
+        "48800d8a2d26fd075ad6084aa3a990c79e3911613eebe9d7dc4007c9544dc2ff"
+    assert tasks.TASKS == ("reverse", "sort", "uppercase", "count", "add")
+    assert "swapcase" in tasks.KINDS and "swapcase" not in tasks.TASKS
+
+
+def test_a_selection_is_tested_on_the_default_held_out_prompts_plus_the_new_kind(splits):
+    kinds = ("swapcase", "add", "reverse")
+    train, val, test = tasks.make_task_splits(seed=0, tasks=kinds, **SIZES)
+    for default_split, split, n in ((splits[1], val, SIZES["n_val"]), (splits[2], test, SIZES["n_test"])):
+        old = [e for e in default_split if e["task"] in kinds]
+        assert split[:len(old)] == old                                # the default run's held-out prompts
+        new = split[len(old):]
+        assert len(new) == n // len(tasks.TASKS) and {e["task"] for e in new} == {"swapcase"}
+    assert {e["task"] for e in train} == set(kinds) and len(train) == SIZES["n_train"]
+    held_out = {prompt(e) for split in splits[1:] for e in split} | {prompt(e) for e in val + test}
+    assert not {prompt(e) for e in train} & held_out                  # not even the default's other kinds
+    for e in train + val + test:
+        assert e["output"] == solve(e), e
+    swapped = [e for e in test if e["task"] == "swapcase"]
+    assert any(e["input"].islower() for e in swapped) is not all(e["input"].islower() for e in swapped)
+    assert all(e["input"] != e["output"] for e in swapped)
+
+
+def test_data_names_select_kinds():
+    assert tasks.selected_kinds("tasks") == tasks.TASKS
+    assert tasks.selected_kinds("tasks:swapcase, add") == ("swapcase", "add")
+    assert tasks.selected_kinds("my-data.json") is None
+    with pytest.raises(ValueError, match="unknown task kind 'divide' in --data tasks:add,divide; choose"):
+        tasks.selected_kinds("tasks:add,divide")
+    with pytest.raises(ValueError, match="names the task kind add twice"):
+        tasks.selected_kinds("tasks:add,add*2")
+    assert tasks.selected_kinds("tasks:swapcase*3,add") == ("swapcase",) * 3 + ("add",)
+    for weight in ("0", "-1", "1.5", "x"):
+        with pytest.raises(ValueError, match=f"the weight of add must be a positive integer, got '{weight}'"):
+            tasks.selected_kinds(f"tasks:swapcase,add*{weight}")
+
+
+def test_a_weighted_kind_is_drawn_that_many_times_as_often_but_tested_as_the_others(splits):
+    train, val, test = tasks.make_task_splits(seed=0, tasks=("swapcase",) * 3 + ("add",), **SIZES)
+    assert sum(e["task"] == "swapcase" for e in train) == 3 * sum(e["task"] == "add" for e in train)
+    assert (sum(e["task"] == "swapcase" for e in test), sum(e["task"] == "add" for e in test)) == (40, 40)
+    assert test == tasks.make_task_splits(seed=0, tasks=("swapcase", "add"), **SIZES)[2]
