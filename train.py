@@ -3,6 +3,7 @@
     python train.py                              # offline: a small GPT learns the built-in tasks
     python train.py --model gpt2-medium          # rasbt's ch. 7 job: pretrained GPT-2, his 1,100 examples
     python train.py --resume runs/NAME           # continue an interrupted run exactly
+    python train.py --model gpt2-small --lora-rank 16   # LoRA: train small adapters, freeze the rest
     python train.py --show-batch                 # print the first batch as the model sees it, then stop
 
 Defaults come from minigpt.finetune: RunConfig (offline) and REFERENCE_RECIPE (--model / --weights).
@@ -14,6 +15,8 @@ import sys
 from minigpt import finetune
 from minigpt.data import PROMPT_STYLES
 from minigpt.finetune import REFERENCE_RECIPE, RESUME_OVERRIDES, RunConfig
+from minigpt.lora import DEFAULT_TARGETS
+from minigpt.tasks import KINDS
 from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV
 from minigpt.training import SCHEDULES
 from minigpt.weights import HUB_REPOS
@@ -80,9 +83,10 @@ def build_parser():
     add(model, "--drop-rate", "dropout probability during training", type=float, metavar="P")
 
     data = parser.add_argument_group("data")
-    add(data, "--data", "'tasks' (built-in checkable tasks), 'reference' (rasbt's 1,100 examples, "
-                        "downloaded into --data-dir) or a JSON list of {instruction, input, output}",
-        metavar="tasks|reference|PATH")
+    add(data, "--data", f"'tasks' (built-in checkable tasks), 'tasks:KIND,...' (a selection of "
+                        f"{', '.join(KINDS)}), 'reference' (rasbt's 1,100 examples, downloaded into "
+                        f"--data-dir) or a JSON list of {{instruction, input, output}}",
+        metavar="tasks|tasks:KIND,...|reference|PATH")
     add(data, "--data-dir", "where downloads and converted GPT-2 weights are cached", metavar="DIR")
     add(data, "--data-seed", "seed that generates the task dataset", type=int, metavar="N")
     add(data, "--n-train", "training examples of the task dataset", type=int, metavar="N")
@@ -121,6 +125,13 @@ def build_parser():
     add(train, "--checkpoint-every", "write checkpoint.npz every N steps (none: at every evaluation)",
         type=int, metavar="N")
     add(train, "--seed", "seed of the initial weights, the shuffling and dropout", type=int, metavar="N")
+
+    lora = parser.add_argument_group("LoRA (minigpt/lora.py)")
+    add(lora, "--lora-rank", f"train only LoRA adapters of this rank, A (in, R) and B (R, out), on every "
+                             f"block linear layer ({', '.join(DEFAULT_TARGETS)}); every other weight is "
+                             f"frozen (none: full fine-tuning)", type=int, metavar="R")
+    add(lora, "--lora-alpha", "LoRA's alpha: the adapters' update is scaled by alpha / rank (none: the rank, "
+                              "a scale of 1)", type=float, metavar="A")
 
     out = parser.add_argument_group("test responses and output")
     add(out, "--max-new-tokens", "longest test response, in tokens", type=int, metavar="N")

@@ -14,16 +14,18 @@ A run folder holds: config.json (the RunConfig), checkpoint.npz (everything need
 exactly), history.json, loss-plot.png, model-final.npz (the weights at the end; after early stopping,
 the best ones), model-best.npz (the lowest validation loss), test-responses.json (each test entry
 plus "model_response") and metrics.json. With export_hf, also model-final-hf/ and model-best-hf/.
+With lora_rank, only LoRA adapters train, and the folder also keeps them alone (lora_finetune).
 """
 import dataclasses
 import math
+import re
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from . import tasks, training, weights
+from . import lora_finetune, tasks, training, weights
 from .checkpoint import read_checkpoint, restore_checkpoint
 from .data import (DataLoader, InstructionDataset, PROMPT_STYLES, download_instruction_data, format_batch,
                    load_instruction_data, split_data)
@@ -58,7 +60,8 @@ class RunConfig:
     context_length: int = 64            # the longest task example is ~50 bytes
     drop_rate: float = 0.0
     # Data
-    data: str = "tasks"                 # "tasks" (built in), "reference" (rasbt's, downloaded) or a path
+    data: str = "tasks"                 # "tasks" (built in; "tasks:KIND,..." a selection), "reference"
+                                        # (rasbt's, downloaded) or a path
     data_dir: str = "data"              # where downloads and converted weights are cached
     data_seed: int = 0                  # generates the task dataset
     n_train: int = 48000                # task dataset sizes
@@ -85,6 +88,9 @@ class RunConfig:
     max_steps: Optional[int] = None     # 0 or None: no bound
     checkpoint_every: Optional[int] = None  # None: at every evaluation
     seed: int = 123
+    # LoRA (minigpt.lora): train low-rank adapters of the block linears only; None: every weight trains
+    lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None  # None: the rank (scale alpha / rank = 1)
     # Test-set responses and scores
     max_new_tokens: int = 16
     judge_model: Optional[str] = None   # an Ollama model, e.g. "llama3"
@@ -134,13 +140,16 @@ class RunConfig:
         for name in ("max_steps", "patience"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        tasks.selected_kinds(self.data)  # unknown task kinds
+        lora_finetune.check_settings(self)
         self.train_config()
 
     def check_files(self, weights=True):
         """Raise FileNotFoundError for a missing --data or (with `weights`) --weights path, before any
         download starts."""
-        for what, path in (("weights", self.weights if weights else None), ("instruction data", self.data)):
-            if path is not None and path not in DATASETS and not Path(path).exists():
+        data = None if tasks.selected_kinds(self.data) or self.data in DATASETS else self.data
+        for what, path in (("weights", self.weights if weights else None), ("instruction data", data)):
+            if path is not None and not Path(path).exists():
                 raise FileNotFoundError(f"{what} file not found: {path}")
 
 
@@ -166,9 +175,10 @@ def make_config(**settings):
 
 def load_splits(config):
     """(train, val, test) lists of entries."""
-    if config.data == "tasks":
+    kinds = tasks.selected_kinds(config.data)
+    if kinds is not None:
         return tasks.make_task_splits(seed=config.data_seed, n_train=config.n_train, n_val=config.n_val,
-                                      n_test=config.n_test)
+                                      n_test=config.n_test, tasks=kinds)
     path = download_instruction_data(config.data_dir) if config.data == "reference" else config.data
     train, val, test = split_data(load_instruction_data(path), shuffle_seed=config.shuffle_seed)
     if not (train and val and test):
@@ -249,7 +259,9 @@ def training_loader(config, tokenizer, entries, context_length):
 def default_name(config):
     """<model>-<data>-<date>-<time>, e.g. gpt2-small-reference-20250101-120000."""
     source = config.model or (Path(config.weights).stem if config.weights else "scratch")
-    dataset = config.data if config.data in DATASETS else Path(config.data).stem
+    dataset = (config.data if config.data in DATASETS or tasks.selected_kinds(config.data)
+               else Path(config.data).stem)
+    dataset = re.sub(r"[^\w.]+", "-", dataset)  # tasks:swapcase*5,add -> tasks-swapcase-5-add
     return f"{source}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -271,10 +283,11 @@ def run(config, resume=False, log=print):
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
     train_entries, val_entries, test_entries = load_splits(config)
     model = build_model(config, tokenizer, model_config)
+    lora_config = lora_finetune.apply_to_run(model, config)  # None: LoRA is off, every weight trains
     train_loader = training_loader(config, tokenizer, train_entries, model.cfg.context_length)
     val_loader = DataLoader(InstructionDataset(val_entries, tokenizer, config.prompt_style),
                             **loader_settings(config, tokenizer, model.cfg.context_length))
-    optimizer = AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.beta2),
+    optimizer = AdamW(model.parameters(trainable_only=True), lr=config.lr, betas=(0.9, config.beta2),
                       weight_decay=config.weight_decay)
     state = restore_checkpoint(checkpoint, model, optimizer, train_loader) if resume else None
     write_json(run_dir / "config.json", dataclasses.asdict(config))
@@ -288,9 +301,10 @@ def run(config, resume=False, log=print):
             f"-> {response!r} (expected {entry['output']!r})")
 
     try:
+        best = lora_finetune.best_keeper(run_dir, lora_config)  # model-best.npz, or the best adapters
         state = training.train(model, optimizer, train_loader, val_loader, config.train_config(), state=state,
-                               checkpoint_path=checkpoint, best_path=run_dir / "model-best.npz",
-                               run_config=dataclasses.asdict(config), on_epoch_end=print_sample, log=log)
+                               checkpoint_path=checkpoint, best=best, run_config=dataclasses.asdict(config),
+                               on_epoch_end=print_sample, log=log)
         finish(run_dir, config, model, tokenizer, state, test_entries, log)
     except KeyboardInterrupt:
         log(f"\nInterrupted. Continue the run with:  python train.py --resume {run_dir}")
@@ -349,6 +363,8 @@ def describe(config, model, train_loader, n_val, n_test, run_dir, state=None):
         f"{config.batch_size}), AdamW lr {config.lr:g} ({config.schedule}), "
         f"weight decay {config.weight_decay:g}",
         f"run folder: {run_dir}"]
+    if config.lora_rank is not None:
+        lines.append(lora_finetune.describe(model))
     if state is not None:
         lines.append(f"resuming at step {state.step}")
     return "\n".join(lines)
@@ -358,7 +374,12 @@ def finish(run_dir, config, model, tokenizer, state, test_entries, log=print):
     """Write the history, plot and weights; answer the test set; score; write metrics.json."""
     write_json(run_dir / "history.json", state.history)
     plot_losses(state.history, run_dir / "loss-plot.png", title=run_dir.name)
-    weights.save_npz(model, run_dir / "model-final.npz")
+    lora_entry = None
+    if config.lora_rank is not None:  # the adapters alone, and merged weights (the model stays merged)
+        lora_entry = lora_finetune.write_weights(run_dir, model)
+        log(lora_finetune.format_sizes(lora_entry))
+    else:
+        weights.save_npz(model, run_dir / "model-final.npz")
     if config.export_hf:
         weights.save_hf_gpt2(model, run_dir / "model-final-hf")
         weights.save_hf_gpt2(weights.load_npz(run_dir / "model-best.npz"), run_dir / "model-best-hf")
@@ -370,7 +391,8 @@ def finish(run_dir, config, model, tokenizer, state, test_entries, log=print):
     metrics = score(entries, config, log)
     metrics.update(steps=state.step, tokens_seen=state.tokens_seen, best_step=state.best_step,
                    best_val_loss=state.best_val_loss, stopped_early=state.stopped_early,
-                   final_val_loss=state.history["val_loss"][-1] if state.history["val_loss"] else None)
+                   final_val_loss=state.history["val_loss"][-1] if state.history["val_loss"] else None,
+                   lora=lora_entry)
     write_json(run_dir / "metrics.json", metrics)
     log(f"run folder: {run_dir}")
     return metrics

@@ -11,6 +11,7 @@ backward skips the frozen weights' gradient products x^T dout, a third of a line
     describe(model)                    "trainable N of M (x%)"
     merge_lora / unmerge_lora          plain weights W + (alpha / r) A B for generation and export, and back
     save_adapters / load_adapters      A and B alone in a small .npz, with what identifies their base
+    copy_adapters                      put a file's A and B back into the same LoRA layers
 
 Shape letters as in functional.py (C, OC, N), plus r, the LoRA rank. In lora_linear, B is LoRA's
 up-projection, not the batch size: leading axes are folded into N rows.
@@ -246,10 +247,34 @@ def load_adapters(model, path):
             if arrays[name].shape != shape:
                 raise CheckpointError(f"{path}: {name} has shape {arrays[name].shape}, expected {shape}")
     apply_lora(model, rank, meta["alpha"], targets=meta["layers"])
+    _copy_adapters(model, arrays)
+    return lora_config(model)
+
+
+def copy_adapters(model, path):
+    """Copy A and B from an adapters file into `model`, which has LoRA layers of the same paths,
+    rank and alpha already (a run's best adapters, put back). A file that does not fit raises a
+    one-line CheckpointError and leaves the model untouched; the base is not checked (it is the
+    model's own: the file came from a run on it)."""
+    path = Path(path)
+    meta, arrays = _read_adapters(path)
+    ours = lora_config(model)
+    theirs = LoRAConfig(meta["rank"], meta["alpha"], tuple(meta["layers"]))
+    if theirs != ours:
+        raise CheckpointError(f"{path}: adapters of rank {theirs.rank}, alpha {theirs.alpha:g} on "
+                              f"{len(theirs.layers)} layers; the model's are rank {ours.rank}, alpha "
+                              f"{ours.alpha:g} on {len(ours.layers)} layers")
+    params = dict(model.named_parameters())
+    for name, array in arrays.items():
+        if array.shape != params[name].shape:
+            raise CheckpointError(f"{path}: {name} has shape {array.shape}, expected {params[name].shape}")
+    _copy_adapters(model, arrays)
+
+
+def _copy_adapters(model, arrays):
     for name, p in model.named_parameters():
         if _is_adapter(name):
             p.data[...] = arrays[name]
-    return lora_config(model)
 
 
 def _read_adapters(path):

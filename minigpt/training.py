@@ -157,7 +157,7 @@ def deferred_interrupt():
 # The loop
 
 def train(model, optimizer, train_loader, val_loader, config, state=None, checkpoint_path=None,
-          best_path=None, run_config=None, on_step=None, on_epoch_end=None, log=print):
+          best_path=None, run_config=None, on_step=None, on_epoch_end=None, log=print, best=None):
     """Train until config.epochs epochs, config.max_steps steps or early stopping; return the TrainState
     (its `.history` holds the evaluations).
 
@@ -167,6 +167,8 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
         re-raising.
     best_path: a .npz kept holding the best weights (None: kept in memory). When early stopping ends
         the run, the model is left holding them.
+    best: what keeps them instead, any object with save(model) and restore(model) (LoRA keeps only
+        the adapters: lora_finetune.BestAdapters); default BestWeights(best_path).
     on_step(state), on_epoch_end(state): called after every step and after every epoch.
     """
     if len(train_loader) == 0:
@@ -175,7 +177,8 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
     if state.loader_state is None:  # a fresh start: the position before the first step
         state.remember_position(train_loader, model)
     total_steps = config.epochs * len(train_loader)
-    evaluator = Evaluator(model, train_loader, val_loader, config, total_steps, BestWeights(best_path), log)
+    best = best if best is not None else BestWeights(best_path)
+    evaluator = Evaluator(model, train_loader, val_loader, config, total_steps, best, log)
     saved_step = None
 
     def save():

@@ -137,7 +137,7 @@ OP_CASES = {
 # Public functions of the op modules that are not differentiable ops.
 NOT_OPS = {"as_float_tensor", "cached_causal_attention",
            "apply_lora", "check_hyperparameters", "lora_config", "describe", "merge_lora", "unmerge_lora",
-           "save_adapters", "load_adapters",
+           "save_adapters", "load_adapters", "copy_adapters",
            "reward_metrics", "batch_logprobs", "reference_logprobs", "dpo_batch_loss"}
 OP_MODULES = (ops, F, lora, dpo)
 

@@ -335,3 +335,24 @@ def test_adapters_that_do_not_fit_are_refused_and_the_model_is_untouched(tmp_pat
                  model=TwoLayers(second="out"))
     refused_file(r"adapters for a different base: layer fc is \(4, 6\) in theirs, \(4, 5\) here",
                  data=small_adapters, model=TwoLayers(hidden=5))
+
+
+def test_copy_adapters_puts_a_files_A_and_B_back_and_refuses_other_adapters(tmp_path):
+    idx, _ = batch(np.random.default_rng(9))
+    model = tiny_model(dtype=np.float32)
+    lora.apply_lora(model, 2, 4)
+    randomize_adapters(model, seed=1)
+    saved = lora.save_adapters(model, tmp_path / "best.npz")
+    logits = model(idx).data
+    randomize_adapters(model, seed=2)                                    # training moves on ...
+    assert not np.allclose(model(idx).data, logits)
+    lora.copy_adapters(model, saved)                                     # ... and the best come back
+    np.testing.assert_array_equal(model(idx).data, logits)
+
+    other = tiny_model(dtype=np.float32)
+    lora.apply_lora(other, 3, 4)
+    before = {name: p.data.copy() for name, p in other.named_parameters()}
+    refused(r"adapters of rank 2, alpha 4 on 8 layers; the model's are rank 3, alpha 4 on 8 layers",
+            lora.copy_adapters, other, saved, error=CheckpointError)
+    assert all(np.array_equal(p.data, before[name]) for name, p in other.named_parameters())
+    refused("the model has no LoRA adapters", lora.copy_adapters, tiny_model(), saved)
