@@ -4,6 +4,8 @@
     python generate.py --weights runs/finetuned.npz --instruction "Rewrite in passive voice." \\
         --input "The cat chased the mouse." --temperature 0.7 --top-k 40 --seed 1
     python generate.py --weights runs/finetuned.npz --interactive     # one instruction per line
+    python generate.py --weights BASE.npz --lora runs/NAME/adapters-final.npz --instruction "Swap case." \
+        --input "aBc" --prompt-style phi3                                 # a base + LoRA adapters
 
 Only the new text is printed (not the prompt), on stdout, followed by a newline. Generation stops
 at <|endoftext|> or after --max-new-tokens tokens. A bad input ends the program with one line
@@ -17,6 +19,7 @@ import sys
 
 import numpy as np
 
+from minigpt import lora
 from minigpt.data import PROMPT_STYLES, build_prompt
 from minigpt.generation import generate_tokens
 from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV, VOCAB_SIZES, encode, get_tokenizer
@@ -47,6 +50,9 @@ def build_parser():
                              "loaded from the converted DATA_DIR/NAME.npz")
     source.add_argument("--data-dir", default="data",
                         help="where --model weights are downloaded and cached (default: %(default)s)")
+    source.add_argument("--lora", metavar="ADAPTERS",
+                        help="LoRA adapters (a run's adapters-final.npz or adapters-best.npz) to apply to "
+                             "the --weights or --model base they were trained on; merged into its weights")
     prompt = parser.add_argument_group("prompt (one of)")
     prompt.add_argument("--prompt", help="raw text to continue (an empty string starts from <|endoftext|>)")
     prompt.add_argument("--instruction",
@@ -100,12 +106,20 @@ def check_args(args):
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.lora is not None and not os.path.isfile(args.lora):  # before a base is loaded, maybe downloaded
+        raise UsageError(f"adapters file not found: {args.lora}")
 
 
 def load_model(args):
+    """The --weights or --model base, with the --lora adapters merged in (the speed of the base)."""
     if args.weights is not None:
-        return load_weights(args.weights)
-    return pretrained_gpt2(args.model, args.data_dir)
+        model = load_weights(args.weights)
+    else:
+        model = pretrained_gpt2(args.model, args.data_dir)
+    if args.lora is not None:
+        lora.load_adapters(model, args.lora)
+        lora.merge_lora(model)
+    return model
 
 
 def choose_tokenizer(args, vocab_size):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt import generate, weights
+from minigpt import generate, lora, weights
 from minigpt.data import format_input, response_header
 from minigpt.generation import generate_tokens
 from minigpt.model import GPTConfig, GPTModel
@@ -236,6 +236,21 @@ def test_unconditional_generation_starts_from_endoftext(gpt2_vocab_checkpoint, c
     assert code == 0 and out == expected_text(model, tokenizer, EOT, 4) + "\n"
 
 
+def test_lora_adapters_are_applied_to_the_base_and_merged(checkpoints, tmp_path, capsys):
+    model = load_weights(checkpoints["npz"])
+    lora.apply_lora(model, 4, 8)
+    rng = np.random.default_rng(0)
+    for p in model.parameters(trainable_only=True):
+        p.data[...] = 0.5 * rng.standard_normal(p.shape)                  # adapters that change the output
+    adapters = lora.save_adapters(model, tmp_path / "adapters.npz")
+    tokenizer = get_tokenizer("byte")
+    expected = expected_text(model, tokenizer, "The cat")                  # the unmerged LoRA model
+    assert expected != expected_text(checkpoints["model"], tokenizer, "The cat")
+    code, out, err = run_cli(["--weights", checkpoints["npz"], "--lora", adapters, "--prompt", "The cat",
+                              "--max-new-tokens", N_NEW], capsys)
+    assert (code, err) == (0, "") and out == expected + "\n"
+
+
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
 
 def closed_port_url():
@@ -255,6 +270,9 @@ def bad_files(tmp_path_factory, checkpoints):
     (folder / "empty_dir").mkdir()
     (folder / "notzip.npz").write_bytes(b"PK but not really")
     save_npz(GPTModel(GPTConfig(vocab_size=100, **TINY)), folder / "v100.npz")
+    other_base = GPTModel(GPTConfig(vocab_size=257, **TINY), seed=11)     # same shapes, other weights
+    lora.apply_lora(other_base, 2, 2)
+    lora.save_adapters(other_base, folder / "other-adapters.npz")
     return folder
 
 
@@ -283,6 +301,10 @@ BAD_INPUTS = {
     "tokenizer/model vocab mismatch": (OK + ["--tokenizer", "gpt2"], "257"),
     "vocab matching no tokenizer": (["--weights", "{bad}/v100.npz", "--prompt", "x"], "100"),
     "unknown prompt style": (["--weights", "{npz}", "--instruction", "x", "--prompt-style", "chat"], "chat"),
+    "missing adapters file": (OK + ["--lora", "{bad}/missing.npz"], "adapters file not found"),
+    "adapters file not an npz": (OK + ["--lora", "{bad}/notzip.npz"], "not an .npz archive"),
+    "adapters for another base": (OK + ["--lora", "{bad}/other-adapters.npz"],
+                                  "adapters for a different base: same shapes, but not the weights"),
 }
 
 
