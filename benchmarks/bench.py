@@ -14,6 +14,8 @@ Rows (targets are minigpt/PyTorch ratios from the issue):
     eval-*      forward + loss under no_grad, the same batch
     generate-*  greedy decoding, 100-token prompt, 100 new tokens, batch 1: tokens/s (prefill included);
                 PyTorch side: transformers' GPT2LMHeadModel(GPT2Config()).generate
+    train-*-lora  the same step training only LoRA adapters (rank 16, alpha 16, the four block linears);
+                PyTorch side: torch_gpt2's LoRA option (frozen nn.Linear + lora_A/lora_B Parameters)
     epoch-*     one epoch of the fine-tuning job (935 Alpaca examples, GPT-2 tokenizer, batch 8, the real
                 DataLoader), projected from a few timed steps; PyTorch side: the reference pipeline
                 (no length grouping, no prompt masking, full head, F.cross_entropy, torch AdamW)
@@ -43,6 +45,7 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 RESULT_PREFIX = "BENCH_RESULT "    # a worker's one line of JSON on stdout starts with this
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 LR, WEIGHT_DECAY = 5e-5, 0.1       # the fine-tuning job's AdamW
+LORA_RANK, LORA_ALPHA = 16, 16     # the reference's LoRA (ch. 7 exercise 7.4, appendix E)
 IGNORED_FRACTION = 0.4             # share of synthetic targets set to -100
 EPOCH_BATCH_SIZE = 8
 MODELS = {
@@ -61,6 +64,7 @@ class Row:
     use_cache: bool = True
     mask_prompt: bool = False
     group_by_length: bool = False
+    lora: bool = False       # train LoRA adapters only (LORA_RANK, LORA_ALPHA)
     repeats: int = 3         # timed runs by default (after the warm-up)
 
 
@@ -68,6 +72,7 @@ ROWS = {
     "train-byte-8x128": Row("train", "byte", ("<=", 1.0), repeats=10),
     "train-gpt2-8x128": Row("train", "gpt2-small", ("<=", 0.7)),
     "train-gpt2-8x256": Row("train", "gpt2-small", ("<=", 0.7), seq_len=256),
+    "train-gpt2-8x128-lora": Row("train", "gpt2-small", ("<=", 0.65), lora=True),
     "eval-byte-8x128": Row("eval", "byte", ("<=", 0.7), repeats=10),
     "eval-gpt2-8x128": Row("eval", "gpt2-small", ("<=", 0.7)),
     "eval-gpt2-8x256": Row("eval", "gpt2-small", ("<=", 0.7), seq_len=256),
@@ -81,6 +86,8 @@ ROWS = {
 QUICK_ROWS = ("train-byte-8x128", "eval-byte-8x128", "train-gpt2-8x128", "eval-gpt2-8x128")
 REFERENCE_EPOCH_ROW = "epoch-plain"  # the PyTorch side of every epoch row: the same batches as this one
 MEMORY_TARGET = ("<=", 1.0)
+LORA_FULL_ROW = "train-gpt2-8x128"   # a LoRA row is also compared with this row's minigpt step ...
+LORA_VS_FULL_TARGET = ("<=", 0.7)   # ... and must take at most 0.7x its time (and less memory)
 CACHE_SPEEDUP_TARGET = (">=", 4.0)   # minigpt cached tokens/s over minigpt uncached
 
 
@@ -92,10 +99,14 @@ class MinigptSide:
         import minigpt
         self.minigpt = minigpt
 
-    def build(self, model_name, train):
+    def build(self, model_name, train, lora=False):
         self.model = self.minigpt.GPTModel(self.minigpt.GPTConfig(**MODELS[model_name]), seed=0)
+        if lora:
+            import numpy as np
+            from minigpt.lora import apply_lora
+            apply_lora(self.model, LORA_RANK, LORA_ALPHA, rng=np.random.default_rng(0))
         if train:  # AdamW's moments take 2x the parameters' memory: not for the evaluation rows
-            self.optimizer = self.minigpt.optim.AdamW(self.model.parameters(), lr=LR,
+            self.optimizer = self.minigpt.optim.AdamW(self.model.parameters(trainable_only=True), lr=LR,
                                                       weight_decay=WEIGHT_DECAY)
 
     def train_step(self, inputs, targets, full_head=False):
@@ -130,11 +141,13 @@ class TorchSide:
         self.head = args.torch_head
         self.extra = {}
 
-    def build(self, model_name, train):
+    def build(self, model_name, train, lora=False):
         from torch_gpt2 import TorchGPT2
-        self.model = TorchGPT2(**MODELS[model_name])
+        self.model = TorchGPT2(**MODELS[model_name], **(dict(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA)
+                                                        if lora else {}))
         if train:
-            self.optimizer = self.torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = self.torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
 
     def train_step(self, inputs, targets, full_head=False):
         self.optimizer.zero_grad(set_to_none=True)
@@ -189,7 +202,7 @@ def run_worker(args):
 
 def measure_step(side, row, args):
     """A training step (train-*) or forward + loss under no_grad (eval-*) on one synthetic batch."""
-    side.build(row.model, train=row.kind == "train")
+    side.build(row.model, train=row.kind == "train", lora=row.lora)
     inputs, targets = synthetic_batch(row, args.seed)
     setup = setup_done()
     step = side.train_step if row.kind == "train" else side.eval_loss
@@ -402,6 +415,11 @@ def table_rows(names, results):
         add(name, metrics[row.kind], unit, figure(name, "minigpt"), figure(theirs, "torch"), row.target)
         add("", "peak RSS", "MiB", figure(name, "minigpt", "peak_rss_mib"),
             figure(theirs, "torch", "peak_rss_mib"), MEMORY_TARGET)
+        if row.lora:  # minigpt's LoRA step against its own full fine-tuning step (ratio: LoRA / full)
+            add("", "step, vs full (*)", "s", figure(name, "minigpt"), figure(LORA_FULL_ROW, "minigpt"),
+                LORA_VS_FULL_TARGET)
+            add("", "peak RSS, vs full (*)", "MiB", figure(name, "minigpt", "peak_rss_mib"),
+                figure(LORA_FULL_ROW, "minigpt", "peak_rss_mib"), MEMORY_TARGET)
     if "generate-cached" in names and "generate-uncached" in names:
         speedups = []
         for framework in ("minigpt", "torch"):
@@ -501,7 +519,8 @@ def drive(args):
           f"run(s).\nPyTorch: benchmarks/torch_gpt2.py (eager, SDPA attention, {args.torch_head} output "
           f"head) for train/eval; transformers GPT2LMHeadModel for generate.\nepoch: collate + mean of "
           f"{args.epoch_steps} timed steps (batches at size quantiles) x batches; the PyTorch figure is "
-          f"the reference pipeline (no grouping, no masking, full head).")
+          f"the reference pipeline (no grouping, no masking, full head).\n(*) LoRA rows: the PyTorch "
+          f"column holds minigpt's full fine-tuning ({LORA_FULL_ROW}; run it too).")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "machine": machine,
                                                "results": list(results.values()), "table": rows}, indent=2))

@@ -9,14 +9,35 @@ No dropout (the benchmark runs with drop_rate 0), float32, GPT-2's initialisatio
 zero biases), so the loss at initialisation is about ln(V) as in minigpt. Attention uses PyTorch's
 fused SDPA kernel, not a masked softmax.
 
-Letters: B batch, T time, C emb_dim, V vocab_size, NH n_heads, hs = C / NH.
+LoRA (lora_rank=r): every weight frozen (requires_grad=False) and each block linear wrapped in
+LoRALinear, a frozen nn.Linear plus trainable lora_A, lora_B Parameters, the way PyTorch users write it.
+
+Letters: B batch, T time, C emb_dim, V vocab_size, NH n_heads, hs = C / NH, r the LoRA rank.
 Only benchmarks import this file, and only when torch is installed.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+
+class LoRALinear(nn.Module):
+    """out = base(x) + (alpha / r) (x @ lora_A) @ lora_B, base frozen; lora_A uniform in +-1/sqrt(C)
+    (nn.Linear's default), lora_B zeros, as minigpt.lora.LoRALinear."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scale = alpha / rank
+        bound = 1 / math.sqrt(base.in_features)
+        self.lora_A = nn.Parameter(torch.empty(base.in_features, rank).uniform_(-bound, bound))  # (C, r)
+        self.lora_B = nn.Parameter(torch.zeros(rank, base.out_features))                          # (r, OC)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * ((x @ self.lora_A) @ self.lora_B)    # (B, T, C) -> (B, T, OC)
 
 
 class CausalSelfAttention(nn.Module):
@@ -61,9 +82,10 @@ class Block(nn.Module):
 
 
 class TorchGPT2(nn.Module):
-    """GPT-2 with a tied output head; takes the fields of a minigpt GPTConfig."""
+    """GPT-2 with a tied output head; takes the fields of a minigpt GPTConfig (and optionally LoRA's)."""
 
-    def __init__(self, vocab_size, context_length, emb_dim, n_heads, n_layers, qkv_bias=True):
+    def __init__(self, vocab_size, context_length, emb_dim, n_heads, n_layers, qkv_bias=True, lora_rank=None,
+                 lora_alpha=None):
         super().__init__()
         self.wte = nn.Embedding(vocab_size, emb_dim)
         self.wpe = nn.Embedding(context_length, emb_dim)
@@ -74,6 +96,13 @@ class TorchGPT2(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+        if lora_rank is not None:
+            self.requires_grad_(False)
+            alpha = lora_alpha if lora_alpha is not None else lora_rank
+            for block in self.h:
+                for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                                     (block.mlp, "c_proj")):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), lora_rank, alpha))
 
     def hidden_states(self, idx):
         T = idx.shape[1]
