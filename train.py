@@ -84,9 +84,9 @@ def build_parser():
 
     data = parser.add_argument_group("data")
     add(data, "--data", f"'tasks' (built-in checkable tasks), 'tasks:KIND,...' (a selection of "
-                        f"{', '.join(KINDS)}), 'reference' (rasbt's 1,100 examples, downloaded into "
-                        f"--data-dir) or a JSON list of {{instruction, input, output}}",
-        metavar="tasks|tasks:KIND,...|reference|PATH")
+                        f"{', '.join(KINDS)}, drawn in turn; KIND*N: N times as often), 'reference' "
+                        f"(rasbt's 1,100 examples, downloaded into --data-dir) or a JSON list of "
+                        f"{{instruction, input, output}}", metavar="tasks|tasks:KIND,...|reference|PATH")
     add(data, "--data-dir", "where downloads and converted GPT-2 weights are cached", metavar="DIR")
     add(data, "--data-seed", "seed that generates the task dataset", type=int, metavar="N")
     add(data, "--n-train", "training examples of the task dataset", type=int, metavar="N")

@@ -133,6 +133,14 @@ def test_ctrl_c_saves_the_run_and_says_how_to_resume(tmp_path, capsys, monkeypat
     (["--prompt-style", "chatml"], "invalid choice"),
     (["--resume", "nowhere"], "no checkpoint"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--lora-rank", "0"], "LoRA rank must be a positive integer, got 0"),
+    (["--lora-rank", "-2"], "LoRA rank must be a positive integer, got -2"),
+    (["--lora-rank", "17"], "LoRA rank 17 is larger than layer h.0.attn.c_attn (16 -> 48): at most 16"),
+    (["--lora-rank", "4", "--lora-alpha", "0"], "LoRA alpha must be a positive number, got 0.0"),
+    (["--lora-rank", "4", "--lora-alpha", "-1"], "LoRA alpha must be a positive number, got -1.0"),
+    (["--lora-alpha", "8"], "lora_alpha is set but LoRA is off: give lora_rank too"),
+    (["--lora-rank", "two"], "invalid int value"),
+    (["--data", "tasks:swapcase,divide"], "unknown task kind 'divide' in --data tasks:swapcase,divide"),
 ])
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

@@ -1,5 +1,6 @@
 """train.py --lora-rank end to end, in-process and tiny: the run folder (adapters alone, merged
-weights), Adam's state for the adapters only, exact resume, a selection of task kinds, error lines."""
+weights), Adam's state for the adapters only, exact resume, a selection of task kinds. (Bad LoRA
+settings: test_train_cli.test_errors_are_one_line_and_exit_2.)"""
 import json
 
 import numpy as np
@@ -101,21 +102,3 @@ def test_a_selection_of_task_kinds_trains_and_tests_on_those_kinds(tmp_path):
     assert read(run_dir / "config.json")["data"] == "tasks:swapcase,add"
     assert {entry["task"] for entry in read(run_dir / "test-responses.json")} == {"swapcase", "add"}
     assert set(read(run_dir / "metrics.json")["exact_match_by_task"]) == {"swapcase", "add"}
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--lora-rank", "0"], "LoRA rank must be a positive integer, got 0"),
-    (["--lora-rank", "-2"], "LoRA rank must be a positive integer, got -2"),
-    (["--lora-rank", "17"], "LoRA rank 17 is larger than layer h.0.attn.c_attn (16 -> 48): at most 16"),
-    (["--lora-rank", "4", "--lora-alpha", "0"], "LoRA alpha must be a positive number, got 0.0"),
-    (["--lora-rank", "4", "--lora-alpha", "-1"], "LoRA alpha must be a positive number, got -1.0"),
-    (["--lora-alpha", "8"], "lora_alpha is set but LoRA is off: give lora_rank too"),
-    (["--lora-rank", "two"], "invalid int value"),
-    (["--data", "tasks:swapcase,divide"], "unknown task kind 'divide' in --data tasks:swapcase,divide"),
-])
-def test_bad_lora_settings_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
-    monkeypatch.chdir(tmp_path)
-    assert train.main(TINY + args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
-    assert not (tmp_path / "runs").exists()
