@@ -102,7 +102,7 @@ def build_parser():
 
     train = parser.add_argument_group("training")
     add(train, "--epochs", "passes over the training set", type=int, metavar="N")
-    add(train, "--batch-size", "examples per step (and per batch of test responses)", type=int, metavar="B")
+    add(train, "--batch-size", "examples per training step", type=int, metavar="B")
     add(train, "--lr", "peak learning rate of AdamW", type=float)
     add(train, "--weight-decay", "AdamW's decoupled weight decay", type=float, metavar="WD")
     add(train, "--beta2", "AdamW's beta2, the decay of its running mean of squared gradients", type=float)

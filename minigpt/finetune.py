@@ -363,8 +363,7 @@ def finish(run_dir, config, model, tokenizer, state, test_entries, log=print):
         weights.save_hf_gpt2(model, run_dir / "model-final-hf")
         weights.save_hf_gpt2(weights.load_npz(run_dir / "model-best.npz"), run_dir / "model-best-hf")
     log(f"generating responses to {len(test_entries)} test entries")
-    responses = generate_responses(model, tokenizer, test_entries, config.prompt_style, config.max_new_tokens,
-                                   batch_size=config.batch_size)
+    responses = generate_responses(model, tokenizer, test_entries, config.prompt_style, config.max_new_tokens)
     entries = with_responses(test_entries, responses)
     write_json(run_dir / "test-responses.json", entries)
     metrics = score(entries, config, log)

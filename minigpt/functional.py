@@ -166,7 +166,7 @@ def gelu(x):
 
 def _softmax_in_place(z):
     """Overwrite z (C-contiguous) with softmax(z) along the last axis, in row slices on all cores."""
-    in_row_slices(_softmax_rows_in_place, z)
+    in_row_slices(softmax_rows_in_place, z)
     return z
 
 
@@ -252,7 +252,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
 
 @functools.lru_cache(maxsize=16)
-def _causal_mask(n_queries, n_keys, dtype):
+def causal_mask(n_queries, n_keys, dtype):
     """(n_queries, n_keys) additive mask: 0 where query i may see key j, -inf where j is in its future.
 
     The queries are the last n_queries positions, so query i sits at position n_keys - n_queries + i.
@@ -261,7 +261,7 @@ def _causal_mask(n_queries, n_keys, dtype):
     return np.where(mask, -np.inf, 0.0).astype(dtype)
 
 
-def _split_heads(qkv, n_heads):
+def split_heads(qkv, n_heads):
     """(B, T, 3C) -> q, k, v views of shape (B, NH, T, hs); no copy (BLAS takes the strides)."""
     B, T, C3 = qkv.shape
     heads = qkv.reshape(B, T, 3, n_heads, C3 // (3 * n_heads))    # (B, T, 3, NH, hs)
@@ -291,8 +291,8 @@ def causal_self_attention(qkv, n_heads):
         raise ValueError(f"causal_self_attention: last axis {C3} is not 3 * C with C divisible by {n_heads} heads")
     C, hs = C3 // 3, C3 // (3 * n_heads)
     scale = 1.0 / math.sqrt(hs)
-    mask = _causal_mask(T, T, qkv.dtype)                          # (T, T)
-    q, k, v = _split_heads(qkv.data, n_heads)                     # (B, NH, T, hs) views of qkv
+    mask = causal_mask(T, T, qkv.dtype)                          # (T, T)
+    q, k, v = split_heads(qkv.data, n_heads)                     # (B, NH, T, hs) views of qkv
     att = np.empty((B, n_heads, T, T), qkv.dtype)                 # (B, NH, T, T)
     out = np.empty((B, T, C), qkv.dtype)                          # (B, T, C)
     y = out.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)      # (B, NH, T, hs) view of out
@@ -302,7 +302,7 @@ def causal_self_attention(qkv, n_heads):
         np.matmul(q[block], k[block].transpose(0, 1, 3, 2), out=att[block])     # S
         att[block] *= scale
         att[block] += mask
-        _softmax_rows_in_place(att[block])                        # att
+        softmax_rows_in_place(att[block])                        # att
         np.matmul(att[block], v[block], out=y[block])
     parallel_map(forward, blocks)
 
@@ -325,33 +325,11 @@ def causal_self_attention(qkv, n_heads):
     return Tensor.from_op(out, (qkv,), backward)
 
 
-def _softmax_rows_in_place(z):
+def softmax_rows_in_place(z):
     """Overwrite z (any shape, any strides) with softmax along its last axis."""
     z -= z.max(axis=-1, keepdims=True)                            # the largest becomes 0: exp cannot overflow
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
-
-
-def cached_causal_attention(qkv, n_heads, keys, values, start):
-    """Attention for generation with a KV cache: new queries attend to every cached key and themselves.
-
-    qkv (B, t, 3C) holds the t newest positions start .. start+t-1. Their keys and values are written
-    into the caches keys/values (B, NH, T_max, hs) at those positions; the queries then attend to
-    positions 0 .. start+t-1. Inference only (no gradient): each new token costs one position's work.
-    Returns an array (B, t, C).
-    """
-    B, t, C3 = qkv.shape
-    C, hs = C3 // 3, C3 // (3 * n_heads)
-    q, k, v = _split_heads(qkv, n_heads)                          # (B, NH, t, hs)
-    end = start + t
-    keys[:, :, start:end] = k
-    values[:, :, start:end] = v
-    att = q @ keys[:, :, :end].transpose(0, 1, 3, 2)              # (B, NH, t, end)
-    att *= 1.0 / math.sqrt(hs)
-    att += _causal_mask(t, end, att.dtype)
-    _softmax_in_place(att)
-    y = att @ values[:, :, :end]                                  # (B, NH, t, hs)
-    return y.transpose(0, 2, 1, 3).reshape(B, t, C)
 
 
 def dropout(x, p, rng, training=True):

@@ -67,8 +67,7 @@ class CausalSelfAttention(Module):
         if kv_cache is None:
             y = F.causal_self_attention(qkv, self.n_heads)             # (B, T, C)
         else:
-            y = Tensor(F.cached_causal_attention(qkv.data, self.n_heads, kv_cache.keys[layer],
-                                                 kv_cache.values[layer], kv_cache.length))
+            y = Tensor(kv_cache.attend(layer, qkv.data, self.n_heads))
         return self.resid_dropout(self.c_proj(y))                      # (B, T, C)
 
 
@@ -99,14 +98,49 @@ class KVCache:
     """Keys and values of every layer for the positions processed so far (generation only).
 
     keys[layer], values[layer]: (B, NH, max_length, hs); positions 0 .. length-1 are filled.
+    pad (B,): how many positions at the start of each row are left padding, so prompts of different
+    lengths share one batch: padding is never attended to, and a row's first real token has position 0.
     """
 
-    def __init__(self, cfg, batch_size, max_length, dtype=np.float32):
+    def __init__(self, cfg, batch_size, max_length, dtype=np.float32, pad=None):
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_length, cfg.emb_dim // cfg.n_heads)
         self.keys = np.empty(shape, dtype=dtype)
         self.values = np.empty(shape, dtype=dtype)
         self.max_length = max_length
         self.length = 0
+        self.pad = np.zeros(batch_size, dtype=np.int64) if pad is None else np.asarray(pad, dtype=np.int64)
+
+    def positions(self, T):
+        """Position ids of the next T tokens: (T,) when no row is padded, else (B, T) counted per row."""
+        positions = np.arange(self.length, self.length + T)                 # (T,)
+        if not self.pad.any():
+            return positions
+        return np.maximum(positions[None, :] - self.pad[:, None], 0)        # (B, T); padding sits at 0
+
+    def attend(self, layer, qkv, n_heads):
+        """Causal attention of the t newest positions, with the cache: an array (B, t, C), inference only.
+
+        qkv (B, t, 3C) holds positions length .. length+t-1; their keys and values are stored at those
+        places, then each query attends to every cached key up to itself except padding. A padded key
+        gets a large finite negative score, not -inf: a padding query, which sees only padding, then
+        averages finite values instead of producing 0/0 = nan, and a real query gives it weight exactly 0.
+        """
+        B, t, C3 = qkv.shape
+        C, hs = C3 // 3, C3 // (3 * n_heads)
+        q, k, v = F.split_heads(qkv, n_heads)                                # (B, NH, t, hs)
+        start, end = self.length, self.length + t
+        keys, values = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, NH, end, hs)
+        keys[:, :, start:] = k
+        values[:, :, start:] = v
+        att = q @ keys.transpose(0, 1, 3, 2)                                 # (B, NH, t, end)
+        att *= 1.0 / math.sqrt(hs)
+        att += F.causal_mask(t, end, att.dtype)
+        if self.pad.any():
+            is_padding = np.arange(end)[None, :] < self.pad[:, None]         # (B, end)
+            att += np.where(is_padding, np.finfo(att.dtype).min, 0).astype(att.dtype)[:, None, None, :]
+        F.softmax_rows_in_place(att)
+        y = att @ values                                                     # (B, NH, t, hs)
+        return y.transpose(0, 2, 1, 3).reshape(B, t, C)
 
 
 class GPTModel(Module):
@@ -137,8 +171,7 @@ class GPTModel(Module):
         """The final layer-normed activations (B, T, C), before the output head."""
         idx = self._check_ids(idx, start=kv_cache.length if kv_cache is not None else 0)
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        positions = np.arange(start, start + T)                        # (T,)
+        positions = np.arange(T) if kv_cache is None else kv_cache.positions(T)  # (T,), or (B, T) if padded
         x = self.drop(self.wte(idx) + self.wpe(positions))             # (B, T, C) + (T, C) -> (B, T, C)
         for layer, block in enumerate(self.h):
             x = block(x, kv_cache, layer)

@@ -135,7 +135,7 @@ OP_CASES = {
 }
 
 # Public functions of the op modules that are not differentiable ops.
-NOT_OPS = {"as_float_tensor", "cached_causal_attention",
+NOT_OPS = {"as_float_tensor", "causal_mask", "split_heads", "softmax_rows_in_place",
            "apply_lora", "check_hyperparameters", "lora_config", "describe", "merge_lora", "unmerge_lora",
            "save_adapters", "load_adapters",
            "reward_metrics", "batch_logprobs", "reference_logprobs", "dpo_batch_loss"}

@@ -21,8 +21,9 @@ import reference_ops as ref
 from minigpt import IGNORE_INDEX, Tensor, functional as F
 
 # Public functions of functional.py that need no twin here.
-# cached_causal_attention is inference only; tests/test_model.py checks it against the full forward.
-NO_TWIN = {"cached_causal_attention"}
+# Helpers of the attention ops, not ops themselves (the cached attention, inference only, is checked
+# against the full forward in tests/test_model.py).
+NO_TWIN = {"causal_mask", "split_heads", "softmax_rows_in_place"}
 
 # Measured worst cases: float64 2e-15 (values and gradients); float32 1e-7 (values), 5e-7 (gradients).
 VALUE_RTOL = {np.float64: 1e-12, np.float32: 1e-6}
