@@ -315,7 +315,7 @@ def causal_self_attention(qkv, n_heads):
             att_b = att[block]
             dS = dy[block] @ v[block].transpose(0, 1, 3, 2)       # datt, until the next two lines make it dS
             np.matmul(att_b.transpose(0, 1, 3, 2), dy[block], out=dv[block])
-            dS -= np.sum(dS * att_b, axis=-1, keepdims=True)
+            dS -= np.einsum("bhqk,bhqk->bhq", dS, att_b)[..., None]   # sum over keys, without a temporary
             dS *= att_b
             dS *= scale
             np.matmul(dS, k[block], out=dq[block])

@@ -62,13 +62,15 @@ class CausalSelfAttention(Module):
         self.c_proj = Linear(C, C, rng=rng, std=0.02 / math.sqrt(2 * cfg.n_layers), dtype=dtype)
         self.resid_dropout = Dropout(cfg.drop_rate, dropout_rng)
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, kv_cache=None, layer=0, rows=None):
         qkv = self.c_attn(x)                                           # (B, T, C) -> (B, T, 3C)
         if kv_cache is None:
             y = F.causal_self_attention(qkv, self.n_heads)             # (B, T, C)
         else:
             y = Tensor(kv_cache.attend(layer, qkv.data, self.n_heads))
-        return self.resid_dropout(self.c_proj(y))                      # (B, T, C)
+        if rows is not None:
+            y = y.reshape(-1, y.shape[-1])[rows]                       # (N, C): only the rows asked for
+        return self.resid_dropout(self.c_proj(y))                      # (B, T, C), or (N, C)
 
 
 class MLP(Module):
@@ -89,9 +91,17 @@ class Block(Module):
         self.ln_2 = LayerNorm(cfg.emb_dim, dtype=dtype)
         self.mlp = MLP(cfg, rng, dropout_rng, dtype)
 
-    def forward(self, x, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)               # (B, T, C)
-        return x + self.mlp(self.ln_2(x))                              # (B, T, C)
+    def forward(self, x, kv_cache=None, layer=0, rows=None):
+        """x (B, T, C) -> (B, T, C); with rows (flat positions b*T + t), only those: (N, C).
+
+        Attention mixes positions, so every position is still computed as a key and a value; after it,
+        each position's output depends on that position alone, and rows leaves the others out.
+        """
+        y = self.attn(self.ln_1(x), kv_cache, layer, rows)            # (B, T, C), or (N, C)
+        if rows is not None:
+            x = x.reshape(-1, x.shape[-1])[rows]                       # (N, C)
+        x = x + y
+        return x + self.mlp(self.ln_2(x))                              # (B, T, C), or (N, C)
 
 
 class KVCache:
@@ -167,14 +177,15 @@ class GPTModel(Module):
             x = x[:, -1:]                                              # (B, 1, C)
         return F.lm_head(x, self.wte.weight)                           # (B, T, V)
 
-    def hidden_states(self, idx, kv_cache=None):
-        """The final layer-normed activations (B, T, C), before the output head."""
+    def hidden_states(self, idx, kv_cache=None, rows=None):
+        """The final layer-normed activations (B, T, C), before the output head; with rows (flat positions
+        b*T + t, increasing), only theirs, (N, C): the last block skips everything the others need not."""
         idx = self._check_ids(idx, start=kv_cache.length if kv_cache is not None else 0)
         B, T = idx.shape
         positions = np.arange(T) if kv_cache is None else kv_cache.positions(T)  # (T,), or (B, T) if padded
         x = self.drop(self.wte(idx) + self.wpe(positions))             # (B, T, C) + (T, C) -> (B, T, C)
         for layer, block in enumerate(self.h):
-            x = block(x, kv_cache, layer)
+            x = block(x, kv_cache, layer, rows if layer == len(self.h) - 1 else None)
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)
@@ -182,14 +193,20 @@ class GPTModel(Module):
     def loss(self, idx, targets, ignore_index=F.IGNORE_INDEX):
         """Mean cross-entropy over the targets that are not ignore_index.
 
-        The 50257-wide output head is the costliest layer, so the fused op runs it only on the
-        positions whose target counts: padding and a masked prompt never reach it.
+        Only the positions whose target counts reach the 50257-wide output head, the costliest layer,
+        and the last block's attention projection and MLP: a padded or masked-prompt position matters
+        to the loss only as a key and value of later positions, which the last block's attention uses.
         """
         targets = np.asarray(targets)
         if targets.shape != np.shape(idx):
             raise ValueError(f"targets have shape {targets.shape}, inputs have shape {np.shape(idx)}")
-        x = self.hidden_states(idx)                                    # (B, T, C)
-        return F.lm_head_cross_entropy(x, self.wte.weight, targets, ignore_index)
+        kept = targets.reshape(-1) != ignore_index                     # (B*T,)
+        if not kept.any() or kept.all():                               # nothing to leave out (or to learn:
+            x = self.hidden_states(idx)                                # the loss op says so)  (B, T, C)
+            return F.lm_head_cross_entropy(x, self.wte.weight, targets, ignore_index)
+        rows = np.flatnonzero(kept)                                    # (N,)
+        x = self.hidden_states(idx, rows=rows)                         # (N, C)
+        return F.lm_head_cross_entropy(x, self.wte.weight, targets.reshape(-1)[rows], ignore_index)
 
     def _check_ids(self, idx, start=0):
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
