@@ -43,14 +43,38 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.emb_dim % self.n_heads:
             raise ValueError(f"GPTConfig: emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+        # Checked by type, since a config can come from a file's JSON, where "no" would count as true.
+        if not isinstance(self.qkv_bias, (bool, np.bool_)):
+            raise ValueError(f"GPTConfig.qkv_bias must be true or false, got {self.qkv_bias!r}")
+        if (not isinstance(self.drop_rate, (int, float, np.floating)) or isinstance(self.drop_rate, bool)
+                or not 0.0 <= self.drop_rate < 1.0):
+            raise ValueError(f"GPTConfig.drop_rate must be a number in [0, 1), got {self.drop_rate!r}")
 
     @classmethod
     def preset(cls, name, **overrides):
         if name not in GPT2_PRESETS:
             raise ValueError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_PRESETS)}")
         return cls(**{**GPT2_PRESETS[name], **overrides})
+
+
+def parameter_shapes(cfg):
+    """(name, shape) of every parameter of GPTModel(cfg), in its order, without building the model.
+
+    A generator, so a loader comparing a file's arrays with a config that claims a million layers stops
+    at the first block the file lacks. tests/test_npz_safety.py checks it against GPTModel itself.
+    """
+    V, T, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
+    yield from (("wte.weight", (V, C)), ("wpe.weight", (T, C)))
+    for i in range(cfg.n_layers):
+        yield from ((f"h.{i}.ln_1.weight", (C,)), (f"h.{i}.ln_1.bias", (C,)),
+                    (f"h.{i}.attn.c_attn.weight", (C, 3 * C)))
+        if cfg.qkv_bias:
+            yield f"h.{i}.attn.c_attn.bias", (3 * C,)
+        yield from ((f"h.{i}.attn.c_proj.weight", (C, C)), (f"h.{i}.attn.c_proj.bias", (C,)),
+                    (f"h.{i}.ln_2.weight", (C,)), (f"h.{i}.ln_2.bias", (C,)),
+                    (f"h.{i}.mlp.c_fc.weight", (C, 4 * C)), (f"h.{i}.mlp.c_fc.bias", (4 * C,)),
+                    (f"h.{i}.mlp.c_proj.weight", (4 * C, C)), (f"h.{i}.mlp.c_proj.bias", (C,)))
+    yield from (("ln_f.weight", (C,)), ("ln_f.bias", (C,)))
 
 
 class CausalSelfAttention(Module):
