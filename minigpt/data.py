@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .fileio import download_file, parse_json
-from .functional import IGNORE_INDEX
+from .losses import IGNORE_INDEX
 from .tokenizer import EOT, GPT2_EOT_ID, encode  # GPT2_EOT_ID: the default padding token
 
 REFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"

@@ -32,7 +32,7 @@ from .data import (DataLoader, InstructionDataset, PROMPT_STYLES, check_response
 from .evaluate import (DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL, JudgeUnavailable, judge_responses,
                        score_responses)
 from .fileio import write_json
-from .functional import IGNORE_INDEX
+from .losses import IGNORE_INDEX
 from .model import GPTConfig, GPTModel
 from .nn import Dropout
 from .optim import AdamW

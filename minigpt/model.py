@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import functional as F
+from . import functional as F, losses
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module
 from .tensor import Tensor
 
@@ -214,7 +214,7 @@ class GPTModel(Module):
             kv_cache.length += T
         return self.ln_f(x)
 
-    def loss(self, idx, targets, ignore_index=F.IGNORE_INDEX):
+    def loss(self, idx, targets, ignore_index=losses.IGNORE_INDEX):
         """Mean cross-entropy over the targets that are not ignore_index.
 
         Only the positions whose target counts reach the 50257-wide output head, the costliest layer,
@@ -227,10 +227,10 @@ class GPTModel(Module):
         kept = targets.reshape(-1) != ignore_index                     # (B*T,)
         if not kept.any() or kept.all():                               # nothing to leave out (or to learn:
             x = self.hidden_states(idx)                                # the loss op says so)  (B, T, C)
-            return F.lm_head_cross_entropy(x, self.wte.weight, targets, ignore_index)
+            return losses.lm_head_cross_entropy(x, self.wte.weight, targets, ignore_index)
         rows = np.flatnonzero(kept)                                    # (N,)
         x = self.hidden_states(idx, rows=rows)                         # (N, C)
-        return F.lm_head_cross_entropy(x, self.wte.weight, targets.reshape(-1)[rows], ignore_index)
+        return losses.lm_head_cross_entropy(x, self.wte.weight, targets.reshape(-1)[rows], ignore_index)
 
     def _check_ids(self, idx, start=0):
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)

@@ -9,7 +9,7 @@ import pytest
 from minigpt import data
 from minigpt.data import (DataLoader, InstructionDataset, build_prompt, collate, format_example, format_input,
                           load_instruction_data, response_header, split_data)
-from minigpt.functional import IGNORE_INDEX
+from minigpt.losses import IGNORE_INDEX
 from minigpt.tokenizer import byte_tokenizer, encode, gpt2_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

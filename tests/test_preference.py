@@ -8,7 +8,7 @@ import pytest
 
 from minigpt import preference
 from minigpt.data import InstructionDataset
-from minigpt.functional import IGNORE_INDEX
+from minigpt.losses import IGNORE_INDEX
 from minigpt.preference import (PreferenceDataset, collate_preferences, load_preference_data,
                                 split_preference_data)
 from minigpt.tokenizer import EOT, byte_tokenizer, gpt2_tokenizer
