@@ -270,12 +270,13 @@ def causal_self_attention(qkv, n_heads):
     """Multi-head causal self-attention, all heads at once (no Python loop over heads).
 
     Forward:  q, k, v = split(qkv) into NH heads
-              S = q @ k^T * scale + mask,  scale = 1/sqrt(hs),  mask = -inf where the key is in the query's future
+              S = q @ k^T * scale + mask,  scale = 1/sqrt(hs),
+                  mask = -inf where the key is in the query's future
               att = softmax(S);  y = att @ v;  out = y with the heads joined back into C
     Shapes:   qkv (B, T, 3C) -> q, k, v (B, NH, T, hs) -> S, att (B, NH, T, T) -> out (B, T, C)
     Backward: datt = dy @ v^T;  dv = att^T @ dy
-              dS = att * (datt - sum_keys(datt * att)) * scale    (softmax backward; the scale is applied here,
-                                                                   once, as in the forward's S)
+              dS = att * (datt - sum_keys(datt * att)) * scale    (softmax backward; the scale is applied
+                                                                   here, once, as in the forward's S)
               dq = dS @ k;  dk = dS^T @ q;  dqkv = join(dq, dk, dv)
     Cache:    qkv (q, k, v are views of it), att
     Plain twin: tests/reference_ops.py:causal_self_attention
@@ -286,7 +287,8 @@ def causal_self_attention(qkv, n_heads):
     qkv = as_float_tensor("causal_self_attention", qkv)
     B, T, C3 = qkv.shape
     if C3 % (3 * n_heads):
-        raise ValueError(f"causal_self_attention: last axis {C3} is not 3 * C with C divisible by {n_heads} heads")
+        raise ValueError(f"causal_self_attention: last axis {C3} is not 3 * C with C divisible by "
+                         f"{n_heads} heads")
     C, hs = C3 // 3, C3 // (3 * n_heads)
     scale = 1.0 / math.sqrt(hs)
     mask = causal_mask(T, T, qkv.dtype)                          # (T, T)
@@ -311,10 +313,10 @@ def causal_self_attention(qkv, n_heads):
 
         def backward_block(block):
             att_b = att[block]
-            dS = dy[block] @ v[block].transpose(0, 1, 3, 2)       # datt, until the next two lines make it dS
+            datt = dy[block] @ v[block].transpose(0, 1, 3, 2)     # (b, nh, T, T)
             np.matmul(att_b.transpose(0, 1, 3, 2), dy[block], out=dv[block])
-            dS -= np.einsum("bhqk,bhqk->bhq", dS, att_b)[..., None]   # sum over keys, without a temporary
-            dS *= att_b
+            datt -= np.einsum("bhqk,bhqk->bhq", datt, att_b)[..., None]  # sum over keys, without a temporary
+            dS = np.multiply(datt, att_b, out=datt)               # datt's memory holds dS from here on
             dS *= scale
             np.matmul(dS, k[block], out=dq[block])
             np.matmul(dS.transpose(0, 1, 3, 2), q[block], out=dk[block])

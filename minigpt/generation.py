@@ -29,17 +29,16 @@ def generate(model, prompts, max_new_tokens, context_size=None, temperature=0.0,
     eos_id: a row stops at this token (which is kept); rows that stopped are padded with it, and
     generation ends when every row has stopped.
     """
-    new_columns = [column[:, None] for column in
-                   generate_tokens(model, prompts, max_new_tokens, context_size, temperature, top_k, eos_id, rng,
-                                   use_cache)]
+    new_columns = [column[:, None] for column in generate_tokens(
+        model, prompts, max_new_tokens, context_size, temperature, top_k, eos_id, rng, use_cache)]
     new = np.concatenate(new_columns, axis=1) if new_columns else np.zeros((len(prompts), 0), np.int64)
     if isinstance(prompts, np.ndarray):
         return np.concatenate([prompts, new], axis=1)
     return [np.concatenate([np.asarray(prompt, dtype=np.int64), row]) for prompt, row in zip(prompts, new)]
 
 
-def generate_tokens(model, prompts, max_new_tokens, context_size=None, temperature=0.0, top_k=None, eos_id=None,
-                    rng=None, use_cache=True):
+def generate_tokens(model, prompts, max_new_tokens, context_size=None, temperature=0.0, top_k=None,
+                    eos_id=None, rng=None, use_cache=True):
     """Yield the next token of every row, (B,), as soon as it is chosen (for streaming output)."""
     if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise ValueError(f"generate: invalid max_new_tokens={max_new_tokens}, temperature={temperature}, "
@@ -50,7 +49,8 @@ def generate_tokens(model, prompts, max_new_tokens, context_size=None, temperatu
     finished = np.zeros(len(idx), dtype=bool)
     cache = None
     if use_cache:
-        cache = KVCache(model.cfg, len(idx), min(context_size, idx.shape[1] + max_new_tokens), model.dtype, pad)
+        max_length = min(context_size, idx.shape[1] + max_new_tokens)
+        cache = KVCache(model.cfg, len(idx), max_length, model.dtype, pad)
 
     with no_grad():
         logits = model(idx[:, -context_size:], kv_cache=cache, last_only=True)
@@ -83,7 +83,8 @@ def _left_padded(prompts, max_new_tokens, context_size, use_cache):
     T = int(lengths.max())
     if T + max_new_tokens > context_size or not use_cache:
         raise ValueError(f"a batch of prompts of different lengths needs the KV cache and must fit the "
-                         f"context window: longest prompt {T} + {max_new_tokens} new tokens > {context_size}; "
+                         f"context window: longest prompt {T} + {max_new_tokens} new tokens > "
+                         f"{context_size}; "
                          f"generate such prompts one at a time")
     idx = np.zeros((len(lengths), T), dtype=np.int64)                          # padding: token 0, never seen
     for row, prompt in zip(idx, prompts):

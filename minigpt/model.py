@@ -1,6 +1,7 @@
 """GPT-2: token and position embeddings, n_layers pre-LayerNorm transformer blocks, a tied output head.
 
-    idx (B, T) -> wte[idx] + wpe[0..T-1] -> dropout -> Block x n_layers -> ln_f -> x @ wte^T -> logits (B, T, V)
+    idx (B, T) -> wte[idx] + wpe[0..T-1] -> dropout -> Block x n_layers -> ln_f -> x @ wte^T
+               -> logits (B, T, V)
     Block:  x = x + attn(ln_1(x));   x = x + mlp(ln_2(x))
     attn:   c_attn (C -> 3C: q, k, v) -> causal attention over NH heads -> c_proj (C -> C) -> dropout
     mlp:    c_fc (C -> 4C) -> GELU (tanh approximation) -> c_proj (4C -> C) -> dropout

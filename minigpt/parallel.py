@@ -241,7 +241,8 @@ def matmul_tn(a, b):
     out = np.empty((K, M), dtype=np.result_type(a, b))
     work = N * K * M
     if K >= M:
-        parallel_map(lambda rows: np.matmul(a[:, rows].T, b, out=out[rows]), _slices(K, _count_matmul_slices(K, work)))
+        parallel_map(lambda rows: np.matmul(a[:, rows].T, b, out=out[rows]),
+                     _slices(K, _count_matmul_slices(K, work)))
     else:
         parallel_map(lambda cols: np.matmul(a.T, b[:, cols], out=out[:, cols]),
                      _slices(M, _count_matmul_slices(M, work)))

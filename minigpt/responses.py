@@ -47,10 +47,9 @@ def generate_responses(model, tokenizer, entries, style, max_new_tokens, batch_s
     start = last_print = time.monotonic()
     try:
         for batch in batches:
-            if len(batch) == 1:  # alone, a prompt may outgrow the context window: the window slides
-                outputs = generate(model, np.array([prompts[batch[0]]]), max_new_tokens, eos_id=tokenizer.eot_token)
-            else:
-                outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, eos_id=tokenizer.eot_token)
+            # alone, a prompt may outgrow the context window (then the window slides): a (1, T) array
+            batch_prompts = np.array([prompts[batch[0]]]) if len(batch) == 1 else [prompts[i] for i in batch]
+            outputs = generate(model, batch_prompts, max_new_tokens, eos_id=tokenizer.eot_token)
             for i, ids in zip(batch, outputs):
                 responses[i] = decode_response(tokenizer, ids[len(prompts[i]):])
             now = time.monotonic()
@@ -73,7 +72,7 @@ def response_batches(cfg, prompts, max_new_tokens, batch_size=None):
     batches, batch = [], []
     for i in fits:
         rows = len(batch) + 1
-        cache_bytes = rows * (len(prompts[i]) + max_new_tokens) * cfg.n_layers * cfg.emb_dim * 2 * 4  # keys, values
+        cache_bytes = rows * (len(prompts[i]) + max_new_tokens) * cfg.n_layers * cfg.emb_dim * 8  # 2 float32s
         if batch and (rows > (batch_size or MAX_BATCH) or cache_bytes > KV_CACHE_BYTES):
             batches.append(batch)
             batch = []
