@@ -12,18 +12,23 @@ import argparse
 import dataclasses
 import sys
 
-from minigpt import finetune
-from minigpt.data import PROMPT_STYLES
-from minigpt.finetune import REFERENCE_RECIPE, RESUME_OVERRIDES, RunConfig
-from minigpt.lora import DEFAULT_TARGETS
-from minigpt.tasks import KINDS
-from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV
-from minigpt.training import SCHEDULES
-from minigpt.weights import HUB_REPOS
-
 EXIT_USAGE = 2        # bad arguments, missing files, no network
+EXIT_DIVERGED = 3     # the loss or the weights stopped being finite numbers
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 SHOW_BATCH_ROWS = 4   # rows --show-batch prints unless told otherwise
+
+try:  # NumPy, tiktoken and matplotlib take a second to import: Ctrl-C meanwhile is one line too
+    from minigpt import finetune
+    from minigpt.data import PROMPT_STYLES
+    from minigpt.finetune import REFERENCE_RECIPE, RESUME_OVERRIDES, RunConfig
+    from minigpt.lora import DEFAULT_TARGETS
+    from minigpt.tasks import KINDS
+    from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV
+    from minigpt.training import SCHEDULES, TrainingDiverged
+    from minigpt.weights import HUB_REPOS
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -59,7 +64,11 @@ def positive_int(text):
 
 
 def build_parser():
-    parser = ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+                            epilog=f"exit codes: 0 done; {EXIT_USAGE} bad input (one 'error:' line); "
+                                   f"{EXIT_DIVERGED} training diverged (a NaN or inf loss: lower --lr or use "
+                                   f"--grad-clip; the last finite checkpoint and the best weights are kept); "
+                                   f"{EXIT_INTERRUPTED} interrupted (Ctrl-C)")
 
     def add(group, flag, help, **kwargs):
         name = flag[2:].replace("-", "_")
@@ -106,7 +115,7 @@ def build_parser():
 
     train = parser.add_argument_group("training")
     add(train, "--epochs", "passes over the training set", type=int, metavar="N")
-    add(train, "--batch-size", "examples per step (and per batch of test responses)", type=int, metavar="B")
+    add(train, "--batch-size", "examples per training step", type=int, metavar="B")
     add(train, "--lr", "peak learning rate of AdamW", type=float)
     add(train, "--weight-decay", "AdamW's decoupled weight decay", type=float, metavar="WD")
     add(train, "--beta2", "AdamW's beta2, the decay of its running mean of squared gradients", type=float)
@@ -141,13 +150,16 @@ def build_parser():
     add(out, "--judge-timeout", "longest wait for one judge reply, from connecting to its last byte",
         type=float, metavar="SECONDS")
     add(out, "--out-dir", "the run folder (none: runs/<name>)", metavar="DIR")
-    add(out, "--name", "name of the run folder under runs/ (none: <model>-<data>-<date>-<time>)")
+    add(out, "--name", "name of the run folder under runs/: one folder name, no '/' (none: "
+                       "<model>-<data>-<date>-<time>)")
     add(out, "--export-hf", "also write the final and best weights as Hugging Face GPT-2 folders",
         action="store_true")
     out.add_argument("--resume", metavar="DIR",
-                     help=f"continue the run in DIR from its checkpoint, exactly as if never stopped; "
-                          f"only {', '.join('--' + name.replace('_', '-') for name in RESUME_OVERRIDES)} "
-                          f"may be given with it")
+                     help=f"continue the run in DIR from its checkpoint, exactly as if never stopped, on the "
+                          f"same data (checked by fingerprint); only "
+                          f"{', '.join('--' + name.replace('_', '-') for name in RESUME_OVERRIDES)} "
+                          f"may be given with it. A folder whose run stopped before its first checkpoint has "
+                          f"nothing to resume: it is free for a new run (same --out-dir)")
     out.add_argument("--show-batch", nargs="?", const=SHOW_BATCH_ROWS, type=positive_int, metavar="ROWS",
                      help=f"print the first training batch, from the run's own loader, as the model sees "
                           f"it and stop (no training, no run folder): for the first ROWS rows (default "
@@ -157,7 +169,8 @@ def build_parser():
 
 
 def main(argv=None):
-    """Parse `argv`, run the pipeline; returns the exit code (0, 2 for an error, 130 after Ctrl-C)."""
+    """Parse `argv`, run the pipeline; returns the exit code: 0, 2 for an error, 3 when training diverged
+    (the loss became NaN or inf), 130 after Ctrl-C."""
     try:
         settings = vars(build_parser().parse_args(argv))  # only the flags given: defaults are suppressed
     except SystemExit as e:  # --help, or a usage error already printed
@@ -175,7 +188,11 @@ def main(argv=None):
         else:
             finetune.run(finetune.make_config(**settings))
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except (ValueError, TypeError, OSError) as e:  # OSError: missing files, no network (ConnectionError)
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE

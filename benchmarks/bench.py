@@ -36,6 +36,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +52,14 @@ EPOCH_BATCH_SIZE = 8
 MODELS = {
     "gpt2-small": dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12),
     "byte": dict(vocab_size=257, context_length=256, emb_dim=256, n_heads=4, n_layers=4),
+    "default": dict(vocab_size=257, context_length=64, emb_dim=128, n_heads=4, n_layers=4),  # python train.py's
 }
+RESPONSE_TOKENS = 32               # new tokens per test-set response (random weights: no early stop)
 
 
 @dataclass(frozen=True)
 class Row:
-    kind: str                # "train" | "eval" | "generate" | "epoch"
+    kind: str                # "train" | "eval" | "tasks" | "generate" | "responses" | "epoch"
     model: str               # key of MODELS
     target: tuple = None     # (op, x): minigpt/PyTorch should be op x; None: no target
     batch: int = 8
@@ -69,21 +72,31 @@ class Row:
 
 
 ROWS = {
-    "train-byte-8x128": Row("train", "byte", ("<=", 1.0), repeats=10),
-    "train-gpt2-8x128": Row("train", "gpt2-small", ("<=", 0.7)),
-    "train-gpt2-8x256": Row("train", "gpt2-small", ("<=", 0.7), seq_len=256),
+    "train-default-64x64": Row("train", "default", ("<=", 0.9), batch=64, seq_len=64, repeats=10),
+    "train-default-tasks": Row("tasks", "default", ("<=", 0.9), batch=64, repeats=20),
+    "train-byte-8x128": Row("train", "byte", ("<=", 0.9), repeats=10),
+    "train-gpt2-8x128": Row("train", "gpt2-small", ("<=", 0.65)),
+    "train-gpt2-8x256": Row("train", "gpt2-small", ("<=", 0.65), seq_len=256),
     "train-gpt2-8x128-lora": Row("train", "gpt2-small", ("<=", 0.65), lora=True),
     "eval-byte-8x128": Row("eval", "byte", ("<=", 0.7), repeats=10),
     "eval-gpt2-8x128": Row("eval", "gpt2-small", ("<=", 0.7)),
     "eval-gpt2-8x256": Row("eval", "gpt2-small", ("<=", 0.7), seq_len=256),
     "generate-cached": Row("generate", "gpt2-small", (">=", 1.0), batch=1, seq_len=100),
     "generate-uncached": Row("generate", "gpt2-small", None, batch=1, seq_len=100, use_cache=False),
+    "responses-ragged": Row("responses", "gpt2-small", (">=", 1.0), repeats=1),
     "epoch-plain": Row("epoch", "gpt2-small", ("<=", 0.6)),
     "epoch-mask": Row("epoch", "gpt2-small", ("<=", 0.6), mask_prompt=True),
     "epoch-group": Row("epoch", "gpt2-small", ("<=", 0.6), group_by_length=True),
     "epoch-mask-group": Row("epoch", "gpt2-small", ("<=", 0.6), mask_prompt=True, group_by_length=True),
 }
-QUICK_ROWS = ("train-byte-8x128", "eval-byte-8x128", "train-gpt2-8x128", "eval-gpt2-8x128")
+QUICK_ROWS = ("train-default-64x64", "train-byte-8x128", "eval-byte-8x128", "train-gpt2-8x128", "eval-gpt2-8x128")
+BUSY_ROWS = ("train-byte-8x128", "train-gpt2-8x128", "train-default-64x64")   # --busy without --only
+BUSY_TARGET = 3.0                  # a busy neighbour may slow minigpt by at most this, and not more than PyTorch
+# The neighbours of --busy: a NumPy program multiplying matrices on all cores, or one busy Python loop.
+BUSY_PROGRAMS = {
+    "blas": "import numpy as np\na = np.random.rand(1024, 1024)\nwhile True:\n    a @ a",
+    "spin": "while True:\n    pass",
+}
 REFERENCE_EPOCH_ROW = "epoch-plain"  # the PyTorch side of every epoch row: the same batches as this one
 MEMORY_TARGET = ("<=", 1.0)
 LORA_FULL_ROW = "train-gpt2-8x128"   # a LoRA row is also compared with this row's minigpt step ...
@@ -127,6 +140,13 @@ class MinigptSide:
     def generate(self, prompt, new_tokens, use_cache):
         out = self.minigpt.generate(self.model, prompt, new_tokens, use_cache=use_cache)
         assert out.shape == (prompt.shape[0], prompt.shape[1] + new_tokens), out.shape
+
+    def respond(self, batches, new_tokens):
+        """Greedy continuations of each batch of prompts (lists of ids), decoded together as minigpt's
+        test-set responses are (responses.generate_responses)."""
+        for prompts in batches:
+            outputs = self.minigpt.generate(self.model, prompts, new_tokens)
+            assert all(len(out) == len(p) + new_tokens for out, p in zip(outputs, prompts))
 
     def info(self):
         return {"blas_threads": blas_threads()}
@@ -174,6 +194,19 @@ class TorchSide:
                                   use_cache=use_cache, pad_token_id=self.model.config.eos_token_id)
         assert tuple(out.shape) == (prompt.shape[0], prompt.shape[1] + new_tokens), tuple(out.shape)
 
+    def respond(self, batches, new_tokens):
+        """The same batches through transformers' generate, left-padded with an attention mask."""
+        for prompts in batches:
+            T = max(map(len, prompts))
+            ids = self.torch.zeros((len(prompts), T), dtype=self.torch.long)
+            mask = self.torch.zeros((len(prompts), T), dtype=self.torch.long)
+            for i, prompt in enumerate(prompts):
+                ids[i, T - len(prompt):] = self.torch.tensor(prompt)
+                mask[i, T - len(prompt):] = 1
+            out = self.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, pad_token_id=self.model.config.eos_token_id)
+            assert tuple(out.shape) == (len(prompts), T + new_tokens), tuple(out.shape)
+
     def info(self):
         return {"torch_threads": self.torch.get_num_threads(), "torch_head": self.head, **self.extra}
 
@@ -189,8 +222,8 @@ def run_worker(args):
     side = (MinigptSide if args.framework == "minigpt" else TorchSide)(args)
     result = {"row": name, "framework": args.framework,
               "baseline_rss_mib": current_rss_mib()}  # the framework imported, nothing built yet
-    measure = {"train": measure_step, "eval": measure_step, "generate": measure_generation,
-               "epoch": measure_epoch}[row.kind]
+    measure = {"train": measure_step, "eval": measure_step, "tasks": measure_task_steps,
+               "generate": measure_generation, "responses": measure_responses, "epoch": measure_epoch}[row.kind]
     result.update(measure(side, row, args))          # builds, resets the peak, times
     work_peak_mib = peak_rss_mib()
     result.update(side.info(), threads=args.threads,
@@ -222,6 +255,31 @@ def measure_generation(side, row, args):
     return {**setup, "value": args.gen_tokens / statistics.median(times), "unit": "tok/s", "times": times}
 
 
+def measure_task_steps(side, row, args):
+    """Training steps of `python train.py` itself: its model, on its first batches (prepared by --prepare)."""
+    batches, _ = load_prepared(args.data_file)
+    side.build(row.model, train=True)
+    setup = setup_done()
+    losses = []
+    order = iter(range(10**9))
+    times = time_calls(lambda: losses.append(side.train_step(*batches[next(order) % len(batches)])),
+                       args.warmup, args.repeats or row.repeats)
+    return {**setup, "value": statistics.median(times), "unit": "s", "times": times, "loss": losses[-1],
+            "tokens_per_batch": [inputs.size for inputs, _ in batches]}
+
+
+def measure_responses(side, row, args):
+    """Test-set responses of the reference job: its 110 test prompts, in minigpt's ragged batches."""
+    _, meta = load_prepared(args.data_file)
+    side.build_generator()
+    setup = setup_done()
+    prompts = meta["prompts"]
+    batches = [[prompts[i] for i in batch] for batch in meta["batches"]]
+    times = time_calls(lambda: side.respond(batches, RESPONSE_TOKENS), args.warmup, args.repeats or row.repeats)
+    return {**setup, "value": len(prompts) / statistics.median(times), "unit": "responses/s", "times": times,
+            "batches": [len(batch) for batch in batches]}
+
+
 def measure_epoch(side, row, args):
     """The epoch time of the fine-tuning job: collate + mean step time x batches, from a few steps.
 
@@ -229,7 +287,8 @@ def measure_epoch(side, row, args):
     stands for the epoch. PyTorch always runs the reference pipeline: plain batches, full head.
     """
     reference = args.framework == "torch"
-    batches, collate_s, n_examples = epoch_batches(row, args, reference)
+    batches, meta = load_prepared(args.data_file)
+    collate_s, n_examples = meta["collate_s"], meta["examples"]
     side.build(row.model, train=True)
     setup = setup_done()
     sizes = [inputs.size for inputs, _ in batches]                     # B*T of each batch
@@ -259,9 +318,24 @@ def synthetic_batch(row, seed):
     return inputs, targets
 
 
+# ---------------------------------------------------------------------------------------------
+# Prepared data: real batches and prompts, made by minigpt's own pipeline in a process of their own
+# (--prepare), so the PyTorch worker reads plain arrays and never imports minigpt (whose allocator
+# setting would change PyTorch's process too).
+
+def prepare_data(args):
+    """Write the data of one row for one framework to args.data_file."""
+    row = ROWS[args.only[0]]
+    sys.path[:0] = [str(REPO_ROOT)]
+    batches, meta = {"epoch": epoch_batches, "tasks": task_batches, "responses": response_prompts}[row.kind](
+        row, args, reference=args.framework == "torch")
+    save_prepared(args.data_file, batches, meta)
+    return 0
+
+
 def epoch_batches(row, args, reference):
-    """One epoch of (inputs, targets) from the real DataLoader, the seconds it took to collate, and
-    the number of examples. `reference`: the PyTorch pipeline's batches (no grouping, no masking)."""
+    """One epoch of the fine-tuning job from the real DataLoader, with the seconds it took to collate.
+    `reference`: the PyTorch pipeline's batches (no grouping, no masking)."""
     from minigpt.data import DataLoader, InstructionDataset, load_instruction_data, split_data
     from minigpt.tokenizer import get_tokenizer
     train, _, _ = split_data(load_instruction_data(args.data))                          # 935 of 1,100
@@ -272,7 +346,46 @@ def epoch_batches(row, args, reference):
                         mask_prompt=row.mask_prompt and not reference, allowed_max_length=1024)
     start = time.perf_counter()
     batches = list(loader)
-    return batches, time.perf_counter() - start, len(train)
+    return batches, {"collate_s": time.perf_counter() - start, "examples": len(train)}
+
+
+def task_batches(row, args, reference):
+    """The first batches `python train.py` trains on: its own loader over the built-in tasks."""
+    from minigpt import finetune
+    from minigpt.tokenizer import get_tokenizer
+    config = finetune.RunConfig(n_train=row.batch * 20)
+    train, _, _ = finetune.load_splits(config)
+    loader = finetune.training_loader(config, get_tokenizer(config.tokenizer), train, config.context_length)
+    return list(loader), {}
+
+
+def response_prompts(row, args, reference):
+    """The reference job's 110 test prompts (GPT-2 tokens) and minigpt's batches of them."""
+    from minigpt.data import load_instruction_data, split_data
+    from minigpt.model import GPTConfig
+    from minigpt.responses import prompt_ids, response_batches
+    from minigpt.tokenizer import get_tokenizer
+    _, _, test = split_data(load_instruction_data(args.data))                           # 110 of 1,100
+    vocab_dir = args.vocab_dir if Path(args.vocab_dir).is_dir() else None
+    tokenizer = get_tokenizer("gpt2", vocab_dir=vocab_dir)
+    prompts = [prompt_ids(tokenizer, entry, "alpaca") for entry in test]
+    batches = response_batches(GPTConfig(**MODELS[row.model]), prompts, RESPONSE_TOKENS)
+    return [], {"prompts": prompts, "batches": batches}
+
+
+def save_prepared(path, batches, meta):
+    import numpy as np
+    arrays = {f"{kind}_{i}": array for i, pair in enumerate(batches) for kind, array in zip(("inputs", "targets"), pair)}
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def load_prepared(path):
+    """(list of (inputs, targets), meta dict) written by save_prepared."""
+    import numpy as np
+    with np.load(path, allow_pickle=False) as archive:
+        n = sum(name.startswith("inputs_") for name in archive.files)
+        batches = [(archive[f"inputs_{i}"], archive[f"targets_{i}"]) for i in range(n)]
+        return batches, json.loads(str(archive["meta"][()]))
 
 
 def stratified_picks(sizes, steps):
@@ -348,18 +461,43 @@ def blas_threads():
 # ---------------------------------------------------------------------------------------------
 # Driver: a subprocess per (row, framework), then the table
 
-def run_in_subprocess(name, framework, args):
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--only", name,
-               "--framework", framework, "--threads", str(args.threads), "--warmup", str(args.warmup),
-               "--gen-tokens", str(args.gen_tokens), "--epoch-steps", str(args.epoch_steps),
-               "--torch-head", args.torch_head, "--seed", str(args.seed), "--data", str(args.data),
-               "--vocab-dir", str(args.vocab_dir)]
-    if args.repeats:
-        command += ["--repeats", str(args.repeats)]
+PREPARED_KINDS = ("epoch", "tasks", "responses")  # rows that run on real data, made by --prepare
+
+
+def run_in_subprocess(name, framework, args, busy=None):
+    """One worker process for (row, framework), its data prepared first; with `busy`, a neighbour program
+    (BUSY_PROGRAMS) runs on all cores while it works."""
+    common = ["--only", name, "--framework", framework, "--threads", str(args.threads), "--seed", str(args.seed),
+              "--data", str(args.data), "--vocab-dir", str(args.vocab_dir)]
     env = {**os.environ, **{k: str(args.threads) for k in THREAD_ENV}, "HF_HUB_OFFLINE": "1"}
-    print(f"  {name:<18} {framework:<8}", end=" ", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    label = f"  {name:<19} {framework:<8}" + (f" beside {busy}" if busy else "")
+    with tempfile.TemporaryDirectory() as scratch:
+        data_file = str(Path(scratch) / "data.npz")
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", *common, "--data-file", data_file,
+                   "--warmup", str(args.warmup), "--gen-tokens", str(args.gen_tokens),
+                   "--epoch-steps", str(args.epoch_steps), "--torch-head", args.torch_head]
+        if args.repeats:
+            command += ["--repeats", str(args.repeats)]
+        if ROWS[name].kind in PREPARED_KINDS:
+            prepare = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--prepare", *common,
+                                      "--data-file", data_file], capture_output=True, text=True, env=env)
+            if prepare.returncode != 0:
+                print(f"{label} FAILED to prepare its data")
+                print("    " + "\n    ".join(prepare.stderr.strip().splitlines()[-15:]))
+                return {"row": name, "framework": framework, "error": prepare.stderr[-4000:]}
+        print(label, end=" ", flush=True)
+        start = time.perf_counter()
+        neighbour = None
+        if busy:
+            neighbour = subprocess.Popen([sys.executable, "-c", BUSY_PROGRAMS[busy]], env={
+                **os.environ, **{k: str(usable_cores()) for k in THREAD_ENV}})
+            time.sleep(1.0)                                      # let it get going
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        finally:
+            if neighbour is not None:
+                neighbour.kill()
+                neighbour.wait()
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         print(f"FAILED (exit {proc.returncode})")
@@ -407,11 +545,12 @@ def table_rows(names, results):
                      format_value(ratio, "x"), f"{target[0]} {target[1]}x" if target else "",
                      verdict(ratio, target)))
 
-    metrics = {"train": "step", "eval": "forward+loss", "generate": "tokens/s", "epoch": "epoch (projected)"}
+    metrics = {"train": "step", "eval": "forward+loss", "tasks": "step", "generate": "tokens/s",
+               "responses": "responses/s", "epoch": "epoch (projected)"}
     for name in names:
         row = ROWS[name]
         theirs = REFERENCE_EPOCH_ROW if row.kind == "epoch" else name
-        unit = "tok/s" if row.kind == "generate" else "s"
+        unit = {"generate": "tok/s", "responses": "responses/s"}.get(row.kind, "s")
         add(name, metrics[row.kind], unit, figure(name, "minigpt"), figure(theirs, "torch"), row.target)
         add("", "peak RSS", "MiB", figure(name, "minigpt", "peak_rss_mib"),
             figure(theirs, "torch", "peak_rss_mib"), MEMORY_TARGET)
@@ -501,6 +640,8 @@ def drive(args):
         print("nothing to run")
         return 0
     print()
+    if args.busy:
+        return drive_busy(names if args.only else list(BUSY_ROWS), frameworks, args, command, machine)
     results = {}
     for name in names:
         for framework in frameworks:
@@ -508,7 +649,7 @@ def drive(args):
             key = (REFERENCE_EPOCH_ROW if framework == "torch" and kind == "epoch" else name, framework)
             if key in results:
                 continue
-            if framework == "torch" and kind == "generate" and machine["transformers"] == "not installed":
+            if framework == "torch" and kind in ("generate", "responses") and machine["transformers"] == "not installed":
                 print(f"  {name:<18} torch    skipped: transformers is not installed")
                 continue
             results[key] = run_in_subprocess(*key, args)
@@ -529,6 +670,43 @@ def drive(args):
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def drive_busy(names, frameworks, args, command, machine):
+    """Each row quiet, then beside the --busy neighbour; print every framework's slowdown."""
+    results = {}
+    for name in names:
+        for framework in frameworks:
+            for busy in (None, args.busy):
+                results[(name, framework, busy)] = run_in_subprocess(name, framework, args, busy=busy)
+    print()
+    header = ("row", "minigpt quiet", "busy", "slowdown", "PyTorch quiet", "busy", "slowdown", "target", "")
+    table = []
+    for name in names:
+        unit = {"generate": "tok/s", "responses": "responses/s"}.get(ROWS[name].kind, "s")
+        cells, slowdowns = [name], {}
+        for framework in ("minigpt", "torch"):
+            quiet = results.get((name, framework, None), {}).get("value")
+            busy = results.get((name, framework, args.busy), {}).get("value")
+            slowdown = None
+            if quiet and busy:
+                slowdown = busy / quiet if unit == "s" else quiet / busy
+            slowdowns[framework] = slowdown
+            cells += [format_value(quiet, unit), format_value(busy, unit), format_value(slowdown, "x")]
+        ours, theirs = slowdowns["minigpt"], slowdowns["torch"]
+        bound = min(BUSY_TARGET, theirs) if theirs else BUSY_TARGET
+        cells += [f"<= {BUSY_TARGET:g}x and <= PyTorch's", verdict(ours, ("<=", bound))]
+        table.append(tuple(cells))
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    for cells in [header, *table]:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+    print(f"\nslowdown = time beside the neighbour / time alone, each in a fresh process; neighbour "
+          f"{args.busy!r}: {BUSY_PROGRAMS[args.busy]!r} on {usable_cores()} threads")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": command, "machine": machine, "busy": args.busy,
+                                               "results": [dict(r, busy=key[2]) for key, r in results.items()],
+                                               "table": table}, indent=2))
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 def default_threads():
@@ -565,6 +743,13 @@ def parse_args(argv=None):
     parser.add_argument("--vocab-dir", default=str(SHARED_DATA / "gpt2"),
                         help="folder with GPT-2's encoder.json and vocab.bpe (else tiktoken's download)")
     parser.add_argument("--json", metavar="PATH", help="also save the results and the table as JSON")
+    parser.add_argument("--busy", choices=sorted(BUSY_PROGRAMS),
+                        help="run each row alone and then beside a busy neighbour (blas: NumPy multiplying "
+                             "matrices on all cores; spin: a busy Python loop) and print each framework's "
+                             f"slowdown (rows: {', '.join(BUSY_ROWS)} unless --only)")
+    parser.add_argument("--prepare", action="store_true",
+                        help="internal: write one --only row's data for --framework to --data-file")
+    parser.add_argument("--data-file", help="internal: the prepared data of a worker")
     parser.add_argument("--worker", action="store_true",
                         help="internal: run one --only row with one --framework in this process, print JSON")
     args = parser.parse_args(argv)
@@ -573,14 +758,16 @@ def parse_args(argv=None):
     if args.threads < 1 or (args.repeats is not None and args.repeats < 1) or args.warmup < 0 \
             or args.gen_tokens < 1 or args.epoch_steps < 1:
         parser.error("--threads, --repeats, --gen-tokens and --epoch-steps must be >= 1, --warmup >= 0")
-    if args.worker and (not args.only or len(args.only) != 1 or args.framework == "both"):
-        parser.error("--worker needs exactly one --only ROW and --framework minigpt or torch")
+    if (args.worker or args.prepare) and (not args.only or len(args.only) != 1 or args.framework == "both"):
+        parser.error("--worker and --prepare need exactly one --only ROW and --framework minigpt or torch")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]   # this checkout's minigpt first
+    if args.prepare:
+        return prepare_data(args)
     return run_worker(args) if args.worker else drive(args)
 
 

@@ -1,8 +1,8 @@
 """minigpt: GPT-2 from scratch in pure NumPy — autograd, hand-derived gradients, real GPT-2 weights,
 instruction fine-tuning on a CPU."""
 from . import memory  # noqa: F401  (first: the allocator keeps freed memory for the next step)
-from . import functional, nn, optim
-from .functional import IGNORE_INDEX, cross_entropy
+from . import functional, losses, nn, optim
+from .losses import IGNORE_INDEX, cross_entropy
 from .generation import generate
 from .gradcheck import GradcheckError, gradcheck
 from .model import GPT2_PRESETS, GPTConfig, GPTModel, KVCache
@@ -10,7 +10,7 @@ from .tensor import Tensor, is_grad_enabled, no_grad
 
 __all__ = ["Tensor", "no_grad", "is_grad_enabled", "cross_entropy", "IGNORE_INDEX", "gradcheck",
            "GradcheckError", "GPTConfig", "GPTModel", "GPT2_PRESETS", "KVCache", "generate",
-           "functional", "nn", "optim"]
+           "functional", "losses", "nn", "optim"]
 
 
 def __getattr__(name):

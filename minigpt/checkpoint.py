@@ -14,7 +14,9 @@ from typing import Optional
 import numpy as np
 
 from .fileio import atomic_write, open_npz, parse_json
-from .weights import CONFIG_KEY, save_npz
+from .model import GPTConfig
+from .safetensors import CheckpointError
+from .weights import check_float_parameter, check_stored_shapes, load_npz_arrays, save_npz
 
 CHECKPOINT_FORMAT = "minigpt-checkpoint-1"
 STATE_KEY = "state"  # the checkpoint entry holding the JSON metadata (a 0-d unicode array)
@@ -37,6 +39,7 @@ class TrainState:
     stopped_early: bool = False
     loader_state: Optional[dict] = None            # training loader position after the last step
     dropout_rng_state: Optional[dict] = None       # model.dropout_rng after the last step
+    data_fingerprint: Optional[dict] = None        # of the data trained on (data.data_fingerprint)
 
     def remember_position(self, loader, model):
         """Snapshot the loader and dropout RNG after a completed step. Checkpoints save the snapshot, so
@@ -64,8 +67,7 @@ class BestWeights:
             model.load_state_dict(self.arrays)
             return
         with open_npz(self.path) as archive:
-            names = [name for name in archive.files if name != CONFIG_KEY]
-            model.load_arrays(names, archive.__getitem__, source=self.path)
+            load_npz_arrays(model, archive)
 
 
 def save_checkpoint(path, model, optimizer, state, run_config=None):
@@ -85,31 +87,48 @@ def save_checkpoint(path, model, optimizer, state, run_config=None):
                           "weight_decay": optimizer.weight_decay, "steps": list(optimizer.steps)},
             "train_state": dataclasses.asdict(state),
             "run_config": run_config}
-    arrays[STATE_KEY] = np.array(json.dumps(meta))
+    arrays[STATE_KEY] = np.array(json.dumps(meta, allow_nan=False))
     with atomic_write(path) as f:
         np.savez(f, **arrays)
     return Path(path)
 
 
 def read_checkpoint(path):
-    """A checkpoint's JSON metadata (model_config, optimizer, train_state, run_config); no arrays."""
+    """A checkpoint's JSON metadata (model_config, optimizer, train_state, run_config); no arrays.
+
+    The model_config is checked against the stored weights' .npy headers, so a model built from it
+    fits them (and a config claiming a million layers is refused before anything is allocated).
+    """
     with open_npz(path) as archive:
-        return _metadata(path, archive)
+        meta = _metadata(path, archive)
+        try:
+            cfg = GPTConfig(**meta["model_config"])
+        except (TypeError, ValueError) as e:  # not an object, unknown fields, invalid values
+            raise CheckpointError(f"{path}: model_config is not a valid GPTConfig ({e})") from None
+        check_stored_shapes(path, archive.shapes("model/"), cfg)
+    return meta
 
 
 def restore_checkpoint(path, model, optimizer, train_loader):
-    """Load a checkpoint into model, optimizer, the loader's position and the dropout RNG -> TrainState."""
+    """Load a checkpoint into model, optimizer, the loader's position and the dropout RNG -> TrainState.
+    Weights and Adam's moments are checked as load_npz_arrays checks weights (shape, float, finite)."""
     with open_npz(path) as archive:
         meta = _metadata(path, archive)
-        names = [name.removeprefix("model/") for name in archive.files if name.startswith("model/")]
-        model.load_arrays(names, lambda name: archive[f"model/{name}"], source=path)
-        n = len(optimizer.params)
-        optimizer.load_state_dict({**meta["optimizer"], **{
-            key: [archive[f"optimizer/{key}/{i}"] for i in range(n)] for key in ("exp_avg", "exp_avg_sq")}})
+        load_npz_arrays(model, archive, prefix="model/")
+        moments = {key: [_adam_moment(archive, f"optimizer/{key}/{i}", p.shape)
+                         for i, p in enumerate(optimizer.params)] for key in ("exp_avg", "exp_avg_sq")}
+        optimizer.load_state_dict({**meta["optimizer"], **moments})
     state = TrainState(**meta["train_state"])
     train_loader.load_state_dict(state.loader_state)
     model.dropout_rng.bit_generator.state = state.dropout_rng_state
     return state
+
+
+def _adam_moment(archive, name, shape):
+    stored = archive.header(name)[0]
+    if stored != shape:
+        raise CheckpointError(f"{archive.path}: {name} has shape {stored}, expected {shape}")
+    return check_float_parameter(archive.path, name, archive[name])
 
 
 def _metadata(path, archive):

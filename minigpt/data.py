@@ -12,13 +12,15 @@ padded with <|endoftext|> and shifted by one into inputs and targets, both (B, T
 The first E stays a target so the model learns to stop. With prompt masking, targets that are prompt
 tokens become I as well, so the loss is taken on the response only.
 """
+import hashlib
+import json
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from .fileio import download_file, parse_json
-from .functional import IGNORE_INDEX
+from .losses import IGNORE_INDEX
 from .tokenizer import EOT, GPT2_EOT_ID, encode  # GPT2_EOT_ID: the default padding token
 
 REFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -63,9 +65,21 @@ def validate_entries(entries, keys, source="data"):
                                  f"got {type(entry[key]).__name__}")
 
 
+def refuse_end_of_text(entries, keys, source="data"):
+    """Refuse an entry whose text under `keys` holds a literal "<|endoftext|>", naming the entry; the
+    tokenizer would refuse it too (tokenizer.encode), but only once training or generation meets it."""
+    for i, entry in enumerate(entries):
+        for key in keys:
+            if EOT in entry[key]:
+                raise ValueError(f"{source}: entry {i}: {key!r} holds the literal text {EOT!r} (GPT-2's "
+                                 f"end-of-text token), which minigpt refuses in text; remove it")
+
+
 def load_instruction_data(path):
     """The entries of an instruction-data JSON file: a list of {"instruction", "input", "output"}."""
-    return load_json_entries(path, INSTRUCTION_KEYS, what="instruction data")
+    entries = load_json_entries(path, INSTRUCTION_KEYS, what="instruction data")
+    refuse_end_of_text(entries, INSTRUCTION_KEYS, source=str(path))
+    return entries
 
 
 def download_instruction_data(directory="data"):
@@ -148,6 +162,25 @@ def split_data(entries, train_frac=0.85, test_frac=0.10, shuffle_seed=None):
     return train, val, test
 
 
+def data_fingerprint(train, val, test):
+    """{"train", "val", "test": sha256 (hex) of that split's entries as canonical JSON}: it changes with
+    any text of any entry, their order, or where the splits are cut (seed, sizes, file), and not with
+    how a JSON file is formatted. A checkpoint records it, and --resume refuses other data."""
+    return {name: hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+            for name, entries in (("train", train), ("val", val), ("test", test))}
+
+
+def check_same_data(recorded, current, source):
+    """Raise ValueError when `current` (data_fingerprint) differs from the fingerprint `recorded` in
+    `source`, naming the split and both fingerprints. A checkpoint older than fingerprints (None) passes."""
+    for split, what in (("train", "training"), ("val", "validation"), ("test", "test")):
+        if recorded is not None and recorded.get(split) != current[split]:
+            raise ValueError(f"data changed since the run started: fingerprint "
+                             f"{str(recorded.get(split))[:12]}… in the checkpoint, {current[split][:12]}… "
+                             f"now, of the {what} entries ({source}); resume with the data the run started "
+                             f"with, or start a new run")
+
+
 class InstructionDataset:
     """Entries tokenized once: `dataset[i]` is the token-id list of prompt + header + output.
 
@@ -157,6 +190,7 @@ class InstructionDataset:
     """
 
     def __init__(self, entries, tokenizer, style="alpaca"):
+        refuse_end_of_text(entries, INSTRUCTION_KEYS, source="instruction data")
         self.entries = entries
         self.style = style
         self.token_ids = []
@@ -238,6 +272,27 @@ def token_text(tokenizer, token_id):
         return repr(raw.decode("utf-8"))
     except UnicodeDecodeError:
         return repr(raw)
+
+
+def check_responses_fit(loader, what="training", log=print):
+    """Count the examples of `loader` (over an InstructionDataset) whose whole response is cut off: their
+    prompt, response header included, is longer than the loader's cut (allowed_max_length), so not even
+    the first response token is a target. Some: a warning line through `log`. More than half: ValueError,
+    since the run would mostly train (or validate) on nothing; the context is too short for the prompts."""
+    cut = loader.allowed_max_length
+    if cut is None:
+        return
+    prompt_lengths = np.asarray(loader.dataset.prompt_lengths)                 # (N,)
+    lost, n = int((prompt_lengths > cut).sum()), len(prompt_lengths)
+    if lost == 0:
+        return
+    teach = "nothing" if loader.mask_prompt else "only their prompt"
+    message = (f"{lost} of {n} {what} examples lose their whole response to the cut at {cut} tokens (their "
+               f"prompt alone is longer), so they teach {teach}")
+    if 2 * lost > n:
+        raise ValueError(f"{message}: more than half; use a longer context (--context-length of a new model, "
+                         f"--allowed-max-length) or shorter prompts")
+    log(f"warning: {message}")
 
 
 class DataLoader:

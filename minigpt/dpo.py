@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .functional import IGNORE_INDEX, _checked_targets
+from .losses import IGNORE_INDEX, kept_targets
 from .ops import as_float_tensor
 from .parallel import for_slices, matmul, matmul_tn
 from .tensor import Tensor, is_grad_enabled, no_grad
@@ -81,7 +81,7 @@ def sequence_logprobs(x, wte, targets, reduction="mean", ignore_index=IGNORE_IND
         raise ValueError(f"sequence_logprobs: x must be (B, T, C), got shape {x.shape}")
     B, T, C = x.shape
     V = wte.shape[0]
-    valid, target_ids = _checked_targets("sequence_logprobs", targets, (B, T), V, ignore_index)
+    valid, target_ids = kept_targets("sequence_logprobs", targets, (B, T), V, ignore_index)
     kept_rows = np.flatnonzero(valid)                             # (N,) flat row b*T + t
     row_sequence = kept_rows // T                                 # (N,) b of each kept row
     counts = np.bincount(row_sequence, minlength=B)               # (B,) n_b

@@ -3,12 +3,14 @@
 Everything minigpt writes (weights, checkpoints, run files, downloads) goes through `atomic_write`:
 the bytes land in a temporary file beside the target, which is renamed over the target only once it
 is complete. A crash or Ctrl-C leaves the old file (or no file), never a truncated one.
-Everything it reads from an .npz goes through `open_npz`: nothing is ever unpickled, and a bad file
-is one line naming it.
+Everything it reads from an .npz goes through `open_npz`: nothing is ever unpickled, an entry's
+.npy header can be read (and checked) before its data, and a bad file is one line naming it.
 """
 import contextlib
 import json
+import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -20,12 +22,22 @@ from pathlib import Path
 import numpy as np
 
 
+# atomic_write's temporary files: ".<target name>.<8 random characters from mkstemp>.tmp"
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# Deflate cannot shrink data more than ~1032:1, so an .npz entry claiming to inflate further lies.
+DEFLATE_MAX_RATIO = 1032
+# File errors the zipfile module raises for a damaged archive (a flipped flag bit says "encrypted",
+# RuntimeError; another says an unknown compression method, NotImplementedError).
+ZIP_ERRORS = (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, NotImplementedError)
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Open a temporary file next to `path`; on a clean exit rename it to `path`, else delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it normal permissions
@@ -39,6 +51,16 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def remove_temp_files(directory):
+    """Delete what atomic_write leaves behind when its process is killed mid-write: the temporary files
+    in `directory` and its subfolders -> their paths. Only call it while no one else writes there."""
+    leftovers = sorted(path for path in Path(directory).rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}")
+                       if TEMP_NAME.fullmatch(path.name) and path.is_file())
+    for path in leftovers:
+        path.unlink()
+    return leftovers
 
 
 def parse_json(text, source, error=ValueError, **options):
@@ -59,10 +81,14 @@ def parse_json(text, source, error=ValueError, **options):
 
 
 def write_json(path, obj):
-    """Write `obj` as indented JSON, atomically."""
+    """Write `obj` as indented JSON, atomically. NaN and infinity are refused (ValueError), since JSON has
+    no such numbers: where a value may be missing, callers write None (null)."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: cannot write NaN or infinity as JSON ({e})") from None
     with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 @contextlib.contextmanager
@@ -80,7 +106,7 @@ def open_npz(path, error=ValueError, hint=""):
         raise error(f"{path}: not an .npz archive{hint}")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except ZIP_ERRORS as e:
         raise error(f"{path}: damaged .npz archive ({e})") from None
     with archive:
         yield NpzArchive(path, archive, error)
@@ -97,8 +123,49 @@ class NpzArchive:
             raise self._error(f"{self.path}: damaged .npz archive (no entry {name!r})")
         try:
             return self._archive[name]
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        except ZIP_ERRORS as e:
             raise self._error(f"{self.path}: damaged .npz archive (entry {name!r}: {e})") from None
+
+    def shapes(self, prefix=""):
+        """{name: shape} of the entries whose name starts with `prefix` (removed), from header() alone."""
+        return {name.removeprefix(prefix): self.header(name)[0]
+                for name in self.files if name.startswith(prefix)}
+
+    def header(self, name):
+        """(shape, dtype) of entry `name` from its .npy header, without reading its data.
+
+        The entry must hold exactly the bytes its header promises, and no more than deflate could have
+        compressed into its stored size: a header edited to claim another shape, or a zip entry
+        claiming gigabytes, is refused here, before anything is allocated for it.
+        """
+        if name not in self.files:
+            raise self._error(f"{self.path}: damaged .npz archive (no entry {name!r})")
+        zip_file = self._archive.zip
+        member = name + ".npy" if name + ".npy" in zip_file.namelist() else name
+        try:
+            info = zip_file.getinfo(member)
+            with zip_file.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                data_start = f.tell()
+        except ZIP_ERRORS as e:
+            raise self._error(f"{self.path}: damaged .npz archive (entry {name!r}: {e})") from None
+        if dtype.hasobject:
+            raise self._error(f"{self.path}: damaged .npz archive (entry {name!r} holds Python objects, "
+                              f"which are never unpickled)")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if info.file_size != data_start + nbytes:
+            raise self._error(f"{self.path}: damaged .npz archive (entry {name!r}: its header says {shape} "
+                              f"{dtype} ({nbytes} bytes) but it holds {info.file_size - data_start})")
+        if (info.compress_size > self.path.stat().st_size
+                or info.file_size > DEFLATE_MAX_RATIO * info.compress_size + data_start):
+            raise self._error(f"{self.path}: damaged .npz archive (entry {name!r} claims {info.file_size} "
+                              f"bytes from {info.compress_size} compressed ones)")
+        return shape, dtype
 
 
 def _format_bytes(n):

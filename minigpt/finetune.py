@@ -18,6 +18,7 @@ With lora_rank, only LoRA adapters train, and the folder also keeps them alone (
 """
 import dataclasses
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -25,14 +26,15 @@ from typing import Optional
 
 import numpy as np
 
-from . import lora_finetune, tasks, training, weights
-from .checkpoint import read_checkpoint, restore_checkpoint
-from .data import (DataLoader, InstructionDataset, PROMPT_STYLES, download_instruction_data, format_batch,
-                   load_instruction_data, split_data)
+from . import lora_finetune, runfolder, tasks, training, weights
+from .checkpoint import TrainState, read_checkpoint, restore_checkpoint
+from .data import (DataLoader, InstructionDataset, PROMPT_STYLES, check_responses_fit, check_same_data,
+                   data_fingerprint, download_instruction_data, format_batch, load_instruction_data,
+                   split_data)
 from .evaluate import (DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL, JudgeUnavailable, judge_responses,
                        score_responses)
 from .fileio import write_json
-from .functional import IGNORE_INDEX
+from .losses import IGNORE_INDEX
 from .model import GPTConfig, GPTModel
 from .nn import Dropout
 from .optim import AdamW
@@ -131,8 +133,8 @@ class RunConfig:
         if not 0 < self.judge_timeout < math.inf:
             raise ValueError(f"judge_timeout must be a positive number of seconds, "
                              f"got {self.judge_timeout!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.beta2 < 1:
             raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
         if not 0 <= self.drop_rate < 1:
@@ -142,6 +144,10 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         tasks.selected_kinds(self.data)  # unknown task kinds
         lora_finetune.check_settings(self)
+        name = self.name
+        if name is not None and (name in ("", ".", "..") or "/" in name or os.sep in name):
+            raise ValueError(f"name must be one folder name, which goes under runs/ (no '/', not '..'), got "
+                             f"{self.name!r}; give a path with --out-dir")
         self.train_config()
 
     def check_files(self, weights=True):
@@ -270,28 +276,39 @@ def default_name(config):
 
 def run(config, resume=False, log=print):
     """Run the whole pipeline for `config` and return its run folder. With `resume`, continue the run
-    in config.out_dir from its checkpoint. Ctrl-C saves a checkpoint, says how to resume, re-raises."""
+    in config.out_dir from its checkpoint. The folder is claimed first (minigpt.runfolder: one run at a
+    time). Ctrl-C saves a checkpoint, says how to resume, re-raises."""
     config.validate()
     run_dir = Path(config.out_dir or Path("runs") / (config.name or default_name(config)))
     config = dataclasses.replace(config, out_dir=str(run_dir))
-    checkpoint = run_dir / CHECKPOINT_NAME
-    model_config = read_checkpoint(checkpoint)["model_config"] if resume else None
-    if not resume and (run_dir / "config.json").exists():
-        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                         f"or choose another --out-dir")
     config.check_files(weights=not resume)  # a resumed run's weights are in its checkpoint
+    with runfolder.claim(run_dir, resume, CHECKPOINT_NAME, log):
+        return run_claimed(run_dir, config, resume, log)
+
+
+def run_claimed(run_dir, config, resume, log):
+    """run()'s work, in the run folder it has claimed."""
+    checkpoint = run_dir / CHECKPOINT_NAME
+    meta = read_checkpoint(checkpoint) if resume else None
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
     train_entries, val_entries, test_entries = load_splits(config)
-    model = build_model(config, tokenizer, model_config)
+    fingerprint = data_fingerprint(train_entries, val_entries, test_entries)
+    if resume:
+        check_same_data(meta["train_state"].get("data_fingerprint"), fingerprint, checkpoint)
+    model = build_model(config, tokenizer, meta["model_config"] if resume else None)
     lora_config = lora_finetune.apply_to_run(model, config)  # None: LoRA is off, every weight trains
     train_loader = training_loader(config, tokenizer, train_entries, model.cfg.context_length)
     val_loader = DataLoader(InstructionDataset(val_entries, tokenizer, config.prompt_style),
                             **loader_settings(config, tokenizer, model.cfg.context_length))
+    for loader, what in ((train_loader, "training"), (val_loader, "validation")):
+        check_responses_fit(loader, what, log)
     optimizer = AdamW(model.parameters(trainable_only=True), lr=config.lr, betas=(0.9, config.beta2),
                       weight_decay=config.weight_decay)
-    state = restore_checkpoint(checkpoint, model, optimizer, train_loader) if resume else None
+    state = (restore_checkpoint(checkpoint, model, optimizer, train_loader) if resume
+             else TrainState(data_fingerprint=fingerprint))
     write_json(run_dir / "config.json", dataclasses.asdict(config))
-    log(describe(config, model, train_loader, len(val_entries), len(test_entries), run_dir, state))
+    log(describe(config, model, train_loader, len(val_entries), len(test_entries), run_dir,
+                 state if resume else None))
 
     def print_sample(state):  # after every epoch: a greedy response to the first validation prompt
         entry = val_entries[0]
@@ -335,14 +352,12 @@ def show_batch(config, rows=4, log=print):
 def resume(run_dir, log=print, **overrides):
     """Continue the run in `run_dir` from its checkpoint; only RESUME_OVERRIDES settings may change."""
     run_dir = Path(run_dir)
-    checkpoint = run_dir / CHECKPOINT_NAME
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}: is {run_dir} a run folder?")
+    runfolder.require_checkpoint(run_dir, CHECKPOINT_NAME)
     fixed = sorted(set(overrides) - set(RESUME_OVERRIDES))
     if fixed:
         raise ValueError(f"a resumed run keeps its settings ({run_dir / 'config.json'}); it cannot change "
                          f"{', '.join(fixed)} (only {', '.join(RESUME_OVERRIDES)})")
-    config = RunConfig(**read_checkpoint(checkpoint)["run_config"])
+    config = RunConfig(**read_checkpoint(run_dir / CHECKPOINT_NAME)["run_config"])
     return run(dataclasses.replace(config, out_dir=str(run_dir), **overrides), resume=True, log=log)
 
 
@@ -384,8 +399,7 @@ def finish(run_dir, config, model, tokenizer, state, test_entries, log=print):
         weights.save_hf_gpt2(model, run_dir / "model-final-hf")
         weights.save_hf_gpt2(weights.load_npz(run_dir / "model-best.npz"), run_dir / "model-best-hf")
     log(f"generating responses to {len(test_entries)} test entries")
-    responses = generate_responses(model, tokenizer, test_entries, config.prompt_style, config.max_new_tokens,
-                                   batch_size=config.batch_size)
+    responses = generate_responses(model, tokenizer, test_entries, config.prompt_style, config.max_new_tokens)
     entries = with_responses(test_entries, responses)
     write_json(run_dir / "test-responses.json", entries)
     metrics = score(entries, config, log)

@@ -1,11 +1,12 @@
 """Neural-network ops of GPT-2, each a fused forward/backward pair (after llm.c's *_forward/_backward).
+The loss (cross-entropy, fused with the output head) is in losses.py.
 
 Letters used in every shape below:
     B  batch size              T  sequence length          C  channels (emb_dim)
     V  vocabulary size         NH number of heads          hs head size, C / NH
-    OC output channels of a linear layer                   N  rows (B*T, or the rows a loss keeps)
+    OC output channels of a linear layer                   N  rows (B*T)
 
-Fusing an op (softmax, layer_norm, GELU, attention, cross-entropy) into one forward and one
+Fusing an op (softmax, layer_norm, GELU, attention) into one forward and one
 hand-written backward is what makes a NumPy GPT fast: the graph holds a dozen nodes per block, not
 a hundred, and the backward reuses what the forward cached. Each backward is checked against
 central finite differences in tests/test_gradcheck.py.
@@ -16,12 +17,9 @@ import math
 import numpy as np
 
 from .ops import as_float_tensor
-from .parallel import for_slices, in_row_slices, matmul, matmul_tn, parallel_map, sequence_blocks
-from .tensor import Tensor, is_grad_enabled
+from .parallel import in_row_slices, matmul, matmul_tn, parallel_map, sequence_blocks
+from .tensor import Tensor
 
-# Targets equal to this are skipped by cross_entropy: padding after the first <|endoftext|> and,
-# with prompt masking, the prompt. Shared with minigpt.data so the two can never disagree.
-IGNORE_INDEX = -100
 
 # Python floats, not NumPy float64 scalars: under NumPy 2's promotion rules a float64 scalar would
 # silently turn a float32 array into float64.
@@ -166,7 +164,7 @@ def gelu(x):
 
 def _softmax_in_place(z):
     """Overwrite z (C-contiguous) with softmax(z) along the last axis, in row slices on all cores."""
-    in_row_slices(_softmax_rows_in_place, z)
+    in_row_slices(softmax_rows_in_place, z)
     return z
 
 
@@ -252,7 +250,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
 
 @functools.lru_cache(maxsize=16)
-def _causal_mask(n_queries, n_keys, dtype):
+def causal_mask(n_queries, n_keys, dtype):
     """(n_queries, n_keys) additive mask: 0 where query i may see key j, -inf where j is in its future.
 
     The queries are the last n_queries positions, so query i sits at position n_keys - n_queries + i.
@@ -261,7 +259,7 @@ def _causal_mask(n_queries, n_keys, dtype):
     return np.where(mask, -np.inf, 0.0).astype(dtype)
 
 
-def _split_heads(qkv, n_heads):
+def split_heads(qkv, n_heads):
     """(B, T, 3C) -> q, k, v views of shape (B, NH, T, hs); no copy (BLAS takes the strides)."""
     B, T, C3 = qkv.shape
     heads = qkv.reshape(B, T, 3, n_heads, C3 // (3 * n_heads))    # (B, T, 3, NH, hs)
@@ -272,12 +270,13 @@ def causal_self_attention(qkv, n_heads):
     """Multi-head causal self-attention, all heads at once (no Python loop over heads).
 
     Forward:  q, k, v = split(qkv) into NH heads
-              S = q @ k^T * scale + mask,  scale = 1/sqrt(hs),  mask = -inf where the key is in the query's future
+              S = q @ k^T * scale + mask,  scale = 1/sqrt(hs),
+                  mask = -inf where the key is in the query's future
               att = softmax(S);  y = att @ v;  out = y with the heads joined back into C
     Shapes:   qkv (B, T, 3C) -> q, k, v (B, NH, T, hs) -> S, att (B, NH, T, T) -> out (B, T, C)
     Backward: datt = dy @ v^T;  dv = att^T @ dy
-              dS = att * (datt - sum_keys(datt * att)) * scale    (softmax backward; the scale is applied here,
-                                                                   once, as in the forward's S)
+              dS = att * (datt - sum_keys(datt * att)) * scale    (softmax backward; the scale is applied
+                                                                   here, once, as in the forward's S)
               dq = dS @ k;  dk = dS^T @ q;  dqkv = join(dq, dk, dv)
     Cache:    qkv (q, k, v are views of it), att
     Plain twin: tests/reference_ops.py:causal_self_attention
@@ -288,11 +287,12 @@ def causal_self_attention(qkv, n_heads):
     qkv = as_float_tensor("causal_self_attention", qkv)
     B, T, C3 = qkv.shape
     if C3 % (3 * n_heads):
-        raise ValueError(f"causal_self_attention: last axis {C3} is not 3 * C with C divisible by {n_heads} heads")
+        raise ValueError(f"causal_self_attention: last axis {C3} is not 3 * C with C divisible by "
+                         f"{n_heads} heads")
     C, hs = C3 // 3, C3 // (3 * n_heads)
     scale = 1.0 / math.sqrt(hs)
-    mask = _causal_mask(T, T, qkv.dtype)                          # (T, T)
-    q, k, v = _split_heads(qkv.data, n_heads)                     # (B, NH, T, hs) views of qkv
+    mask = causal_mask(T, T, qkv.dtype)                          # (T, T)
+    q, k, v = split_heads(qkv.data, n_heads)                     # (B, NH, T, hs) views of qkv
     att = np.empty((B, n_heads, T, T), qkv.dtype)                 # (B, NH, T, T)
     out = np.empty((B, T, C), qkv.dtype)                          # (B, T, C)
     y = out.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)      # (B, NH, T, hs) view of out
@@ -302,7 +302,7 @@ def causal_self_attention(qkv, n_heads):
         np.matmul(q[block], k[block].transpose(0, 1, 3, 2), out=att[block])     # S
         att[block] *= scale
         att[block] += mask
-        _softmax_rows_in_place(att[block])                        # att
+        softmax_rows_in_place(att[block])                        # att
         np.matmul(att[block], v[block], out=y[block])
     parallel_map(forward, blocks)
 
@@ -313,10 +313,10 @@ def causal_self_attention(qkv, n_heads):
 
         def backward_block(block):
             att_b = att[block]
-            dS = dy[block] @ v[block].transpose(0, 1, 3, 2)       # datt, until the next two lines make it dS
+            datt = dy[block] @ v[block].transpose(0, 1, 3, 2)     # (b, nh, T, T)
             np.matmul(att_b.transpose(0, 1, 3, 2), dy[block], out=dv[block])
-            dS -= np.sum(dS * att_b, axis=-1, keepdims=True)
-            dS *= att_b
+            datt -= np.einsum("bhqk,bhqk->bhq", datt, att_b)[..., None]  # sum over keys, without a temporary
+            dS = np.multiply(datt, att_b, out=datt)               # datt's memory holds dS from here on
             dS *= scale
             np.matmul(dS, k[block], out=dq[block])
             np.matmul(dS.transpose(0, 1, 3, 2), q[block], out=dk[block])
@@ -325,33 +325,11 @@ def causal_self_attention(qkv, n_heads):
     return Tensor.from_op(out, (qkv,), backward)
 
 
-def _softmax_rows_in_place(z):
+def softmax_rows_in_place(z):
     """Overwrite z (any shape, any strides) with softmax along its last axis."""
     z -= z.max(axis=-1, keepdims=True)                            # the largest becomes 0: exp cannot overflow
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
-
-
-def cached_causal_attention(qkv, n_heads, keys, values, start):
-    """Attention for generation with a KV cache: new queries attend to every cached key and themselves.
-
-    qkv (B, t, 3C) holds the t newest positions start .. start+t-1. Their keys and values are written
-    into the caches keys/values (B, NH, T_max, hs) at those positions; the queries then attend to
-    positions 0 .. start+t-1. Inference only (no gradient): each new token costs one position's work.
-    Returns an array (B, t, C).
-    """
-    B, t, C3 = qkv.shape
-    C, hs = C3 // 3, C3 // (3 * n_heads)
-    q, k, v = _split_heads(qkv, n_heads)                          # (B, NH, t, hs)
-    end = start + t
-    keys[:, :, start:end] = k
-    values[:, :, start:end] = v
-    att = q @ keys[:, :, :end].transpose(0, 1, 3, 2)              # (B, NH, t, end)
-    att *= 1.0 / math.sqrt(hs)
-    att += _causal_mask(t, end, att.dtype)
-    _softmax_in_place(att)
-    y = att @ values[:, :, :end]                                  # (B, NH, t, hs)
-    return y.transpose(0, 2, 1, 3).reshape(B, t, C)
 
 
 def dropout(x, p, rng, training=True):
@@ -373,116 +351,3 @@ def dropout(x, p, rng, training=True):
     mask = mask.astype(x.dtype)
     mask *= 1.0 / (1.0 - p)
     return Tensor.from_op(x.data * mask, (x,), lambda dout: x.accumulate_grad(dout * mask))
-
-
-def _checked_targets(op, targets, leading_shape, V, ignore_index):
-    """Flat integer targets, the mask of those that count, and their ids; clear errors otherwise."""
-    targets = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
-    if not np.issubdtype(targets.dtype, np.integer):
-        raise TypeError(f"{op}: targets must be integer class ids, got dtype {targets.dtype}")
-    if targets.shape != leading_shape:
-        raise ValueError(f"{op}: targets of shape {targets.shape} do not match logits of shape "
-                         f"{(*leading_shape, V)} (expected targets {leading_shape})")
-    flat_targets = targets.reshape(-1)
-    valid = flat_targets != ignore_index
-    if not valid.any():
-        raise ValueError(f"{op}: every target equals ignore_index ({ignore_index}), so there is no loss "
-                         f"to average; the batch holds no tokens to learn")
-    target_ids = flat_targets[valid]                              # (N_valid,)
-    out_of_range = (target_ids < 0) | (target_ids >= V)
-    if out_of_range.any():
-        raise ValueError(f"{op}: target {target_ids[out_of_range][0]} is outside [0, {V}) and is not "
-                         f"ignore_index ({ignore_index})")
-    return valid, target_ids
-
-
-def _cross_entropy_rows(z, target_ids, need_grad=True):
-    """Mean cross-entropy of the rows of z (N, V); overwrites z with its gradient for dloss = 1.
-
-    loss = (1/N) sum_i logsumexp(z_i) - z_i[t_i];   dz_i = (softmax(z_i) - onehot(t_i)) / N
-    Done in place, in row slices on all cores: the logits of GPT-2's 50257-word vocabulary are the
-    largest array of a training step, and they are needed only to produce this gradient.
-    """
-    N = len(z)
-
-    def rows(start, stop):
-        zs, ts = z[start:stop], target_ids[start:stop]
-        r = np.arange(stop - start)
-        zs -= zs.max(axis=1, keepdims=True)                       # the largest logit becomes 0: no overflow
-        target_logits = zs[r, ts]
-        np.exp(zs, out=zs)
-        sum_exp = zs.sum(axis=1, keepdims=True)                   # (rows, 1)
-        if need_grad:                                             # evaluation skips these passes
-            zs /= sum_exp                                         # softmax
-            zs *= 1.0 / N
-            zs[r, ts] -= 1.0 / N
-        return float(np.sum(np.log(sum_exp[:, 0]) - target_logits))
-    return sum(for_slices(rows, N, row_size=z.shape[1])) / N
-
-
-def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
-    """Mean cross-entropy of integer targets, fused with log-softmax; targets == ignore_index are skipped.
-
-    Forward:  loss = (1/N_valid) * sum over valid rows i of  logsumexp(z_i) - z_i[target_i]
-    Shapes:   logits (..., V), targets (...) integers -> loss () a scalar
-    Backward: dlogits_i = dloss * (softmax(z_i) - onehot(target_i)) / N_valid on valid rows,
-              exactly 0 on ignored rows (they never entered the loss)
-    Cache:    that gradient for dloss = 1, (N_valid, V), computed in the forward
-    Plain twin: tests/reference_ops.py:cross_entropy
-    N_valid == 0 (every target ignored) raises ValueError: the mean over nothing is undefined, and a
-    silent nan would poison the weights.
-    """
-    logits = as_float_tensor("cross_entropy", logits)
-    V = logits.shape[-1]
-    valid, target_ids = _checked_targets("cross_entropy", targets, logits.shape[:-1], V, ignore_index)
-    all_valid = len(target_ids) == valid.size
-    z = logits.data.reshape(-1, V)
-    dz_unit = z.copy() if all_valid else z[valid]                 # (N_valid, V), our own copy
-    loss = _cross_entropy_rows(dz_unit, target_ids)
-
-    def backward(dloss):
-        dz = dz_unit if dloss == 1 else dz_unit * dloss
-        if all_valid:
-            dlogits = dz
-        else:
-            dlogits = np.zeros((valid.size, V), dtype=z.dtype)
-            dlogits[valid] = dz
-        logits.accumulate_grad(dlogits.reshape(logits.shape))
-    return Tensor.from_op(np.asarray(loss, dtype=logits.dtype), (logits,), backward)
-
-
-def lm_head_cross_entropy(x, wte, targets, ignore_index=IGNORE_INDEX):
-    """GPT-2's tied output head and the cross-entropy loss in one op (llm.c's "fused classifier").
-
-    Forward:  z = x_valid @ wte^T;  loss = (1/N) sum_i logsumexp(z_i) - z_i[target_i]
-              (x_valid: the rows of x whose target is not ignore_index; the head never runs on the others)
-    Shapes:   x (..., C), wte (V, C), targets (...) -> loss ();  z (N, V), N = number of valid targets
-    Backward: dz = dloss * (softmax(z) - onehot(target)) / N
-              dx_valid = dz @ wte  (ignored rows of dx are 0);  dwte = dz^T @ x_valid
-    Cache:    x_valid, and dz for dloss = 1, which overwrites z: the (N, V) logits, a step's largest
-              array, exist once and are never stored next to their softmax or their gradient
-    Plain twin: tests/reference_ops.py:lm_head_cross_entropy
-    """
-    x = as_float_tensor("lm_head_cross_entropy", x)
-    V, C = wte.shape
-    valid, target_ids = _checked_targets("lm_head_cross_entropy", targets, x.shape[:-1], V, ignore_index)
-    x2d = x.data.reshape(-1, C)                                   # (B*T, C)
-    kept_rows = None if len(target_ids) == len(x2d) else np.flatnonzero(valid)
-    x_valid = x2d if kept_rows is None else x2d[kept_rows]        # (N, C)
-    dz_unit = matmul(x_valid, wte.data.T)                         # (N, V): the logits, for now
-    need_grad = is_grad_enabled() and (x.requires_grad or wte.requires_grad)
-    loss = _cross_entropy_rows(dz_unit, target_ids, need_grad)    # now the gradient for dloss = 1
-
-    def backward(dloss):
-        dz = dz_unit if dloss == 1 else dz_unit * dloss
-        if x.requires_grad:
-            dx_valid = matmul(dz, wte.data)                       # (N, C)
-            if kept_rows is None:
-                dx = dx_valid
-            else:
-                dx = np.zeros_like(x2d)
-                dx[kept_rows] = dx_valid
-            x.accumulate_grad(dx.reshape(x.shape), owned=True)
-        if wte.requires_grad:
-            wte.accumulate_grad(matmul_tn(dz, x_valid), owned=True)  # (V, C)
-    return Tensor.from_op(np.asarray(loss, dtype=x.dtype), (x, wte), backward)

@@ -4,6 +4,12 @@ Without a cache every new token re-runs the whole prefix through the model. With
 values of earlier positions are kept per layer, so each step feeds only the newest token: its work is
 one position, not T. GPT-2's positions are absolute, so once the text outgrows the context window
 every step must re-run the cropped window from scratch, cache or not.
+
+Prompts of different lengths share a batch by left padding: each row is right-aligned, its padding
+is never attended to and its positions count from its own first token (see KVCache), so every row
+gets exactly the tokens it would get alone. Decoding one token costs about as much for 32 rows as for
+one (the time goes into reading the weights), so a full batch of ragged prompts is much faster than
+small batches of prompts that happen to have equal lengths.
 """
 import numpy as np
 
@@ -11,37 +17,40 @@ from .model import KVCache
 from .tensor import no_grad
 
 
-def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, eos_id=None,
+def generate(model, prompts, max_new_tokens, context_size=None, temperature=0.0, top_k=None, eos_id=None,
              rng=None, use_cache=True):
-    """Extend each row of idx (B, T) by up to max_new_tokens tokens; return the ids (B, T + new).
+    """Extend each prompt by up to max_new_tokens tokens.
 
+    prompts: token ids (B, T), or a list of B sequences of ids of any lengths (a ragged batch, which
+    must fit the context window with its new tokens). Returns (B, T + new) ids for a (B, T) array, and
+    a list of 1-d arrays, each prompt followed by its new tokens, for a list.
     temperature 0 picks the most likely token (greedy); above 0 samples from softmax(logits / temperature),
     restricted to the top_k most likely tokens when top_k is given, drawing from `rng`.
     eos_id: a row stops at this token (which is kept); rows that stopped are padded with it, and
     generation ends when every row has stopped.
     """
-    idx = np.asarray(idx)
-    new_columns = [column[:, None] for column in
-                   generate_tokens(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, rng,
-                                   use_cache)]
-    return np.concatenate([idx, *new_columns], axis=1)
+    new_columns = [column[:, None] for column in generate_tokens(
+        model, prompts, max_new_tokens, context_size, temperature, top_k, eos_id, rng, use_cache)]
+    new = np.concatenate(new_columns, axis=1) if new_columns else np.zeros((len(prompts), 0), np.int64)
+    if isinstance(prompts, np.ndarray):
+        return np.concatenate([prompts, new], axis=1)
+    return [np.concatenate([np.asarray(prompt, dtype=np.int64), row]) for prompt, row in zip(prompts, new)]
 
 
-def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, eos_id=None,
-                    rng=None, use_cache=True):
+def generate_tokens(model, prompts, max_new_tokens, context_size=None, temperature=0.0, top_k=None,
+                    eos_id=None, rng=None, use_cache=True):
     """Yield the next token of every row, (B,), as soon as it is chosen (for streaming output)."""
-    idx = np.asarray(idx)
-    if idx.ndim != 2 or idx.shape[1] == 0:
-        raise ValueError(f"generate needs token ids of shape (batch, time) with at least one token, got {idx.shape}")
     if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise ValueError(f"generate: invalid max_new_tokens={max_new_tokens}, temperature={temperature}, "
                          f"top_k={top_k}")
     context_size = min(context_size or model.cfg.context_length, model.cfg.context_length)
+    idx, pad = _left_padded(prompts, max_new_tokens, context_size, use_cache)   # (B, T), (B,)
     rng = rng if rng is not None else np.random.default_rng()
     finished = np.zeros(len(idx), dtype=bool)
     cache = None
     if use_cache:
-        cache = KVCache(model.cfg, len(idx), min(context_size, idx.shape[1] + max_new_tokens), model.dtype)
+        max_length = min(context_size, idx.shape[1] + max_new_tokens)
+        cache = KVCache(model.cfg, len(idx), max_length, model.dtype, pad)
 
     with no_grad():
         logits = model(idx[:, -context_size:], kv_cache=cache, last_only=True)
@@ -59,6 +68,28 @@ def generate_tokens(model, idx, max_new_tokens, context_size=None, temperature=0
             else:
                 cache = None  # the window slid: every position moved, so cached keys are stale
                 logits = model(idx[:, -context_size:], last_only=True)
+
+
+def _left_padded(prompts, max_new_tokens, context_size, use_cache):
+    """(ids (B, T), pad (B,)): the prompts right-aligned in one array, and each row's left padding."""
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim != 2 or prompts.shape[1] == 0:
+            raise ValueError(f"generate needs token ids of shape (batch, time) with at least one token, "
+                             f"got {prompts.shape}")
+        return prompts, np.zeros(len(prompts), dtype=np.int64)
+    lengths = np.array([len(prompt) for prompt in prompts])                     # (B,)
+    if len(lengths) == 0 or lengths.min() == 0:
+        raise ValueError("generate needs at least one prompt, each with at least one token")
+    T = int(lengths.max())
+    if T + max_new_tokens > context_size or not use_cache:
+        raise ValueError(f"a batch of prompts of different lengths needs the KV cache and must fit the "
+                         f"context window: longest prompt {T} + {max_new_tokens} new tokens > "
+                         f"{context_size}; "
+                         f"generate such prompts one at a time")
+    idx = np.zeros((len(lengths), T), dtype=np.int64)                          # padding: token 0, never seen
+    for row, prompt in zip(idx, prompts):
+        row[T - len(prompt):] = prompt
+    return idx, T - lengths
 
 
 def pick_next_token(logits, temperature=0.0, top_k=None, rng=None):

@@ -30,6 +30,7 @@ from .ops import as_float_tensor
 from .parallel import matmul, matmul_tn
 from .safetensors import CheckpointError
 from .tensor import Tensor
+from .weights import check_float_parameter
 
 # Every linear layer of a GPT-2 block; the output head, tied to the token embedding, stays frozen.
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -234,19 +235,12 @@ def load_adapters(model, path):
     """
     path = Path(path)
     meta, arrays = _read_adapters(path)
-    rank = meta["rank"]
     try:
         _check_plain(model)
-        check_hyperparameters(rank, meta["alpha"])
         _check_base(model, meta)
-        _check_rank_fits(rank, meta["base"]["shapes"])
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    for layer, (C, OC) in meta["base"]["shapes"].items():
-        for name, shape in ((f"{layer}.lora_A", (C, rank)), (f"{layer}.lora_B", (rank, OC))):
-            if arrays[name].shape != shape:
-                raise CheckpointError(f"{path}: {name} has shape {arrays[name].shape}, expected {shape}")
-    apply_lora(model, rank, meta["alpha"], targets=meta["layers"])
+    apply_lora(model, meta["rank"], meta["alpha"], targets=meta["layers"])
     _copy_adapters(model, arrays)
     return lora_config(model)
 
@@ -278,19 +272,30 @@ def _copy_adapters(model, arrays):
 
 
 def _read_adapters(path):
-    """(metadata, {name: array}) of an adapters .npz, or a one-line CheckpointError."""
+    """(metadata, {name: array}) of an adapters .npz, or a one-line CheckpointError. Each array's shape is
+    checked from its .npy header before it is read, and it must be floating point and finite."""
     with open_npz(path, error=CheckpointError, hint=" (not written by save_adapters)") as archive:
         if ADAPTERS_KEY not in archive.files:
             raise CheckpointError(f"{path}: no {ADAPTERS_KEY} entry, so not written by save_adapters")
         meta = parse_json(str(archive[ADAPTERS_KEY][()]), f"{path}: {ADAPTERS_KEY}", CheckpointError)
-        arrays = {name: archive[name] for name in archive.files if name != ADAPTERS_KEY}
-    if not _is_metadata(meta):
-        raise CheckpointError(f"{path}: damaged adapters file (metadata is not {ADAPTERS_FORMAT})")
-    expected = {f"{layer}.{name}" for layer in meta["layers"] for name in ADAPTER_NAMES}
-    if set(arrays) != expected:
-        odd = sorted(set(arrays) ^ expected)[0]
-        problem = "missing" if odd in expected else "unexpected"
-        raise CheckpointError(f"{path}: damaged adapters file ({odd} is {problem})")
+        if not _is_metadata(meta):
+            raise CheckpointError(f"{path}: damaged adapters file (metadata is not {ADAPTERS_FORMAT})")
+        try:
+            check_hyperparameters(meta["rank"], meta["alpha"])
+            _check_rank_fits(meta["rank"], meta["base"]["shapes"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        rank, stored = meta["rank"], set(archive.files) - {ADAPTERS_KEY}
+        expected = {f"{layer}.{name}": shape for layer, (C, OC) in meta["base"]["shapes"].items()
+                    for name, shape in (("lora_A", (C, rank)), ("lora_B", (rank, OC)))}
+        if stored != expected.keys():
+            odd = sorted(stored ^ expected.keys())[0]
+            problem = "missing" if odd in expected else "unexpected"
+            raise CheckpointError(f"{path}: damaged adapters file ({odd} is {problem})")
+        for name, shape in expected.items():
+            if archive.header(name)[0] != shape:
+                raise CheckpointError(f"{path}: {name} has shape {archive.header(name)[0]}, expected {shape}")
+        arrays = {name: check_float_parameter(path, name, archive[name]) for name in expected}
     return meta, arrays
 
 

@@ -1,6 +1,7 @@
 """GPT-2: token and position embeddings, n_layers pre-LayerNorm transformer blocks, a tied output head.
 
-    idx (B, T) -> wte[idx] + wpe[0..T-1] -> dropout -> Block x n_layers -> ln_f -> x @ wte^T -> logits (B, T, V)
+    idx (B, T) -> wte[idx] + wpe[0..T-1] -> dropout -> Block x n_layers -> ln_f -> x @ wte^T
+               -> logits (B, T, V)
     Block:  x = x + attn(ln_1(x));   x = x + mlp(ln_2(x))
     attn:   c_attn (C -> 3C: q, k, v) -> causal attention over NH heads -> c_proj (C -> C) -> dropout
     mlp:    c_fc (C -> 4C) -> GELU (tanh approximation) -> c_proj (4C -> C) -> dropout
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import functional as F
+from . import functional as F, losses
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module
 from .tensor import Tensor
 
@@ -43,14 +44,38 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.emb_dim % self.n_heads:
             raise ValueError(f"GPTConfig: emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+        # Checked by type, since a config can come from a file's JSON, where "no" would count as true.
+        if not isinstance(self.qkv_bias, (bool, np.bool_)):
+            raise ValueError(f"GPTConfig.qkv_bias must be true or false, got {self.qkv_bias!r}")
+        if (not isinstance(self.drop_rate, (int, float, np.floating)) or isinstance(self.drop_rate, bool)
+                or not 0.0 <= self.drop_rate < 1.0):
+            raise ValueError(f"GPTConfig.drop_rate must be a number in [0, 1), got {self.drop_rate!r}")
 
     @classmethod
     def preset(cls, name, **overrides):
         if name not in GPT2_PRESETS:
             raise ValueError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_PRESETS)}")
         return cls(**{**GPT2_PRESETS[name], **overrides})
+
+
+def parameter_shapes(cfg):
+    """(name, shape) of every parameter of GPTModel(cfg), in its order, without building the model.
+
+    A generator, so a loader comparing a file's arrays with a config that claims a million layers stops
+    at the first block the file lacks. tests/test_npz_safety.py checks it against GPTModel itself.
+    """
+    V, T, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
+    yield from (("wte.weight", (V, C)), ("wpe.weight", (T, C)))
+    for i in range(cfg.n_layers):
+        yield from ((f"h.{i}.ln_1.weight", (C,)), (f"h.{i}.ln_1.bias", (C,)),
+                    (f"h.{i}.attn.c_attn.weight", (C, 3 * C)))
+        if cfg.qkv_bias:
+            yield f"h.{i}.attn.c_attn.bias", (3 * C,)
+        yield from ((f"h.{i}.attn.c_proj.weight", (C, C)), (f"h.{i}.attn.c_proj.bias", (C,)),
+                    (f"h.{i}.ln_2.weight", (C,)), (f"h.{i}.ln_2.bias", (C,)),
+                    (f"h.{i}.mlp.c_fc.weight", (C, 4 * C)), (f"h.{i}.mlp.c_fc.bias", (4 * C,)),
+                    (f"h.{i}.mlp.c_proj.weight", (4 * C, C)), (f"h.{i}.mlp.c_proj.bias", (C,)))
+    yield from (("ln_f.weight", (C,)), ("ln_f.bias", (C,)))
 
 
 class CausalSelfAttention(Module):
@@ -62,14 +87,15 @@ class CausalSelfAttention(Module):
         self.c_proj = Linear(C, C, rng=rng, std=0.02 / math.sqrt(2 * cfg.n_layers), dtype=dtype)
         self.resid_dropout = Dropout(cfg.drop_rate, dropout_rng)
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, kv_cache=None, layer=0, rows=None):
         qkv = self.c_attn(x)                                           # (B, T, C) -> (B, T, 3C)
         if kv_cache is None:
             y = F.causal_self_attention(qkv, self.n_heads)             # (B, T, C)
         else:
-            y = Tensor(F.cached_causal_attention(qkv.data, self.n_heads, kv_cache.keys[layer],
-                                                 kv_cache.values[layer], kv_cache.length))
-        return self.resid_dropout(self.c_proj(y))                      # (B, T, C)
+            y = Tensor(kv_cache.attend(layer, qkv.data, self.n_heads))
+        if rows is not None:
+            y = y.reshape(-1, y.shape[-1])[rows]                       # (N, C): only the rows asked for
+        return self.resid_dropout(self.c_proj(y))                      # (B, T, C), or (N, C)
 
 
 class MLP(Module):
@@ -90,23 +116,66 @@ class Block(Module):
         self.ln_2 = LayerNorm(cfg.emb_dim, dtype=dtype)
         self.mlp = MLP(cfg, rng, dropout_rng, dtype)
 
-    def forward(self, x, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)               # (B, T, C)
-        return x + self.mlp(self.ln_2(x))                              # (B, T, C)
+    def forward(self, x, kv_cache=None, layer=0, rows=None):
+        """x (B, T, C) -> (B, T, C); with rows (flat positions b*T + t), only those: (N, C).
+
+        Attention mixes positions, so every position is still computed as a key and a value; after it,
+        each position's output depends on that position alone, and rows leaves the others out.
+        """
+        y = self.attn(self.ln_1(x), kv_cache, layer, rows)            # (B, T, C), or (N, C)
+        if rows is not None:
+            x = x.reshape(-1, x.shape[-1])[rows]                       # (N, C)
+        x = x + y
+        return x + self.mlp(self.ln_2(x))                              # (B, T, C), or (N, C)
 
 
 class KVCache:
     """Keys and values of every layer for the positions processed so far (generation only).
 
     keys[layer], values[layer]: (B, NH, max_length, hs); positions 0 .. length-1 are filled.
+    pad (B,): how many positions at the start of each row are left padding, so prompts of different
+    lengths share one batch: padding is never attended to, and a row's first real token has position 0.
     """
 
-    def __init__(self, cfg, batch_size, max_length, dtype=np.float32):
+    def __init__(self, cfg, batch_size, max_length, dtype=np.float32, pad=None):
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_length, cfg.emb_dim // cfg.n_heads)
         self.keys = np.empty(shape, dtype=dtype)
         self.values = np.empty(shape, dtype=dtype)
         self.max_length = max_length
         self.length = 0
+        self.pad = np.zeros(batch_size, dtype=np.int64) if pad is None else np.asarray(pad, dtype=np.int64)
+
+    def positions(self, T):
+        """Position ids of the next T tokens: (T,) when no row is padded, else (B, T) counted per row."""
+        positions = np.arange(self.length, self.length + T)                 # (T,)
+        if not self.pad.any():
+            return positions
+        return np.maximum(positions[None, :] - self.pad[:, None], 0)        # (B, T); padding sits at 0
+
+    def attend(self, layer, qkv, n_heads):
+        """Causal attention of the t newest positions, with the cache: an array (B, t, C), inference only.
+
+        qkv (B, t, 3C) holds positions length .. length+t-1; their keys and values are stored at those
+        places, then each query attends to every cached key up to itself except padding. A padded key
+        gets a large finite negative score, not -inf: a padding query, which sees only padding, then
+        averages finite values instead of producing 0/0 = nan, and a real query gives it weight exactly 0.
+        """
+        B, t, C3 = qkv.shape
+        C, hs = C3 // 3, C3 // (3 * n_heads)
+        q, k, v = F.split_heads(qkv, n_heads)                                # (B, NH, t, hs)
+        start, end = self.length, self.length + t
+        keys, values = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, NH, end, hs)
+        keys[:, :, start:] = k
+        values[:, :, start:] = v
+        att = q @ keys.transpose(0, 1, 3, 2)                                 # (B, NH, t, end)
+        att *= 1.0 / math.sqrt(hs)
+        att += F.causal_mask(t, end, att.dtype)
+        if self.pad.any():
+            is_padding = np.arange(end)[None, :] < self.pad[:, None]         # (B, end)
+            att += np.where(is_padding, np.finfo(att.dtype).min, 0).astype(att.dtype)[:, None, None, :]
+        F.softmax_rows_in_place(att)
+        y = att @ values                                                     # (B, NH, t, hs)
+        return y.transpose(0, 2, 1, 3).reshape(B, t, C)
 
 
 class GPTModel(Module):
@@ -133,30 +202,36 @@ class GPTModel(Module):
             x = x[:, -1:]                                              # (B, 1, C)
         return F.lm_head(x, self.wte.weight)                           # (B, T, V)
 
-    def hidden_states(self, idx, kv_cache=None):
-        """The final layer-normed activations (B, T, C), before the output head."""
+    def hidden_states(self, idx, kv_cache=None, rows=None):
+        """The final layer-normed activations (B, T, C), before the output head; with rows (flat positions
+        b*T + t, increasing), only theirs, (N, C): the last block skips everything the others need not."""
         idx = self._check_ids(idx, start=kv_cache.length if kv_cache is not None else 0)
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        positions = np.arange(start, start + T)                        # (T,)
+        positions = np.arange(T) if kv_cache is None else kv_cache.positions(T)  # (T,), or (B, T) if padded
         x = self.drop(self.wte(idx) + self.wpe(positions))             # (B, T, C) + (T, C) -> (B, T, C)
         for layer, block in enumerate(self.h):
-            x = block(x, kv_cache, layer)
+            x = block(x, kv_cache, layer, rows if layer == len(self.h) - 1 else None)
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)
 
-    def loss(self, idx, targets, ignore_index=F.IGNORE_INDEX):
+    def loss(self, idx, targets, ignore_index=losses.IGNORE_INDEX):
         """Mean cross-entropy over the targets that are not ignore_index.
 
-        The 50257-wide output head is the costliest layer, so the fused op runs it only on the
-        positions whose target counts: padding and a masked prompt never reach it.
+        Only the positions whose target counts reach the 50257-wide output head, the costliest layer,
+        and the last block's attention projection and MLP: a padded or masked-prompt position matters
+        to the loss only as a key and value of later positions, which the last block's attention uses.
         """
         targets = np.asarray(targets)
         if targets.shape != np.shape(idx):
             raise ValueError(f"targets have shape {targets.shape}, inputs have shape {np.shape(idx)}")
-        x = self.hidden_states(idx)                                    # (B, T, C)
-        return F.lm_head_cross_entropy(x, self.wte.weight, targets, ignore_index)
+        kept = targets.reshape(-1) != ignore_index                     # (B*T,)
+        if not kept.any() or kept.all():                               # nothing to leave out (or to learn:
+            x = self.hidden_states(idx)                                # the loss op says so)  (B, T, C)
+            return losses.lm_head_cross_entropy(x, self.wte.weight, targets, ignore_index)
+        rows = np.flatnonzero(kept)                                    # (N,)
+        x = self.hidden_states(idx, rows=rows)                         # (N, C)
+        return losses.lm_head_cross_entropy(x, self.wte.weight, targets.reshape(-1)[rows], ignore_index)
 
     def _check_ids(self, idx, start=0):
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)

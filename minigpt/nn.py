@@ -80,13 +80,14 @@ class Module:
         """Copy {name: array} into the parameters, with load_arrays' checks (errors are ValueErrors)."""
         self.load_arrays(state.keys(), state.__getitem__)
 
-    def load_arrays(self, names, fetch, source="state", error=ValueError):
+    def load_arrays(self, names, fetch, source="state", error=ValueError, shapes=None):
         """Copy the arrays `names` into the parameters of the same name (cast to their dtype).
 
         `fetch(name)` returns one array; they are read and copied one at a time, so a large file is
         never held in memory beside the model. Every parameter must be named exactly once, with its
-        exact shape, and no name may be left over. An error is raised as `error` (e.g. weights.py's
-        CheckpointError) and names `source` (a file, or "state") and the tensor.
+        exact shape, and no name may be left over. `shapes` ({name: shape}, e.g. from an .npz's
+        headers) lets the shapes be checked before any array is read. An error is raised as `error`
+        (e.g. weights.py's CheckpointError) and names `source` (a file, or "state") and the tensor.
         """
         params, counts = dict(self.named_parameters()), collections.Counter(names)
         repeated = [name for name, count in counts.items() if count > 1]
@@ -99,11 +100,18 @@ class Module:
         if unexpected:
             raise error(f"{source}: unexpected tensor {unexpected[0]}{_and_more(unexpected)} is not a "
                         f"parameter of this model")
+        if shapes is not None:
+            for name, param in params.items():
+                _check_shape(source, name, shapes[name], param.shape, error)
         for name, param in params.items():
             value = np.asarray(fetch(name))
-            if value.shape != param.shape:
-                raise error(f"{source}: tensor {name} has shape {tuple(value.shape)}, expected {param.shape}")
+            _check_shape(source, name, value.shape, param.shape, error)
             param.data[...] = value
+
+
+def _check_shape(source, name, shape, expected, error):
+    if tuple(shape) != expected:
+        raise error(f"{source}: tensor {name} has shape {tuple(shape)}, expected {expected}")
 
 
 def _and_more(names):

@@ -314,9 +314,13 @@ def permute(x, axes):
                           lambda dout: x.accumulate_grad(dout.transpose(inverse)))
 
 
-def _is_basic_index(index):
-    """Slices, integers, None and Ellipsis select each element at most once (no repeats possible)."""
+def _selects_each_once(index):
+    """True if the index cannot select an element twice: slices, integers, None and Ellipsis, or one
+    strictly increasing integer array (such as np.flatnonzero's)."""
     parts = index if isinstance(index, tuple) else (index,)
+    if len(parts) == 1 and isinstance(parts[0], np.ndarray) and parts[0].ndim == 1 \
+            and np.issubdtype(parts[0].dtype, np.integer):
+        return bool(np.all(parts[0][1:] > parts[0][:-1]))
     return all(isinstance(p, (slice, int, type(None), type(Ellipsis))) for p in parts)
 
 
@@ -326,7 +330,8 @@ def getitem(x, index):
     Forward:  out = x[index]
     Shapes:   x (...) -> out (whatever the index selects)
     Backward: dx = zeros like x, with dout added at the selected places; integer-array indices may
-              select an element several times, and each use adds (np.add.at)
+              select an element several times, and each use adds (np.add.at; an index that selects
+              each element once, such as an increasing array, is a plain assignment)
     Cache:    the index
     """
     x = as_float_tensor("getitem", x)
@@ -339,7 +344,7 @@ def getitem(x, index):
 
     def backward(dout):
         dx = np.zeros_like(x.data)
-        if _is_basic_index(index):
+        if _selects_each_once(index):  # plain assignment; else np.add.at, 5x slower
             dx[index] = dout
         else:
             np.add.at(dx, index, dout)

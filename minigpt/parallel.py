@@ -18,6 +18,7 @@ depend on how many threads ran or which took which slice (sums of per-slice part
 NumPy releases the GIL inside BLAS calls and large ufunc loops, so Python threads run truly parallel.
 """
 import ctypes
+import functools
 import glob
 import itertools
 import os
@@ -32,8 +33,12 @@ MIN_MULTIPLY_ADDS_PER_SLICE = 1 << 20  # matrix products: ~10 us of BLAS work pe
 SLICES_PER_THREAD = 2                # a little slack, so a thread that falls behind is not waited for
 
 
+@functools.lru_cache(maxsize=1)
 def num_threads():
-    """Threads for minigpt's work: MINIGPT_NUM_THREADS, else OMP_NUM_THREADS, else the usable cores."""
+    """Threads for minigpt's work: MINIGPT_NUM_THREADS, else OMP_NUM_THREADS, else the usable cores.
+
+    Read once, when first asked (call num_threads.cache_clear() after changing the variables).
+    """
     for variable in ("MINIGPT_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(variable, "")
         if value.isdigit() and int(value) > 0:
@@ -236,7 +241,8 @@ def matmul_tn(a, b):
     out = np.empty((K, M), dtype=np.result_type(a, b))
     work = N * K * M
     if K >= M:
-        parallel_map(lambda rows: np.matmul(a[:, rows].T, b, out=out[rows]), _slices(K, _count_matmul_slices(K, work)))
+        parallel_map(lambda rows: np.matmul(a[:, rows].T, b, out=out[rows]),
+                     _slices(K, _count_matmul_slices(K, work)))
     else:
         parallel_map(lambda cols: np.matmul(a.T, b[:, cols], out=out[:, cols]),
                      _slices(M, _count_matmul_slices(M, work)))

@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .data import (INSTRUCTION_KEYS, build_prompt, collate, load_json_entries, split_data,
-                   validate_entries)
+from .data import (INSTRUCTION_KEYS, build_prompt, collate, load_json_entries, refuse_end_of_text,
+                   split_data, validate_entries)
 from .fileio import download_file
 from .tokenizer import encode
 
@@ -36,7 +36,9 @@ PREFERENCE_KEYS = INSTRUCTION_KEYS + ("chosen", "rejected")
 
 def load_preference_data(path):
     """The entries of a preference JSON file; one clear error naming the first bad entry."""
-    return load_json_entries(path, PREFERENCE_KEYS, what="preference data")
+    entries = load_json_entries(path, PREFERENCE_KEYS, what="preference data")
+    refuse_end_of_text(entries, PREFERENCE_KEYS, source=str(path))
+    return entries
 
 
 def download_preference_data(directory="data"):
@@ -102,6 +104,7 @@ class PreferenceDataset:
 
     def __init__(self, entries, tokenizer, style="alpaca", allowed_max_length=None):
         validate_entries(entries, PREFERENCE_KEYS, source="preference data")
+        refuse_end_of_text(entries, PREFERENCE_KEYS, source="preference data")
         self.entries = entries
         self.style = style
         self.pad_token_id = tokenizer.eot_token

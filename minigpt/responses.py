@@ -1,9 +1,11 @@
-"""Responses to the test set: greedy decoding with the KV cache, batched by prompt length.
+"""Responses to the test set: greedy decoding with the KV cache, in batches of prompts of any lengths.
 
-`minigpt.generate` takes a rectangular batch (B, T), so prompts are grouped by their token length and
-each group is cut into batches. A row stops at <|endoftext|>; its response is the text of the new
-tokens up to the first <|endoftext|> (the prompt, which ends with the response header, is cut off),
-stripped of surrounding whitespace. The output mirrors rasbt's instruction-data-with-response.json.
+Prompts are sorted by length (so a batch's rows need little padding) and cut into batches that
+`minigpt.generate` decodes together, left-padded. The batch is bigger than a training batch: decoding
+one token costs little more for many rows than for one, so the limit is the KV cache's memory.
+A row stops at <|endoftext|>; its response is the text of the new tokens up to the first
+<|endoftext|> (the prompt, which ends with the response header, is cut off), stripped of surrounding
+whitespace. The output mirrors rasbt's instruction-data-with-response.json.
 """
 import sys
 import time
@@ -14,6 +16,9 @@ from .data import build_prompt
 from .generation import generate
 from .progress import format_duration
 from .tokenizer import encode
+
+MAX_BATCH = 64                 # prompts decoded together, at most
+KV_CACHE_BYTES = 512 << 20     # and at most this much KV cache (float32 keys and values of every layer)
 
 
 def prompt_ids(tokenizer, entry, style):
@@ -29,24 +34,24 @@ def decode_response(tokenizer, new_ids):
     return tokenizer.decode(new_ids).strip()
 
 
-def generate_responses(model, tokenizer, entries, style, max_new_tokens, batch_size=8, progress=True):
-    """Greedy responses (strings) to `entries`, in their order; a progress line on stderr if `progress`."""
+def generate_responses(model, tokenizer, entries, style, max_new_tokens, batch_size=None, progress=True):
+    """Greedy responses (strings) to `entries`, in their order; a progress line on stderr if `progress`.
+
+    batch_size: prompts decoded together (default: as many as KV_CACHE_BYTES allows, at most 64).
+    """
     prompts = [prompt_ids(tokenizer, entry, style) for entry in entries]
-    by_length = {}
-    for i, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(i)
-    batches = [group[start:start + batch_size] for _, group in sorted(by_length.items())
-               for start in range(0, len(group), batch_size)]
+    batches = response_batches(model.cfg, prompts, max_new_tokens, batch_size)
     responses = [None] * len(entries)
     was_training = model.training
     model.eval()  # no dropout while generating
     start = last_print = time.monotonic()
     try:
         for batch in batches:
-            idx = np.array([prompts[i] for i in batch], dtype=np.int64)                  # (B, T)
-            out = generate(model, idx, max_new_tokens, eos_id=tokenizer.eot_token)        # (B, T + new)
-            for i, new_ids in zip(batch, out[:, idx.shape[1]:]):
-                responses[i] = decode_response(tokenizer, new_ids)
+            # alone, a prompt may outgrow the context window (then the window slides): a (1, T) array
+            batch_prompts = np.array([prompts[batch[0]]]) if len(batch) == 1 else [prompts[i] for i in batch]
+            outputs = generate(model, batch_prompts, max_new_tokens, eos_id=tokenizer.eot_token)
+            for i, ids in zip(batch, outputs):
+                responses[i] = decode_response(tokenizer, ids[len(prompts[i]):])
             now = time.monotonic()
             if progress and (now - last_print > 0.5 or batch is batches[-1]):  # ~2 updates a second
                 last_print = now
@@ -56,6 +61,25 @@ def generate_responses(model, tokenizer, entries, style, max_new_tokens, batch_s
     if progress and entries:
         print(file=sys.stderr)
     return responses
+
+
+def response_batches(cfg, prompts, max_new_tokens, batch_size=None):
+    """Lists of prompt indices, decoded together: shortest prompts first, each batch's KV cache within
+    KV_CACHE_BYTES; a prompt that would outgrow the context window with its new tokens goes alone."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    fits = [i for i in order if len(prompts[i]) + max_new_tokens <= cfg.context_length]
+    too_long = [[i] for i in order if len(prompts[i]) + max_new_tokens > cfg.context_length]
+    batches, batch = [], []
+    for i in fits:
+        rows = len(batch) + 1
+        cache_bytes = rows * (len(prompts[i]) + max_new_tokens) * cfg.n_layers * cfg.emb_dim * 8  # 2 float32s
+        if batch and (rows > (batch_size or MAX_BATCH) or cache_bytes > KV_CACHE_BYTES):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    return batches + too_long
 
 
 def with_responses(entries, responses):

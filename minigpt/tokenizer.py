@@ -98,8 +98,11 @@ def get_tokenizer(name, vocab_dir=None):
 
 
 def encode(tokenizer, text):
-    """Token ids of `text`, reading a literal "<|endoftext|>" as the end-of-text token.
-
-    (tiktoken raises on special tokens by default; in our texts one only ever means end of text.)
-    """
-    return tokenizer.encode(text, allowed_special={EOT})
+    """Token ids of `text`; a literal "<|endoftext|>" in it is refused (ValueError), as the reference's
+    tiktoken default refuses it. Read as the end-of-text token it would end a training text in the
+    middle; read as plain text it would teach the model to write it. The end-of-text token is added by
+    id (tokenizer.eot_token), where a text really ends."""
+    if EOT in text:
+        raise ValueError(f"the text holds the literal text {EOT!r} (GPT-2's end-of-text token), which "
+                         f"minigpt refuses in text; remove it")
+    return tokenizer.encode(text, disallowed_special=())

@@ -20,6 +20,9 @@ step counts, the training loader's position and RNG, the dropout RNG, the histor
 so `checkpoint.restore_checkpoint` + `train` continue with the very losses an uninterrupted run
 would have had.
 Ctrl-C is held back during an update, so a checkpoint never holds a half-applied step.
+Divergence stops the run: a training or evaluation loss that is NaN or inf raises TrainingDiverged
+(before that step's update), and neither a checkpoint nor the best weights are ever written with
+non-finite weights, so both keep the last finite ones.
 """
 import contextlib
 import dataclasses
@@ -29,13 +32,20 @@ import threading
 import time
 from typing import Optional
 
+import numpy as np
+
 from .checkpoint import BestWeights, TrainState, save_checkpoint
 from .data import DataLoader
 from .optim import clip_grad_norm
 from .progress import format_duration
 from .tensor import no_grad
+from .weights import non_finite
 
 SCHEDULES = ("constant", "cosine")
+
+
+class TrainingDiverged(ArithmeticError):
+    """A loss, or the weights, stopped being finite numbers: the run cannot recover, so it stops."""
 
 
 @dataclasses.dataclass
@@ -58,15 +68,17 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise ValueError(f"min_lr must be a finite number >= 0, got {self.min_lr}")
         if self.schedule == "cosine" and not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"the cosine schedule needs 0 <= min_lr <= lr, got min_lr {self.min_lr}, "
                              f"lr {self.lr}")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"grad_clip must be a finite number >= 0 (0: off), got {self.grad_clip}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
 
@@ -91,11 +103,12 @@ def learning_rate(step, config, total_steps):
 
 
 def calc_loss_loader(model, loader, num_batches=None):
-    """Mean of the batch losses over the first `num_batches` batches (all if None; nan if none) of the
-    loader's dataset in order: the same batches every call, and the loader itself does not move."""
+    """Mean of the batch losses over the first `num_batches` batches (all if None) of the loader's
+    dataset in order: the same batches every call, and the loader itself does not move. None when
+    there is no batch: no loss (rather than NaN, which JSON cannot hold and divergence would mean)."""
     num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
     if num_batches == 0:
-        return float("nan")
+        return None
     total = 0.0
     with no_grad():
         for i, (inputs, targets) in enumerate(in_order(loader)):
@@ -156,6 +169,8 @@ def deferred_interrupt():
 # ---------------------------------------------------------------------------------------------
 # The loop
 
+# Overflow on the way to a non-finite loss is reported once, as TrainingDiverged, not as NumPy warnings.
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def train(model, optimizer, train_loader, val_loader, config, state=None, checkpoint_path=None,
           best_path=None, run_config=None, on_step=None, on_epoch_end=None, log=print, best=None):
     """Train until config.epochs epochs, config.max_steps steps or early stopping; return the TrainState
@@ -180,10 +195,12 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
     best = best if best is not None else BestWeights(best_path)
     evaluator = Evaluator(model, train_loader, val_loader, config, total_steps, best, log)
     saved_step = None
+    resumed_step = state.step or None  # what a resumed run's checkpoint holds until the next save
 
     def save():
         nonlocal saved_step
         if checkpoint_path is not None and saved_step != state.step:
+            check_finite_weights(model, state.step)
             save_checkpoint(checkpoint_path, model, optimizer, state, run_config)
             saved_step = state.step
 
@@ -194,6 +211,7 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
             for inputs, targets in train_loader:
                 optimizer.zero_grad()
                 loss = model.loss(inputs, targets)         # (B, T), (B, T) -> scalar
+                check_finite_loss("training loss of", state.step + 1, float(loss.data))
                 loss.backward()
                 with deferred_interrupt():                 # the update and its bookkeeping: all or nothing
                     if config.grad_clip:
@@ -214,17 +232,37 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
                     on_epoch_end(state)
                 if training_done(state, config, train_loader):
                     break
+        save()
     except KeyboardInterrupt:
         if checkpoint_path is not None:
             save()
             log(f"\ninterrupted: step {state.step} is saved in {checkpoint_path}")
         raise
-    save()
+    except TrainingDiverged as e:
+        kept, kept_step = "", saved_step if saved_step is not None else resumed_step
+        if checkpoint_path is not None and kept_step is not None:
+            kept += f"; {checkpoint_path} keeps step {kept_step}"
+        if getattr(best, "path", None) is not None and state.best_step is not None:
+            kept += f"; {best.path} keeps the best weights (step {state.best_step})"
+        raise TrainingDiverged(f"training diverged: {e}; lower the learning rate (--lr, now {config.lr:g}) "
+                               f"or clip the gradient norm (--grad-clip, now {config.grad_clip or 'off'})"
+                               f"{kept}") from None
     if state.stopped_early:
         evaluator.best.restore(model)
         log(f"early stopping: no lower validation loss in {config.patience} evaluations; "
             f"restored the weights of step {state.best_step} (val loss {state.best_val_loss:.3f})")
     return state
+
+
+def check_finite_loss(what, step, loss):
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"the {what} step {step} is {loss}")
+
+
+def check_finite_weights(model, step):
+    for name, p in model.named_parameters(trainable_only=True):  # frozen weights never change
+        if non_finite(p.data) is not None:
+            raise TrainingDiverged(f"the weights hold non-finite values after step {step} ({name})")
 
 
 def training_done(state, config, train_loader):
@@ -254,23 +292,28 @@ class Evaluator:
             return False
         train_loss, val_loss = evaluate_model(self.model, self.train_loader, self.val_loader,
                                               config.eval_iter)
+        for which, loss in (("training", train_loss), ("validation", val_loss)):
+            if loss is not None:
+                check_finite_loss(f"{which} loss after", state.step, loss)
         with deferred_interrupt():  # history, best weights and early stopping change together
             self.record(state, train_loss, val_loss)
         now = time.monotonic()
+        train_text, val_text = ("n/a" if loss is None else f"{loss:.3f}" for loss in (train_loss, val_loss))
         if self.mark is None or self.mark[1] == state.step:
             label = "initial losses" if state.step == 0 else "losses"  # else: resumed mid-evaluation
-            self.log(f"{label} (step {state.step}): train {train_loss:.3f}, val {val_loss:.3f}")
+            self.log(f"{label} (step {state.step}): train {train_text}, val {val_text}")
         else:
             seconds_per_step = (now - self.mark[0]) / (state.step - self.mark[1])
             eta = format_duration(seconds_per_step * max(0, self.last_step - state.step))
             self.log(f"ep {max(1, state.loader_state['epoch'])} (step {state.step:06d}): "
-                     f"train loss {train_loss:.3f}, val loss {val_loss:.3f}, tokens seen "
+                     f"train loss {train_text}, val loss {val_text}, tokens seen "
                      f"{state.tokens_seen:,}, {seconds_per_step:.2f} s/step, ETA {eta}")
         self.mark = (now, state.step)
         return True
 
     def record(self, state, train_loss, val_loss):
-        """Append one evaluation; a lower val loss saves the best weights, else patience runs down."""
+        """Append one evaluation; a lower val loss saves the best weights, else patience runs down.
+        Without a validation loss (no validation batch: None) there is neither."""
         history = state.history
         history["steps"].append(state.step)
         history["epochs"].append(epoch_progress(self.train_loader))
@@ -278,7 +321,10 @@ class Evaluator:
         history["train_loss"].append(train_loss)
         history["val_loss"].append(val_loss)
         history["lr"].append(learning_rate(max(0, state.step - 1), self.config, self.total_steps))
+        if val_loss is None:
+            return
         if state.best_val_loss is None or val_loss < state.best_val_loss:
+            check_finite_weights(self.model, state.step)
             state.best_val_loss, state.best_step, state.evals_since_best = val_loss, state.step, 0
             self.best.save(self.model)
         else:

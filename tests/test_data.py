@@ -9,7 +9,7 @@ import pytest
 from minigpt import data
 from minigpt.data import (DataLoader, InstructionDataset, build_prompt, collate, format_example, format_input,
                           load_instruction_data, response_header, split_data)
-from minigpt.functional import IGNORE_INDEX
+from minigpt.losses import IGNORE_INDEX
 from minigpt.tokenizer import byte_tokenizer, encode, gpt2_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -328,3 +328,40 @@ def test_loader_state_errors():
         loader.load_state_dict(damaged)
     with pytest.raises(ValueError, match="mask_prompt needs a dataset with prompt_lengths"):
         DataLoader(numbered_dataset(), 8, mask_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text that would change training silently
+
+@pytest.mark.parametrize("key", data.INSTRUCTION_KEYS)
+def test_a_literal_end_of_text_in_an_entry_is_refused_with_its_index(tmp_path, key):
+    entries = synthetic_entries(4)
+    entries[2][key] = "before <|endoftext|> after"
+    message = f"entry 2: {key!r} holds the literal text '<|endoftext|>'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_instruction_data(write(tmp_path, entries))
+    with pytest.raises(ValueError, match=re.escape(f"instruction data: entry 2: {key!r} holds the literal")):
+        InstructionDataset(entries, byte_tokenizer())
+
+
+def test_examples_that_lose_their_whole_response_are_counted_and_most_is_an_error():
+    tokenizer = byte_tokenizer()
+    short = {"instruction": "i", "input": "", "output": "abc"}
+    prompt_length = len(build_prompt(short, "alpaca"))
+    long = dict(short, instruction="i" * 50)
+    logged = []
+
+    def loader(entries, cut, mask_prompt=True):
+        return DataLoader(InstructionDataset(entries, tokenizer, "alpaca"), batch_size=2,
+                          mask_prompt=mask_prompt, pad_token_id=tokenizer.eot_token, allowed_max_length=cut)
+
+    data.check_responses_fit(loader([short, short, long], prompt_length), "training", log=logged.append)
+    assert logged == [f"warning: 1 of 3 training examples lose their whole response to the cut at "
+                      f"{prompt_length} tokens (their prompt alone is longer), so they teach nothing"]
+    for mask_prompt in (True, False):     # the response would be the first target after the prompt
+        with pytest.raises(ValueError, match=rf"2 of 3 validation examples lose their whole response to the "
+                                             rf"cut at {prompt_length} tokens.*more than half"):
+            data.check_responses_fit(loader([short, long, long], prompt_length, mask_prompt), "validation")
+    logged.clear()
+    data.check_responses_fit(loader([short, long], None), "training", log=logged.append)  # no cut
+    assert logged == []

@@ -5,14 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from minigpt import GPTConfig, GPTModel, Tensor, functional as F, gradcheck, no_grad
+from minigpt import IGNORE_INDEX, GPTConfig, GPTModel, Tensor, functional as F, gradcheck, no_grad
 from minigpt.dpo import (dpo_batch_loss, dpo_loss, reference_logprobs, reward_metrics,
                          sequence_logprobs)
 from minigpt.optim import Adam
 from minigpt.preference import PreferenceDataset
 from minigpt.tokenizer import byte_tokenizer
 
-I = F.IGNORE_INDEX
+I = IGNORE_INDEX
 PAIRS = [{"instruction": "2+2", "input": "", "output": "4", "chosen": "4", "rejected": "5!"},
          {"instruction": "3+4", "input": "", "output": "7", "chosen": "7", "rejected": "8"},
          {"instruction": "1+5", "input": "", "output": "6", "chosen": "6.", "rejected": "6"}]

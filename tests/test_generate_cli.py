@@ -59,7 +59,7 @@ def checkpoints(tmp_path_factory):
 
 def expected_text(model, tokenizer, prompt, max_new_tokens=N_NEW, temperature=0.0, top_k=None, seed=None):
     """What the CLI must print: minigpt.generate's new tokens up to <|endoftext|>, decoded."""
-    ids = encode(tokenizer, prompt)
+    ids = encode(tokenizer, prompt) or [tokenizer.eot_token]  # an empty prompt starts from <|endoftext|>
     out = generate(model, np.array([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
                    eos_id=tokenizer.eot_token, rng=np.random.default_rng(seed))
     new = out[0, len(ids):].tolist()
@@ -233,7 +233,7 @@ def test_unconditional_generation_starts_from_endoftext(gpt2_vocab_checkpoint, c
     model, tokenizer = load_weights(gpt2_vocab_checkpoint), get_tokenizer("gpt2", GPT2_VOCAB_DIR)
     code, out, _ = run_cli(["--weights", gpt2_vocab_checkpoint, "--prompt", "",
                             "--vocab-dir", GPT2_VOCAB_DIR, "--max-new-tokens", 4], capsys)
-    assert code == 0 and out == expected_text(model, tokenizer, EOT, 4) + "\n"
+    assert code == 0 and out == expected_text(model, tokenizer, "", 4) + "\n"
 
 
 def test_lora_adapters_are_applied_to_the_base_and_merged(checkpoints, tmp_path, capsys):
@@ -301,6 +301,8 @@ BAD_INPUTS = {
     "tokenizer/model vocab mismatch": (OK + ["--tokenizer", "gpt2"], "257"),
     "vocab matching no tokenizer": (["--weights", "{bad}/v100.npz", "--prompt", "x"], "100"),
     "unknown prompt style": (["--weights", "{npz}", "--instruction", "x", "--prompt-style", "chat"], "chat"),
+    "end of text in the prompt": (["--weights", "{npz}", "--prompt", f"a{EOT}b"], f"{EOT!r}"),
+    "end of text in an instruction": (["--weights", "{npz}", "--instruction", EOT], "literal text"),
     "missing adapters file": (OK + ["--lora", "{bad}/missing.npz"], "adapters file not found"),
     "adapters file not an npz": (OK + ["--lora", "{bad}/notzip.npz"], "not an .npz archive"),
     "adapters for another base": (OK + ["--lora", "{bad}/other-adapters.npz"],

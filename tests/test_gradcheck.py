@@ -1,7 +1,7 @@
 """Every differentiable op against central finite differences in float64 (relative error <= 1e-6).
 
 OP_CASES is the registry: op name -> cases, each a function of a Generator returning (fn, inputs).
-test_every_op_is_registered_and_documented fails when an op of ops.py, functional.py, lora.py or dpo.py
+test_every_op_is_registered_and_documented fails when an op of ops.py, functional.py, losses.py, lora.py or dpo.py
 has no case here, or lacks the four docstring sections (Forward, Shapes, Backward, Cache).
 """
 import inspect
@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
-from minigpt import GradcheckError, Tensor, dpo, functional as F, gradcheck, lora, ops
+from minigpt import GradcheckError, Tensor, dpo, functional as F, gradcheck, lora, losses, ops
 
 
 def randn(rng, *shape):
@@ -31,13 +31,13 @@ def random_targets(rng, ignored_fraction, shape, V):
     targets = rng.integers(0, V, size=shape)
     ignore = rng.random(shape) < ignored_fraction
     ignore.flat[0] = False  # keep at least one target
-    targets[ignore] = F.IGNORE_INDEX
+    targets[ignore] = losses.IGNORE_INDEX
     return targets
 
 
 def cross_entropy_case(rng, ignored_fraction, shape=(3, 5), V=7):
     targets = random_targets(rng, ignored_fraction, shape, V)
-    return lambda z: F.cross_entropy(z, targets), [randn(rng, *shape, V)]
+    return lambda z: losses.cross_entropy(z, targets), [randn(rng, *shape, V)]
 
 
 def sequence_logprobs_case(rng, ignored_fraction, reduction, shape=(3, 5), V=9, C=4):
@@ -55,7 +55,7 @@ def dpo_loss_case(rng, beta, scale=1.0, B=5):
 
 def lm_head_cross_entropy_case(rng, ignored_fraction, shape=(2, 4), V=9, C=5):
     targets = random_targets(rng, ignored_fraction, shape, V)
-    return (lambda x, wte: F.lm_head_cross_entropy(x, wte, targets)), [randn(rng, *shape, C), randn(rng, V, C)]
+    return (lambda x, wte: losses.lm_head_cross_entropy(x, wte, targets)), [randn(rng, *shape, C), randn(rng, V, C)]
 
 
 def lora_linear_case(rng, x_shape, bias=True, C=4, OC=5, r=3):
@@ -135,11 +135,11 @@ OP_CASES = {
 }
 
 # Public functions of the op modules that are not differentiable ops.
-NOT_OPS = {"as_float_tensor", "cached_causal_attention",
+NOT_OPS = {"as_float_tensor", "causal_mask", "split_heads", "softmax_rows_in_place", "kept_targets",
            "apply_lora", "check_hyperparameters", "lora_config", "describe", "merge_lora", "unmerge_lora",
            "save_adapters", "load_adapters", "copy_adapters",
            "reward_metrics", "batch_logprobs", "reference_logprobs", "dpo_batch_loss"}
-OP_MODULES = (ops, F, lora, dpo)
+OP_MODULES = (ops, F, losses, lora, dpo)
 
 
 def differentiable_ops():
@@ -225,11 +225,11 @@ def test_diamond_graph_and_composed_mlp():
     rng = np.random.default_rng(3)
     gradcheck(lambda x: ops.mul(ops.tanh(x), ops.exp(x)) + x, [randn(rng, 4, 3)])
 
-    targets = np.array([[1, 0, F.IGNORE_INDEX], [2, 2, 1]])
+    targets = np.array([[1, 0, losses.IGNORE_INDEX], [2, 2, 1]])
 
     def mlp(x, w1, b1, w2, b2):
         hidden = F.gelu(F.linear(x, w1, b1))          # (2, 3, 4) -> (2, 3, 8)
-        return F.cross_entropy(F.linear(hidden, w2, b2), targets)
+        return losses.cross_entropy(F.linear(hidden, w2, b2), targets)
 
     report = gradcheck(mlp, [randn(rng, 2, 3, 4), randn(rng, 4, 8), randn(rng, 8), randn(rng, 8, 3),
                              randn(rng, 3)], max_elements=None)

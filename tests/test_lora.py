@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minigpt import GPTConfig, GPTModel, Tensor, gradcheck, lora, no_grad
-from minigpt import functional as F
+from minigpt import IGNORE_INDEX, functional as F
 from minigpt.nn import Linear, Module
 from minigpt.optim import AdamW
 from minigpt.safetensors import CheckpointError
@@ -30,7 +30,7 @@ def tiny_model(dtype=np.float64, seed=0, **overrides):
 def batch(rng, B=2, T=6, V=11):
     idx = rng.integers(0, V, size=(B, T))
     targets = np.roll(idx, -1, axis=1)
-    targets[0, :2] = F.IGNORE_INDEX
+    targets[0, :2] = IGNORE_INDEX
     return idx, targets
 
 

@@ -43,7 +43,8 @@ def test_full_model_gradient_matches_finite_differences():
 
 
 def test_loss_on_kept_rows_equals_cross_entropy_on_all_logits():
-    """model.loss skips the head at ignored positions; value and every gradient must not change."""
+    """model.loss skips the head and the last block's projection and MLP at ignored positions; the value and
+    every gradient must not change."""
     idx, targets = batch(np.random.default_rng(2))
     fast, full = tiny_model(), tiny_model()
     loss_fast = fast.loss(idx, targets)

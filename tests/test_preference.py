@@ -1,5 +1,6 @@
 """Preference data: validation, download, split, tokenization and the pair collate."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from minigpt import preference
 from minigpt.data import InstructionDataset
-from minigpt.functional import IGNORE_INDEX
+from minigpt.losses import IGNORE_INDEX
 from minigpt.preference import (PreferenceDataset, collate_preferences, load_preference_data,
                                 split_preference_data)
 from minigpt.tokenizer import EOT, byte_tokenizer, gpt2_tokenizer
@@ -135,3 +136,12 @@ def test_the_reference_file_loads_splits_and_masks_with_gpt2_tokens():
     rejected_1 = batch.rejected_targets[1]
     assert tokenizer.decode(rejected_1[rejected_1 != I].tolist()) == entries[1]["rejected"] + EOT
     assert entries[1]["rejected"] == "He goes to the stupid park every single day."
+
+
+def test_a_literal_end_of_text_in_a_response_is_refused_with_its_index(tmp_path):
+    entry = dict(PAIR, rejected=f"no{EOT}")
+    message = "entry 1: 'rejected' holds the literal text '<|endoftext|>'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_preference_data(write(tmp_path, [PAIR, entry]))
+    with pytest.raises(ValueError, match=re.escape("preference data: entry 0: 'rejected' holds the literal")):
+        PreferenceDataset([entry], byte_tokenizer())

@@ -1,4 +1,4 @@
-"""Each fused op of minigpt/functional.py against its plain twin in tests/reference_ops.py.
+"""Each fused op of minigpt/functional.py and losses.py against its plain twin in tests/reference_ops.py.
 
 Value: the fused forward equals the plain NumPy formula. Gradient: the fused, hand-written backward
 equals autograd through the twin written with minigpt's basic ops. Both in float64 to 1e-12 and in
@@ -6,7 +6,7 @@ float32 to a few times its round-off. The cases include the awkward inputs: igno
 huge or -inf-ish logits, a -inf score, constant rows, T = 1, one-channel heads, non-contiguous views.
 
 CASES is the registry: op name -> cases, each a function of a Generator returning a Case.
-test_every_fused_op_has_a_checked_twin fails when functional.py gains an op without one here.
+test_every_fused_op_has_a_checked_twin fails when functional.py or losses.py gains an op without one here.
 """
 import inspect
 import math
@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 
 import reference_ops as ref
-from minigpt import IGNORE_INDEX, Tensor, functional as F
+from minigpt import IGNORE_INDEX, Tensor, functional as F, losses
 
-# Public functions of functional.py that need no twin here.
-# cached_causal_attention is inference only; tests/test_model.py checks it against the full forward.
-NO_TWIN = {"cached_causal_attention"}
+FUSED_MODULES = (F, losses)
+# Public functions of functional.py and losses.py that need no twin here.
+# Helpers of the attention ops, not ops themselves (the cached attention, inference only, is checked
+# against the full forward in tests/test_model.py).
+NO_TWIN = {"causal_mask", "split_heads", "softmax_rows_in_place", "kept_targets"}
 
 # Measured worst cases: float64 2e-15 (values and gradients); float32 1e-7 (values), 5e-7 (gradients).
 VALUE_RTOL = {np.float64: 1e-12, np.float32: 1e-6}
@@ -46,7 +48,8 @@ def case(name, arrays, *args, view=None):
     def called(fn):
         return lambda x, *rest: fn(view(x) if view else x, *rest, *args)
     basic = getattr(ref, f"{name}_from_basic_ops", getattr(ref, name))
-    return Case(called(getattr(F, name)), called(getattr(ref, name)), called(basic), arrays)
+    fused = next(getattr(module, name) for module in FUSED_MODULES if hasattr(module, name))
+    return Case(called(fused), called(getattr(ref, name)), called(basic), arrays)
 
 
 def every_other(x):
@@ -198,14 +201,14 @@ def gradients(fn, arrays, dout):
 
 
 def test_every_fused_op_has_a_checked_twin():
-    fused_ops = {name for name, fn in inspect.getmembers(F, inspect.isfunction)
-                 if fn.__module__ == F.__name__ and not name.startswith("_")} - NO_TWIN
-    missing = fused_ops - set(CASES)
+    fused_ops = {name: fn for module in FUSED_MODULES for name, fn in inspect.getmembers(module, inspect.isfunction)
+                 if fn.__module__ == module.__name__ and not name.startswith("_") and name not in NO_TWIN}
+    missing = set(fused_ops) - set(CASES)
     assert not missing, f"fused ops without a plain twin and a case in CASES: {sorted(missing)}"
-    for name in fused_ops:
+    for name, fn in fused_ops.items():
         assert callable(getattr(ref, name, None)), f"tests/reference_ops.py has no {name}"
-        assert f"Plain twin: tests/reference_ops.py:{name}" in getattr(F, name).__doc__, \
-            f"functional.{name}'s docstring does not name its plain twin"
+        assert f"Plain twin: tests/reference_ops.py:{name}" in fn.__doc__, \
+            f"{fn.__module__}.{name}'s docstring does not name its plain twin"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import minigpt
-from minigpt import Tensor, functional as F, no_grad, ops
+from minigpt import Tensor, functional as F, losses, no_grad, ops
 from minigpt.tensor import unbroadcast
 
 
@@ -134,7 +134,7 @@ def test_cross_entropy_ignored_targets_and_bad_targets():
     rng = np.random.default_rng(0)
     logits = Tensor(rng.standard_normal((2, 3, 5)), requires_grad=True)
     targets = np.array([[1, -100, 4], [-100, -100, 0]])
-    loss = F.cross_entropy(logits, targets)
+    loss = losses.cross_entropy(logits, targets)
     # the mean over the three valid targets, written out
     z = logits.data.reshape(-1, 5)
     log_probs = z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -142,14 +142,14 @@ def test_cross_entropy_ignored_targets_and_bad_targets():
     loss.backward()
     assert np.all(logits.grad[targets == -100] == 0.0)          # exactly zero, not merely small
     with pytest.raises(ValueError, match="every target equals ignore_index"):
-        F.cross_entropy(logits, np.full((2, 3), -100))
+        losses.cross_entropy(logits, np.full((2, 3), -100))
     with pytest.raises(ValueError, match=r"target 5 is outside \[0, 5\)"):
-        F.cross_entropy(logits, np.array([[1, 5, 0], [0, 0, 0]]))
+        losses.cross_entropy(logits, np.array([[1, 5, 0], [0, 0, 0]]))
     with pytest.raises(TypeError, match="targets must be integer class ids, got dtype float64"):
-        F.cross_entropy(logits, np.zeros((2, 3)))
+        losses.cross_entropy(logits, np.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"targets of shape \(3,\) do not match logits of shape \(2, 3, 5\)"):
-        F.cross_entropy(logits, np.zeros(3, dtype=int))
-    custom = F.cross_entropy(logits, np.where(targets == -100, 7, targets), ignore_index=7)
+        losses.cross_entropy(logits, np.zeros(3, dtype=int))
+    custom = losses.cross_entropy(logits, np.where(targets == -100, 7, targets), ignore_index=7)
     np.testing.assert_allclose(custom.item(), loss.item())
 
 

@@ -14,7 +14,7 @@ GPT2_VOCAB_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 needs_vocab = pytest.mark.skipif(not (GPT2_VOCAB_DIR / "vocab.bpe").is_file(),
                                  reason=f"GPT-2 tokenizer files not found in {GPT2_VOCAB_DIR}")
 TEXTS = ["Hello, world!", "", "  leading and trailing  ", "tabs\tand\nnewlines\r\n\n",
-         "naïve café, 世界, emoji 🤖👍🏽", "it's they'll we've 12345 3.14", "a<|endoftext|>b"]
+         "naïve café, 世界, emoji 🤖👍🏽", "it's they'll we've 12345 3.14"]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,7 @@ def gpt2():
 def test_gpt2_known_ids(gpt2):
     assert gpt2.n_vocab == 50257 and gpt2.eot_token == 50256
     assert gpt2.encode("Hello, world!") == [15496, 11, 995, 0]
-    assert encode(gpt2, EOT) == [50256]
-    assert encode(gpt2, "Hello<|endoftext|>") == [15496, 50256]
+    assert gpt2.encode_single_token(EOT) == 50256
     # " world" with its leading space is one token; "world" alone is another
     assert gpt2.encode(" world") == [995] and gpt2.encode("world") == [6894]
 
@@ -67,7 +66,7 @@ def _tiktoken_has_gpt2_cached():
 def test_gpt2_matches_tiktoken(gpt2):
     reference = tiktoken.get_encoding("gpt2")
     text = " ".join(TEXTS)
-    assert encode(gpt2, text) == reference.encode(text, allowed_special={EOT})
+    assert encode(gpt2, text) == reference.encode(text)
 
 
 def test_gpt2_missing_files_named(tmp_path):
@@ -104,7 +103,7 @@ def test_byte_tokenizer_is_one_token_per_utf8_byte(text):
 def test_byte_tokenizer_vocab_and_eot():
     byte = get_tokenizer("byte")
     assert byte.n_vocab == 257 and byte.eot_token == 256
-    assert encode(byte, "a" + EOT) == [97, 256]
+    assert byte.encode_single_token(EOT) == 256
     assert byte.decode([104, 105, 256]) == "hi" + EOT
     every_byte = bytes(range(256))
     assert byte.decode_bytes(list(every_byte)) == every_byte
@@ -113,3 +112,13 @@ def test_byte_tokenizer_vocab_and_eot():
 def test_unknown_tokenizer_lists_choices():
     with pytest.raises(ValueError, match="unknown tokenizer 'bpe'; choose one of: gpt2, byte"):
         get_tokenizer("bpe")
+
+
+@pytest.mark.parametrize("name", ["byte", pytest.param("gpt2", marks=needs_vocab)])
+def test_a_literal_end_of_text_in_text_is_refused(name):
+    """Read as the end-of-text token it would end a text in the middle; read as plain text it would
+    teach the model to write it. The reference refuses it too (tiktoken's default)."""
+    tokenizer = get_tokenizer(name, GPT2_VOCAB_DIR)
+    with pytest.raises(ValueError, match=r"the text holds the literal text '<\|endoftext\|>' \(GPT-2's end"):
+        encode(tokenizer, "Hello<|endoftext|> again")
+    assert encode(tokenizer, "Hello <|endoftext| >") == tokenizer.encode("Hello <|endoftext| >")

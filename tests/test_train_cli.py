@@ -1,5 +1,6 @@
 """train.py end to end, in-process and tiny: the run folder, --weights, --resume, Ctrl-C, error lines."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ def read(path):
     return json.loads(Path(path).read_text())
 
 
-def instruction_file(tmp_path, n=40):
-    entries = [{"instruction": "Repeat the word.", "input": f"w{i}", "output": f"w{i}"} for i in range(n)]
+def instruction_file(tmp_path, n=40, word="w"):
+    entries = [{"instruction": "Repeat the word.", "input": f"{word}{i}", "output": f"{word}{i}"}
+               for i in range(n)]
     path = tmp_path / "tiny-data.json"
     path.write_text(json.dumps(entries))
     return path
@@ -62,7 +64,8 @@ def test_a_run_folder_is_not_overwritten(tmp_path, capsys):
 
 def test_weights_file_with_byte_tokenizer_and_a_json_dataset(tmp_path, capsys):
     weights = tmp_path / "tiny.npz"
-    save_npz(GPTModel(GPTConfig(vocab_size=257, context_length=64, emb_dim=16, n_heads=2, n_layers=1)),
+    # context 256: alpaca prompts are ~155 bytes, and a shorter context would cut off every response
+    save_npz(GPTModel(GPTConfig(vocab_size=257, context_length=256, emb_dim=16, n_heads=2, n_layers=1)),
              weights)
     run_dir = tmp_path / "run"
     args = ["--weights", str(weights), "--tokenizer", "byte", "--data", str(instruction_file(tmp_path)),
@@ -124,8 +127,11 @@ def test_ctrl_c_saves_the_run_and_says_how_to_resume(tmp_path, capsys, monkeypat
 @pytest.mark.parametrize("args, message", [
     (["--data", "missing.json"], "instruction data file not found: missing.json"),
     (["--weights", "missing.npz", "--tokenizer", "byte"], "weights file not found: missing.npz"),
-    (["--lr", "-1"], "lr must be > 0"),
+    (["--lr", "-1"], "lr must be a finite number > 0"),
     (["--lr", "fast"], "invalid float value"),
+    (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+    (["--grad-clip", "nan"], "grad_clip must be a finite number >= 0 (0: off), got nan"),
+    (["--weight-decay", "nan"], "weight_decay must be a finite number >= 0, got nan"),
     (["--batch-size", "0"], "batch_size must be a positive integer"),
     (["--n-heads", "3"], "not divisible"),
     (["--judge-timeout", "0"], "judge_timeout must be a positive number of seconds, got 0.0"),
@@ -170,3 +176,74 @@ def test_every_flag_has_help_and_every_setting_a_flag():
     assert all(action.help for action in flags)
     settings = {field for field in finetune.RunConfig.__dataclass_fields__}
     assert settings <= {action.dest for action in flags}
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing silent: changed data on resume, divergence, prompts that leave no response
+
+def test_resume_refuses_a_data_file_edited_in_place(tmp_path, capsys):
+    data, run_dir = instruction_file(tmp_path), tmp_path / "run"
+    args = ["--data", str(data), "--out-dir", str(run_dir), "--max-steps", "2"]
+    assert train.main(TINY + args) == 0
+    entries = json.loads(data.read_text())
+    entries[3]["output"] = "v3"                     # same length, another answer
+    data.write_text(json.dumps(entries))
+    capsys.readouterr()
+    assert train.main(["--resume", str(run_dir), "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data changed since the run started: fingerprint ") and err.count("\n") == 1
+    fingerprints = re.findall(r"fingerprint ([0-9a-f]{12})… in the checkpoint, ([0-9a-f]{12})… now", err)
+    assert fingerprints and fingerprints[0][0] != fingerprints[0][1]
+    assert str(run_dir / "checkpoint.npz") in err and "training entries" in err
+
+
+def test_resume_refuses_other_reference_data_in_another_data_dir(tmp_path, capsys):
+    for folder, word in (("a", "w"), ("b", "z")):   # where download_instruction_data finds its file
+        (tmp_path / folder).mkdir()
+        instruction_file(tmp_path, word=word).rename(tmp_path / folder / "instruction-data.json")
+    run_dir = tmp_path / "run"
+    args = ["--data", "reference", "--data-dir", str(tmp_path / "a"), "--out-dir", str(run_dir)]
+    assert train.main(TINY + args + ["--max-steps", "2"]) == 0
+    assert train.main(["--resume", str(run_dir), "--data-dir", str(tmp_path / "b")]) == 2
+    assert "data changed since the run started" in capsys.readouterr().err
+    assert train.main(["--resume", str(run_dir), "--data-dir", str(tmp_path / "a"), "--max-steps", "3"]) == 0
+
+
+def test_divergence_stops_at_the_first_non_finite_loss_and_keeps_finite_files(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train.main(TINY + ["--lr", "1e6", "--grad-clip", "0", "--eval-freq", "1",
+                              "--out-dir", str(run_dir)]) == train.EXIT_DIVERGED == 3
+    captured = capsys.readouterr()
+    step = int(re.search(r"training diverged: the (?:training|validation) loss (?:of|after) step (\d+) is "
+                         r"(?:nan|inf|-inf)", captured.err).group(1))
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert "--lr" in captured.err and "--grad-clip" in captured.err
+    assert not (run_dir / "model-final.npz").exists() and not (run_dir / "metrics.json").exists()
+    for name in ("checkpoint.npz", "model-best.npz"):  # the last finite ones, never overwritten
+        with np.load(run_dir / name) as archive:
+            assert all(np.isfinite(archive[key]).all() for key in archive.files
+                       if archive[key].dtype.kind == "f"), name
+    state = finetune.read_checkpoint(run_dir / "checkpoint.npz")["train_state"]
+    assert state["step"] < step and all(np.isfinite(state["history"]["val_loss"]))
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    for path in run_dir.glob("*.json"):  # strict JSON: no NaN or Infinity
+        json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_prompts_longer_than_the_context_are_counted_before_training(tmp_path, capsys):
+    entries = [{"instruction": "Repeat the word." + " please" * (8 if i % 4 == 0 else 0), "input": f"w{i}",
+                "output": f"w{i}"} for i in range(40)]
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(entries))
+    args = TINY + ["--data", str(data), "--max-steps", "1"]  # prompts of ~45 bytes, every 4th ~100
+    assert train.main(args + ["--out-dir", str(tmp_path / "some")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"warning: \d+ of 34 training examples lose their whole response to the cut at 64 "
+                     r"tokens", out)
+    assert train.main(args + ["--context-length", "40", "--out-dir", str(tmp_path / "most")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: \d+ of 34 training examples lose their whole response to the cut at 40 tokens",
+                     err) and "--context-length" in err

@@ -10,6 +10,7 @@ import pytest
 from minigpt import GPTConfig, GPTModel, is_grad_enabled, training
 from minigpt.checkpoint import TrainState, read_checkpoint, restore_checkpoint, save_checkpoint
 from minigpt.data import DataLoader, InstructionDataset
+from minigpt.fileio import write_json
 from minigpt.optim import AdamW
 from minigpt.tasks import make_task_splits
 from minigpt.tokenizer import byte_tokenizer
@@ -97,7 +98,8 @@ def test_learning_rate_warmup_then_constant_or_cosine():
 @pytest.mark.parametrize("bad", [dict(lr=0), dict(lr=-1), dict(epochs=0), dict(eval_freq=0),
                                  dict(schedule="linear"), dict(min_lr=1.0, lr=0.1, schedule="cosine"),
                                  dict(patience=0),
-                                 dict(warmup_steps=-1), dict(grad_clip=-1.0)])
+                                 dict(warmup_steps=-1), dict(grad_clip=-1.0), dict(lr=math.inf),
+                                 dict(lr=math.nan), dict(grad_clip=math.nan), dict(min_lr=math.nan)])
 def test_bad_settings_are_rejected(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
@@ -252,3 +254,71 @@ def test_a_damaged_checkpoint_entry_is_one_clear_error(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"c.npz: damaged .npz archive \(entry 'model/wte.weight': Bad CRC"):
         restore_checkpoint(path, model, optimizer, train_loader)
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergence: stop at the first non-finite loss, never save non-finite weights
+
+def test_a_nan_training_loss_stops_the_run_before_its_update(tmp_path, monkeypatch):
+    model, optimizer, train_loader, val_loader = setup()
+    calls, loss = [], GPTModel.loss
+
+    def nan_at_step_4(self, inputs, targets):
+        out = loss(self, inputs, targets)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 4:
+                out.data = np.float32(np.nan) * out.data
+        return out
+
+    monkeypatch.setattr(GPTModel, "loss", nan_at_step_4)
+    path = tmp_path / "c.npz"
+    message = r"the training loss of step 4 is nan; lower the learning rate \(--lr, now 0.003\) or clip"
+    with pytest.raises(training.TrainingDiverged, match=message) as info:
+        train(model, optimizer, train_loader, val_loader, TrainConfig(**{**RESUME_CONFIG, "grad_clip": None}),
+              checkpoint_path=path, log=quiet)
+    assert "--grad-clip, now off" in str(info.value) and f"{path} keeps step 2" in str(info.value)
+    assert read_checkpoint(path)["train_state"]["step"] == 2 and optimizer.steps[0] == 3  # no 4th update
+    assert all(np.isfinite(p.data).all() for p in model.parameters())
+
+
+def test_a_nan_evaluation_loss_stops_the_run(monkeypatch):
+    monkeypatch.setattr(training, "evaluate_model",
+                        lambda model, *loaders: (1.0, 2.0 if model.step_count < 3 else math.inf))
+    model, optimizer, train_loader, val_loader = setup()
+    model.step_count = 0
+    with pytest.raises(training.TrainingDiverged, match=r"the validation loss after step 4 is inf; lower"):
+        train(model, optimizer, train_loader, val_loader, TrainConfig(epochs=3, eval_freq=2), log=quiet,
+              on_step=lambda state: setattr(model, "step_count", state.step))
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path):
+    model, optimizer, train_loader, val_loader = setup()
+
+    def poison_an_unused_position(state):  # wpe's last row: no sequence is that long, the loss stays finite
+        if state.step == 3:
+            model.wpe.weight.data[-1] = np.nan
+
+    path = tmp_path / "c.npz"
+    with pytest.raises(training.TrainingDiverged, match=r"the weights hold non-finite values after step 3 "
+                                                         r"\(wpe.weight\)"):
+        train(model, optimizer, train_loader, val_loader, TrainConfig(epochs=2, checkpoint_every=1),
+              checkpoint_path=path, on_step=poison_an_unused_position, log=quiet)
+    assert read_checkpoint(path)["train_state"]["step"] == 2
+
+
+def test_an_empty_validation_loader_has_no_loss_rather_than_nan(tmp_path):
+    model, optimizer, train_loader, _ = setup()
+    empty = DataLoader(InstructionDataset([], byte_tokenizer(), "phi3"), batch_size=4)
+    assert calc_loss_loader(model, empty) is None
+    state = train(model, optimizer, train_loader, empty, TrainConfig(max_steps=2, eval_freq=1),
+                  checkpoint_path=tmp_path / "c.npz", log=quiet)
+    assert state.history["val_loss"] == [None, None, None] and state.best_step is None
+    assert read_checkpoint(tmp_path / "c.npz")["train_state"]["history"] == state.history
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_write_json_refuses_what_json_cannot_hold(tmp_path, value):
+    with pytest.raises(ValueError, match=r"h.json: cannot write NaN or infinity as JSON"):
+        write_json(tmp_path / "h.json", {"loss": [1.0, value]})
+    assert list(tmp_path.iterdir()) == []
