@@ -4,7 +4,7 @@
     python generate.py --weights runs/finetuned.npz --instruction "Rewrite in passive voice." \\
         --input "The cat chased the mouse." --temperature 0.7 --top-k 40 --seed 1
     python generate.py --weights runs/finetuned.npz --interactive     # one instruction per line
-    python generate.py --weights BASE.npz --lora runs/NAME/adapters-final.npz --instruction "Swap case." \
+    python generate.py --weights BASE.npz --lora runs/NAME/adapters-final.npz --instruction "Swap case" \\
         --input "aBc" --prompt-style phi3                                 # a base + LoRA adapters
 
 Only the new text is printed (not the prompt), on stdout, followed by a newline. Generation stops

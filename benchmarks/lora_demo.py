@@ -112,7 +112,8 @@ def train_command(config, finetune):
         elif value is None:
             words += [flag, "0"]  # only grad_clip, patience, max_steps can differ as None; 0 is off
         else:
-            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+            short = f"{value:g}" if isinstance(value, float) else str(value)
+            words += [flag, short if not isinstance(value, float) or float(short) == value else repr(value)]
     return " ".join(shlex.quote(word) for word in words)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import train
 from minigpt import GPTConfig, GPTModel, lora
-from minigpt.weights import load_npz, load_weights, save_npz
+from minigpt.weights import CONFIG_KEY, load_npz, load_weights, save_npz
 from test_train_cli import RUN_FILES, TINY, read
 
 LORA_FILES = RUN_FILES | {"adapters-final.npz", "adapters-best.npz"}
@@ -51,7 +51,9 @@ def test_a_lora_run_keeps_the_adapters_alone_and_merged_weights(tmp_path, base_f
     assert "LoRA: rank 2, alpha 4 (scale 2) on 8 layers" in out and "adapters-final.npz: " in out
 
     final = arrays(run_dir / "model-final.npz")                           # a plain GPT-2 .npz ...
-    for name, value in merged(base_file, run_dir / "adapters-final.npz").state_dict().items():
+    expected = merged(base_file, run_dir / "adapters-final.npz").state_dict()
+    assert set(final) == {*expected, CONFIG_KEY}
+    for name, value in expected.items():
         np.testing.assert_array_equal(final[name], value, err_msg=name)   # ... = base + final adapters
     base = load_weights(base_file).state_dict()
     assert not np.array_equal(final["h.0.mlp.c_fc.weight"], base["h.0.mlp.c_fc.weight"])  # they trained
