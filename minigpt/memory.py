@@ -2,11 +2,12 @@
 
 A training step allocates its activations and gradients afresh (tens of MB for the default model,
 GBs for GPT-2) and frees them all at the end. glibc's malloc returns freed memory at the top of its
-heap to the kernel once more than its trim threshold (by default twice the largest recent block) is
-free, so the next step gets it back page by page: measured on the default model, 11,000 page faults
-and ~40 ms of kernel time per 250 ms step. Two settings make it keep the memory instead: blocks up
-to 32 MB (glibc's largest allowed threshold) come from the heap rather than their own mapping, and
-up to 1 GB of free heap is kept. The process's peak memory is unchanged; it just no longer shrinks.
+heap to the kernel, and serves big blocks from mappings of their own that it unmaps when freed, so
+the next step gets the memory back page by page. Measured: 11,000 page faults and ~40 ms of kernel
+time per 250 ms step on the default model; 136,000 faults and 0.7 s per 4.4 s step on gpt2-small.
+Two settings make malloc keep the memory instead: never trim the heap, and serve blocks up to 1 GB
+(32 MB where glibc allows no more) from the heap. A step then finds its memory where the last one
+left it. The process's peak memory is unchanged; it just no longer shrinks.
 Elsewhere than glibc (macOS, Windows, musl) this does nothing.
 """
 import ctypes
@@ -14,8 +15,8 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1   # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20
-TRIM_THRESHOLD = 1 << 30
+NEVER_TRIM = -1         # glibc's documented value for "do not trim"
+MMAP_THRESHOLDS = (1 << 30, 32 << 20)  # the first that glibc accepts
 
 
 def keep_freed_memory():
@@ -26,7 +27,8 @@ def keep_freed_memory():
     except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmap_set = any(mallopt(M_MMAP_THRESHOLD, threshold) for threshold in MMAP_THRESHOLDS)
+    return mmap_set and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
 
 
 KEEPS_FREED_MEMORY = keep_freed_memory()
