@@ -66,7 +66,7 @@ class RunConfig:
                                         # (rasbt's, downloaded) or a path
     data_dir: str = "data"              # where downloads and converted weights are cached
     data_seed: int = 0                  # generates the task dataset
-    n_train: int = 48000                # task dataset sizes
+    n_train: int = 43200                # task dataset sizes: 2 epochs of 675 batches of 64 = 1,350 steps
     n_val: int = 250
     n_test: int = 500
     prompt_style: str = "phi3"
