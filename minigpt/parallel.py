@@ -237,12 +237,21 @@ def matmul(a, b, bias=None):
 def matmul_tn(a, b):
     """a^T @ b for a (N, K) and b (N, M) -> (K, M), the reduction over N: a weight's gradient x^T @ dout.
 
-    Split over the longer side of the output, so every slice still sums over all N rows in one BLAS call.
+    Split over the longest of the three sides. Over K or M, each slice is a block of the output, summed
+    over all N rows in one BLAS call. Over N (many rows, a small output: the small models' 128 x 128
+    weights), each slice sums its own rows into a partial (K, M) and the partials are added: BLAS runs
+    such tall, full-width blocks faster (measured: 4096 x 128 x 128 at 199 GFLOP/s instead of 152).
     """
     N, K = a.shape
     M = b.shape[1]
-    out = np.empty((K, M), dtype=np.result_type(a, b))
     work = N * K * M
+    if N > max(K, M):
+        partials = parallel_map(lambda rows: a[rows].T @ b[rows], _slices(N, _count_matmul_slices(N, work)))
+        out = partials[0]                                          # (K, M), this call's own array
+        for partial in partials[1:]:
+            out += partial
+        return out
+    out = np.empty((K, M), dtype=np.result_type(a, b))
     if K >= M:
         parallel_map(lambda rows: np.matmul(a[:, rows].T, b, out=out[rows]),
                      _slices(K, _count_matmul_slices(K, work)))

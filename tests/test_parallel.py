@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_products_equal_numpy_for_every_split():
     rng = np.random.default_rng(0)
-    for N, K, M in [(4096, 64, 96), (3, 128, 2000), (1, 7, 5)]:            # split by rows, by columns, not at all
+    # matmul: split by rows, by columns, by rows, not at all; matmul_tn: by its reduction N, by columns, by
+    # rows K, not at all
+    for N, K, M in [(4096, 64, 96), (3, 128, 2000), (64, 3000, 32), (1, 7, 5)]:
         a, b = rng.standard_normal((N, K)), rng.standard_normal((K, M))
         bias = rng.standard_normal(M)
         np.testing.assert_allclose(parallel.matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
