@@ -69,16 +69,17 @@ class Row:
     group_by_length: bool = False
     lora: bool = False       # train LoRA adapters only (LORA_RANK, LORA_ALPHA)
     repeats: int = 3         # timed runs by default (after the warm-up)
+    warmup: int = 1          # untimed runs first; the small models' first steps are slower on both sides
 
 
 ROWS = {
-    "train-default-64x64": Row("train", "default", ("<=", 0.9), batch=64, seq_len=64, repeats=10),
-    "train-default-tasks": Row("tasks", "default", ("<=", 0.9), batch=64, repeats=20),
-    "train-byte-8x128": Row("train", "byte", ("<=", 0.9), repeats=10),
+    "train-default-64x64": Row("train", "default", ("<=", 0.9), batch=64, seq_len=64, repeats=30, warmup=5),
+    "train-default-tasks": Row("tasks", "default", ("<=", 0.9), batch=64, repeats=40, warmup=5),
+    "train-byte-8x128": Row("train", "byte", ("<=", 0.9), repeats=30, warmup=5),
     "train-gpt2-8x128": Row("train", "gpt2-small", ("<=", 0.65)),
     "train-gpt2-8x256": Row("train", "gpt2-small", ("<=", 0.65), seq_len=256),
     "train-gpt2-8x128-lora": Row("train", "gpt2-small", ("<=", 0.65), lora=True),
-    "eval-byte-8x128": Row("eval", "byte", ("<=", 0.7), repeats=10),
+    "eval-byte-8x128": Row("eval", "byte", ("<=", 0.7), repeats=30, warmup=5),
     "eval-gpt2-8x128": Row("eval", "gpt2-small", ("<=", 0.7)),
     "eval-gpt2-8x256": Row("eval", "gpt2-small", ("<=", 0.7), seq_len=256),
     "generate-cached": Row("generate", "gpt2-small", (">=", 1.0), batch=1, seq_len=100),
@@ -240,7 +241,8 @@ def measure_step(side, row, args):
     setup = setup_done()
     step = side.train_step if row.kind == "train" else side.eval_loss
     losses = []
-    times = time_calls(lambda: losses.append(step(inputs, targets)), args.warmup, args.repeats or row.repeats)
+    times = time_calls(lambda: losses.append(step(inputs, targets)), warmup_of(row, args),
+                       args.repeats or row.repeats)
     return {**setup, "value": statistics.median(times), "unit": "s", "times": times, "loss": losses[-1]}
 
 
@@ -250,7 +252,7 @@ def measure_generation(side, row, args):
     side.build_generator()
     prompt = np.random.default_rng(args.seed).integers(0, 50257, size=(row.batch, row.seq_len))  # (1, 100)
     setup = setup_done()
-    times = time_calls(lambda: side.generate(prompt, args.gen_tokens, row.use_cache), args.warmup,
+    times = time_calls(lambda: side.generate(prompt, args.gen_tokens, row.use_cache), warmup_of(row, args),
                        args.repeats or row.repeats)
     return {**setup, "value": args.gen_tokens / statistics.median(times), "unit": "tok/s", "times": times}
 
@@ -263,7 +265,7 @@ def measure_task_steps(side, row, args):
     losses = []
     order = iter(range(10**9))
     times = time_calls(lambda: losses.append(side.train_step(*batches[next(order) % len(batches)])),
-                       args.warmup, args.repeats or row.repeats)
+                       warmup_of(row, args), args.repeats or row.repeats)
     return {**setup, "value": statistics.median(times), "unit": "s", "times": times, "loss": losses[-1],
             "tokens_per_batch": [inputs.size for inputs, _ in batches]}
 
@@ -275,7 +277,8 @@ def measure_responses(side, row, args):
     setup = setup_done()
     prompts = meta["prompts"]
     batches = [[prompts[i] for i in batch] for batch in meta["batches"]]
-    times = time_calls(lambda: side.respond(batches, RESPONSE_TOKENS), args.warmup, args.repeats or row.repeats)
+    times = time_calls(lambda: side.respond(batches, RESPONSE_TOKENS), warmup_of(row, args),
+                       args.repeats or row.repeats)
     return {**setup, "value": len(prompts) / statistics.median(times), "unit": "responses/s", "times": times,
             "batches": [len(batch) for batch in batches]}
 
@@ -294,11 +297,11 @@ def measure_epoch(side, row, args):
     sizes = [inputs.size for inputs, _ in batches]                     # B*T of each batch
     warm, picks = stratified_picks(sizes, args.epoch_steps)
     losses, times = [], []
-    for k in [warm] * args.warmup + picks:
+    for k in [warm] * warmup_of(row, args) + picks:
         start = time.perf_counter()
         losses.append(side.train_step(*batches[k], full_head=reference))
         times.append(time.perf_counter() - start)
-    times = times[args.warmup:]
+    times = times[warmup_of(row, args):]
     seconds_per_token = sum(times) / sum(sizes[k] for k in picks)
     return {**setup, "value": collate_s + statistics.mean(times) * len(batches), "unit": "s", "times": times,
             "loss": losses[-1], "batches": len(batches), "examples": n_examples, "collate_s": collate_s,
@@ -395,6 +398,10 @@ def stratified_picks(sizes, steps):
     return order[len(order) // 2], picks
 
 
+def warmup_of(row, args):
+    return row.warmup if args.warmup is None else args.warmup
+
+
 def time_calls(fn, warmup, repeats):
     """Seconds of each of `repeats` calls of fn, after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -474,10 +481,12 @@ def run_in_subprocess(name, framework, args, busy=None):
     with tempfile.TemporaryDirectory() as scratch:
         data_file = str(Path(scratch) / "data.npz")
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", *common, "--data-file", data_file,
-                   "--warmup", str(args.warmup), "--gen-tokens", str(args.gen_tokens),
+                   "--gen-tokens", str(args.gen_tokens),
                    "--epoch-steps", str(args.epoch_steps), "--torch-head", args.torch_head]
         if args.repeats:
             command += ["--repeats", str(args.repeats)]
+        if args.warmup is not None:
+            command += ["--warmup", str(args.warmup)]
         if ROWS[name].kind in PREPARED_KINDS:
             prepare = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--prepare", *common,
                                       "--data-file", data_file], capture_output=True, text=True, env=env)
@@ -656,8 +665,8 @@ def drive(args):
     print()
     rows = table_rows(names, results)
     print_table(rows)
-    print(f"\nratio = minigpt / PyTorch; times are medians of the timed runs after {args.warmup} warm-up "
-          f"run(s).\nPyTorch: benchmarks/torch_gpt2.py (eager, SDPA attention, {args.torch_head} output "
+    print(f"\nratio = minigpt / PyTorch; times are medians of the timed runs after "
+          f"{'5 (small models) or 1' if args.warmup is None else args.warmup} warm-up run(s).\nPyTorch: benchmarks/torch_gpt2.py (eager, SDPA attention, {args.torch_head} output "
           f"head) for train/eval; transformers GPT2LMHeadModel for generate.\nepoch: collate + mean of "
           f"{args.epoch_steps} timed steps (batches at size quantiles) x batches; the PyTorch figure is "
           f"the reference pipeline (no grouping, no masking, full head).\n(*) LoRA rows: the PyTorch "
@@ -725,9 +734,10 @@ def parse_args(argv=None):
     parser.add_argument("--framework", choices=["both", "minigpt", "torch"], default="both",
                         help="which side to run (default both; torch is skipped when not installed)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per row after the warm-up (default 3 for gpt2-small, 10 for the "
+                        help="timed runs per row after the warm-up (default 3 for gpt2-small, 30-40 for the "
                              "byte model; 1 with --quick)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed runs first (default 5 for the small models' steps, else 1)")
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="threads for NumPy's BLAS and for torch (default: $OMP_NUM_THREADS, else all "
                              "usable cores)")
@@ -755,7 +765,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick and args.repeats is None:
         args.repeats = 1
-    if args.threads < 1 or (args.repeats is not None and args.repeats < 1) or args.warmup < 0 \
+    if args.threads < 1 or (args.repeats is not None and args.repeats < 1) or (args.warmup or 0) < 0 \
             or args.gen_tokens < 1 or args.epoch_steps < 1:
         parser.error("--threads, --repeats, --gen-tokens and --epoch-steps must be >= 1, --warmup >= 0")
     if (args.worker or args.prepare) and (not args.only or len(args.only) != 1 or args.framework == "both"):
