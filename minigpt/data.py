@@ -305,6 +305,9 @@ class DataLoader:
     `shuffle` the batch order is then shuffled. Every example appears once per epoch (unless
     `drop_last` drops the final short batch).
 
+    A dataset with a `batch(indices)` method makes its own batches instead (preference.PreferenceDataset:
+    chosen and rejected sequences padded together); the order, shuffling and resume are the same.
+
     Grouping makes each batch a set of similar examples. Where length goes with the kind of example
     (each task of minigpt.tasks has its own typical length), batches become single-task and training
     suffers badly: measured on the built-in tasks, 26% exact match grouped against 99% mixed.
@@ -326,7 +329,8 @@ class DataLoader:
         self.mask_prompt = mask_prompt
         self.pad_token_id = pad_token_id
         self.allowed_max_length = allowed_max_length
-        self.lengths = np.array([len(dataset[i]) for i in range(len(dataset))])  # (N,)
+        self.lengths = (np.array([len(dataset[i]) for i in range(len(dataset))])   # (N,)
+                        if group_by_length else None)
         self.prompt_lengths = np.asarray(dataset.prompt_lengths) if mask_prompt else None  # (N,)
         self.rng = np.random.default_rng(seed)
         self.epoch = 0                        # epochs started so far
@@ -371,6 +375,9 @@ class DataLoader:
         for b in range(start, len(batches)):
             self._batches_done = b + 1
             indices = batches[b]
+            if hasattr(self.dataset, "batch"):
+                yield self.dataset.batch(indices)
+                continue
             prompt_lengths = self.prompt_lengths[indices] if self.mask_prompt else None
             yield collate([self.dataset[i] for i in indices], pad_token_id=self.pad_token_id,
                           allowed_max_length=self.allowed_max_length, prompt_lengths=prompt_lengths)

@@ -15,6 +15,12 @@ One optimizer step on a batch of inputs and targets, both (B, T):
 Every `eval_freq` steps (and before the first, and after the last) the mean loss over the first
 `eval_iter` batches of the training and validation sets is recorded in the history.
 
+The loss is the objective's: `lm_loss` (the default) is fine-tuning's cross-entropy on (inputs, targets)
+batches; another objective (minigpt.dpo_finetune.DPOObjective: preference pairs) is any callable
+objective(model, batch) -> (loss Tensor, metrics dict of floats), whose metrics are averaged and
+recorded next to the loss (history "train_<name>", "val_<name>"), and those it names in `.printed`
+shown on each progress line.
+
 Exact resume: a checkpoint holds everything the next step depends on (weights, Adam's m and v and
 step counts, the training loader's position and RNG, the dropout RNG, the history, early stopping),
 so `checkpoint.restore_checkpoint` + `train` continue with the very losses an uninterrupted run
@@ -102,28 +108,44 @@ def learning_rate(step, config, total_steps):
     return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def calc_loss_loader(model, loader, num_batches=None):
-    """Mean of the batch losses over the first `num_batches` batches (all if None) of the loader's
-    dataset in order: the same batches every call, and the loader itself does not move. None when
-    there is no batch: no loss (rather than NaN, which JSON cannot hold and divergence would mean)."""
+def lm_loss(model, batch):
+    """Fine-tuning's objective: the mean cross-entropy of a batch (inputs, targets); no other metric."""
+    inputs, targets = batch                                # (B, T), (B, T)
+    return model.loss(inputs, targets), {}
+
+
+def calc_metrics_loader(model, loader, num_batches=None, objective=lm_loss):
+    """{"loss": mean batch loss, and the mean of each of the objective's metrics} over the first
+    `num_batches` batches (all if None) of the loader's dataset in order: the same batches every call,
+    and the loader itself does not move. None when there is no batch: no loss (rather than NaN, which
+    JSON cannot hold and divergence would mean)."""
     num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
     if num_batches == 0:
         return None
-    total = 0.0
+    totals = {}
     with no_grad():
-        for i, (inputs, targets) in enumerate(in_order(loader)):
+        for i, batch in enumerate(in_order(loader)):
             if i == num_batches:
                 break
-            total += float(model.loss(inputs, targets).data)
-    return total / num_batches
+            loss, metrics = objective(model, batch)
+            for name, value in {"loss": float(loss.data), **metrics}.items():
+                totals[name] = totals.get(name, 0.0) + value
+    return {name: total / num_batches for name, total in totals.items()}
 
 
-def evaluate_model(model, train_loader, val_loader, eval_iter):
-    """(train loss, val loss) over `eval_iter` batches each, in eval mode (no dropout)."""
+def calc_loss_loader(model, loader, num_batches=None):
+    """The mean cross-entropy over the first `num_batches` batches, as calc_metrics_loader; None without."""
+    metrics = calc_metrics_loader(model, loader, num_batches)
+    return None if metrics is None else metrics["loss"]
+
+
+def evaluate_model(model, train_loader, val_loader, eval_iter, objective=lm_loss):
+    """(train metrics, val metrics) over `eval_iter` batches each (calc_metrics_loader), in eval mode
+    (no dropout)."""
     model.eval()
     try:
-        return (calc_loss_loader(model, train_loader, eval_iter),
-                calc_loss_loader(model, val_loader, eval_iter))
+        return (calc_metrics_loader(model, train_loader, eval_iter, objective),
+                calc_metrics_loader(model, val_loader, eval_iter, objective))
     finally:
         model.train()
 
@@ -172,7 +194,8 @@ def deferred_interrupt():
 # Overflow on the way to a non-finite loss is reported once, as TrainingDiverged, not as NumPy warnings.
 @np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def train(model, optimizer, train_loader, val_loader, config, state=None, checkpoint_path=None,
-          best_path=None, run_config=None, on_step=None, on_epoch_end=None, log=print, best=None):
+          best_path=None, run_config=None, on_step=None, on_epoch_end=None, log=print, best=None,
+          objective=lm_loss):
     """Train until config.epochs epochs, config.max_steps steps or early stopping; return the TrainState
     (its `.history` holds the evaluations).
 
@@ -185,6 +208,7 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
     best: what keeps them instead, any object with save(model) and restore(model) (LoRA keeps only
         the adapters: lora_finetune.BestAdapters); default BestWeights(best_path).
     on_step(state), on_epoch_end(state): called after every step and after every epoch.
+    objective: objective(model, batch) -> (loss, metrics), see the module docstring; default lm_loss.
     """
     if len(train_loader) == 0:
         raise ValueError("the training loader yields no batches: fewer training examples than one batch")
@@ -193,7 +217,7 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
         state.remember_position(train_loader, model)
     total_steps = config.epochs * len(train_loader)
     best = best if best is not None else BestWeights(best_path)
-    evaluator = Evaluator(model, train_loader, val_loader, config, total_steps, best, log)
+    evaluator = Evaluator(model, train_loader, val_loader, config, total_steps, best, log, objective)
     saved_step = None
     resumed_step = state.step or None  # what a resumed run's checkpoint holds until the next save
 
@@ -208,9 +232,9 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
     try:
         evaluator.evaluate_if_due(state)  # the initial losses, or an evaluation Ctrl-C cut short
         while not training_done(state, config, train_loader):
-            for inputs, targets in train_loader:
+            for batch in train_loader:
                 optimizer.zero_grad()
-                loss = model.loss(inputs, targets)         # (B, T), (B, T) -> scalar
+                loss, _ = objective(model, batch)          # lm_loss: (B, T), (B, T) -> scalar
                 check_finite_loss("training loss of", state.step + 1, float(loss.data))
                 loss.backward()
                 with deferred_interrupt():                 # the update and its bookkeeping: all or nothing
@@ -219,7 +243,7 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
                     optimizer.lr = learning_rate(state.step, config, total_steps)
                     optimizer.step()
                     state.step += 1
-                    state.tokens_seen += inputs.size       # B * T
+                    state.tokens_seen += batch[0].size     # the inputs' B * T
                     state.remember_position(train_loader, model)
                 if on_step is not None:
                     on_step(state)
@@ -254,6 +278,13 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
     return state
 
 
+def _number(value, name="loss"):
+    """A loss or metric for a progress line: 3 decimals, or n/a (no batch to evaluate)."""
+    if isinstance(value, dict):
+        value = value.get(name)
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def check_finite_loss(what, step, loss):
     if not math.isfinite(loss):
         raise TrainingDiverged(f"the {what} step {step} is {loss}")
@@ -274,9 +305,10 @@ class Evaluator:
     """Evaluates when due, records the history, keeps the best weights, decides early stopping, and
     prints a progress line (losses, tokens seen, time per step, ETA)."""
 
-    def __init__(self, model, train_loader, val_loader, config, total_steps, best, log=print):
+    def __init__(self, model, train_loader, val_loader, config, total_steps, best, log=print,
+                 objective=lm_loss):
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
-        self.config, self.best, self.log = config, best, log
+        self.config, self.best, self.log, self.objective = config, best, log, objective
         self.total_steps = total_steps
         self.last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
         self.mark = None  # (time, step) of the previous evaluation in this process: s/step and ETA
@@ -290,37 +322,43 @@ class Evaluator:
             if self.mark is None:
                 self.mark = (time.monotonic(), state.step)
             return False
-        train_loss, val_loss = evaluate_model(self.model, self.train_loader, self.val_loader,
-                                              config.eval_iter)
+        train_metrics, val_metrics = evaluate_model(self.model, self.train_loader, self.val_loader,
+                                                    config.eval_iter, self.objective)
+        train_loss, val_loss = (None if m is None else m["loss"] for m in (train_metrics, val_metrics))
         for which, loss in (("training", train_loss), ("validation", val_loss)):
             if loss is not None:
                 check_finite_loss(f"{which} loss after", state.step, loss)
         with deferred_interrupt():  # history, best weights and early stopping change together
-            self.record(state, train_loss, val_loss)
+            self.record(state, train_metrics, val_metrics)
         now = time.monotonic()
-        train_text, val_text = ("n/a" if loss is None else f"{loss:.3f}" for loss in (train_loss, val_loss))
+        train_text, val_text = (_number(loss) for loss in (train_loss, val_loss))
+        shown = "".join(f", {name.replace('_', ' ')} train {_number(train_metrics, name)} / val "
+                        f"{_number(val_metrics, name)}" for name in getattr(self.objective, "printed", ()))
         if self.mark is None or self.mark[1] == state.step:
             label = "initial losses" if state.step == 0 else "losses"  # else: resumed mid-evaluation
-            self.log(f"{label} (step {state.step}): train {train_text}, val {val_text}")
+            self.log(f"{label} (step {state.step}): train {train_text}, val {val_text}{shown}")
         else:
             seconds_per_step = (now - self.mark[0]) / (state.step - self.mark[1])
             eta = format_duration(seconds_per_step * max(0, self.last_step - state.step))
             self.log(f"ep {max(1, state.loader_state['epoch'])} (step {state.step:06d}): "
-                     f"train loss {train_text}, val loss {val_text}, tokens seen "
+                     f"train loss {train_text}, val loss {val_text}{shown}, tokens seen "
                      f"{state.tokens_seen:,}, {seconds_per_step:.2f} s/step, ETA {eta}")
         self.mark = (now, state.step)
         return True
 
-    def record(self, state, train_loss, val_loss):
+    def record(self, state, train_metrics, val_metrics):
         """Append one evaluation; a lower val loss saves the best weights, else patience runs down.
-        Without a validation loss (no validation batch: None) there is neither."""
+        Without a validation loss (no validation batch: None) there is neither. Metrics other than the
+        loss go to history["train_<name>"] and ["val_<name>"]."""
         history = state.history
         history["steps"].append(state.step)
         history["epochs"].append(epoch_progress(self.train_loader))
         history["tokens_seen"].append(state.tokens_seen)
-        history["train_loss"].append(train_loss)
-        history["val_loss"].append(val_loss)
+        for split, metrics in (("train", train_metrics), ("val", val_metrics)):
+            for name, value in (metrics or {"loss": None}).items():
+                history.setdefault(f"{split}_{name}", []).append(value)
         history["lr"].append(learning_rate(max(0, state.step - 1), self.config, self.total_steps))
+        val_loss = None if val_metrics is None else val_metrics["loss"]
         if val_loss is None:
             return
         if state.best_val_loss is None or val_loss < state.best_val_loss:

@@ -111,7 +111,7 @@ def test_bad_settings_are_rejected(bad):
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_early_stopping_stops_and_keeps_the_best_weights(monkeypatch, tmp_path, on_disk):
     val_losses = iter([5.0, 4.0, 3.0, 3.5, 3.2, 2.0])  # best at step 2, then two evaluations without
-    monkeypatch.setattr(training, "evaluate_model", lambda *args: (1.0, next(val_losses)))
+    monkeypatch.setattr(training, "evaluate_model", lambda *args: ({"loss": 1.0}, {"loss": next(val_losses)}))
     model, optimizer, train_loader, val_loader = setup()
     weights_at = {}
     best_path = tmp_path / "best.npz" if on_disk else None
@@ -284,7 +284,8 @@ def test_a_nan_training_loss_stops_the_run_before_its_update(tmp_path, monkeypat
 
 def test_a_nan_evaluation_loss_stops_the_run(monkeypatch):
     monkeypatch.setattr(training, "evaluate_model",
-                        lambda model, *loaders: (1.0, 2.0 if model.step_count < 3 else math.inf))
+                        lambda model, *loaders: ({"loss": 1.0},
+                                                 {"loss": 2.0 if model.step_count < 3 else math.inf}))
     model, optimizer, train_loader, val_loader = setup()
     model.step_count = 0
     with pytest.raises(training.TrainingDiverged, match=r"the validation loss after step 4 is inf; lower"):
