@@ -1,12 +1,14 @@
-"""Instruction fine-tuning from the command line: argparse -> RunConfig -> minigpt.finetune.run.
+"""Fine-tuning (and DPO preference tuning) from the command line: argparse -> RunConfig -> finetune.run.
 
     python train.py                              # offline: a small GPT learns the built-in tasks
     python train.py --model gpt2-medium          # rasbt's ch. 7 job: pretrained GPT-2, his 1,100 examples
     python train.py --resume runs/NAME           # continue an interrupted run exactly
     python train.py --model gpt2-small --lora-rank 16   # LoRA: train small adapters, freeze the rest
     python train.py --show-batch                 # print the first batch as the model sees it, then stop
+    python train.py --method dpo --weights runs/NAME/model-final.npz --data pairs.json   # preference tuning
 
-Defaults come from minigpt.finetune: RunConfig (offline) and REFERENCE_RECIPE (--model / --weights).
+Defaults come from minigpt.run_config: RunConfig (offline), REFERENCE_RECIPE (--model / --weights) and
+DPO_RECIPE (--method dpo).
 """
 import argparse
 import dataclasses
@@ -20,7 +22,7 @@ SHOW_BATCH_ROWS = 4   # rows --show-batch prints unless told otherwise
 try:  # NumPy, tiktoken and matplotlib take a second to import: Ctrl-C meanwhile is one line too
     from minigpt import finetune
     from minigpt.data import PROMPT_STYLES
-    from minigpt.finetune import REFERENCE_RECIPE, RESUME_OVERRIDES, RunConfig
+    from minigpt.run_config import DPO_RECIPE, METHODS, REFERENCE_RECIPE, RESUME_OVERRIDES, RunConfig
     from minigpt.lora import DEFAULT_TARGETS
     from minigpt.tasks import KINDS
     from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV
@@ -38,11 +40,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def defaults(name):
-    """'default: X', plus the --model/--weights default when REFERENCE_RECIPE differs."""
+    """'default: X', plus the --model/--weights and the --method dpo defaults where the recipes differ."""
     offline = {field.name: field.default for field in dataclasses.fields(RunConfig)}[name]
     reference = REFERENCE_RECIPE.get(name, offline)
+    preference = DPO_RECIPE.get(name, reference)
     text = f"default: {shown(offline)}"
-    return text if reference == offline else f"{text}; with --model/--weights: {shown(reference)}"
+    if reference != offline:
+        text += f"; with --model/--weights: {shown(reference)}"
+    return text if preference == reference else f"{text}; with --method dpo: {shown(preference)}"
 
 
 def shown(value):
@@ -74,6 +79,11 @@ def build_parser():
         name = flag[2:].replace("-", "_")
         group.add_argument(flag, help=f"{help} ({defaults(name)})", **kwargs)
 
+    add(parser, "--method", "sft: instruction fine-tuning; dpo: preference tuning (DPO, minigpt/dpo.py) of a "
+                            "fine-tuned model (--weights or --model) on pairs of chosen and rejected responses "
+                            "(--data)", choices=METHODS)
+    add(parser, "--beta", "DPO: how strongly the policy's log-probability margins count against the "
+                          "reference's, the starting model's", type=float)
     model = parser.add_argument_group("model (trained from scratch unless --model or --weights)")
     model.add_argument("--model", choices=list(HUB_REPOS), metavar="NAME",
                        help=f"fine-tune OpenAI's pretrained GPT-2: {', '.join(HUB_REPOS)}; downloaded and "
@@ -95,7 +105,9 @@ def build_parser():
     add(data, "--data", f"'tasks' (built-in checkable tasks), 'tasks:KIND,...' (a selection of "
                         f"{', '.join(KINDS)}, drawn in turn; KIND*N: N times as often), 'reference' "
                         f"(rasbt's 1,100 examples, downloaded into --data-dir) or a JSON list of "
-                        f"{{instruction, input, output}}", metavar="tasks|tasks:KIND,...|reference|PATH")
+                        f"{{instruction, input, output}}; with --method dpo, 'reference' (rasbt's preference "
+                        f"pairs) or a JSON list of {{instruction, input, output, chosen, rejected}}",
+        metavar="tasks|tasks:KIND,...|reference|PATH")
     add(data, "--data-dir", "where downloads and converted GPT-2 weights are cached", metavar="DIR")
     add(data, "--data-seed", "seed that generates the task dataset", type=int, metavar="N")
     add(data, "--n-train", "training examples of the task dataset", type=int, metavar="N")

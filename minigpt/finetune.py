@@ -6,9 +6,9 @@
     finetune.resume(run_dir, max_steps=0)                             # continue, to the end
     finetune.show_batch(finetune.RunConfig())                         # the first batch, and stop
 
-Two recipes share one RunConfig. Its defaults are the offline recipe: a small GPT trained from
-scratch on the built-in dataset of checkable tasks (minigpt.tasks) with the byte tokenizer.
-REFERENCE_RECIPE replaces them when the run starts from pretrained GPT-2 (`model` or `weights`).
+The settings are a RunConfig (minigpt.run_config: the offline recipe, rasbt's recipe from pretrained
+GPT-2, DPO's). With method "dpo", the run tunes a fine-tuned model on preference pairs instead
+(minigpt.dpo_finetune), in the same kind of run folder.
 
 A run folder holds: config.json (the RunConfig), checkpoint.npz (everything needed to continue
 exactly), history.json, loss-plot.png, model-final.npz (the weights at the end; after early stopping,
@@ -26,156 +26,23 @@ from typing import Optional
 
 import numpy as np
 
-from . import lora_finetune, runfolder, tasks, training, weights
+from . import dpo_finetune, lora_finetune, runfolder, tasks, training, weights
 from .checkpoint import TrainState, read_checkpoint, restore_checkpoint
-from .data import (DataLoader, InstructionDataset, PROMPT_STYLES, check_responses_fit, check_same_data,
-                   data_fingerprint, download_instruction_data, format_batch, load_instruction_data,
-                   split_data)
-from .evaluate import (DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL, JudgeUnavailable, judge_responses,
-                       score_responses)
+from .data import (DataLoader, InstructionDataset, check_responses_fit, check_same_data, data_fingerprint,
+                   download_instruction_data, format_batch, load_instruction_data, split_data)
+from .evaluate import JudgeUnavailable, judge_responses, score_responses
 from .fileio import write_json
 from .losses import IGNORE_INDEX
 from .model import GPTConfig, GPTModel
 from .nn import Dropout
 from .optim import AdamW
-from .plotting import plot_losses
+from .plotting import plot_dpo, plot_losses
 from .responses import generate_responses, with_responses
-from .tokenizer import TOKENIZERS, get_tokenizer
+from .run_config import (DATASETS, DPO_RECIPE, METHODS, REFERENCE_RECIPE, RESUME_OVERRIDES,  # noqa: F401
+                         RunConfig, make_config)                                           # (re-exported)
+from .tokenizer import get_tokenizer
 
 CHECKPOINT_NAME = "checkpoint.npz"
-DATASETS = ("tasks", "reference")  # besides a path to a JSON file
-# Settings a resumed run may change: they bound the run or only affect what happens after training.
-RESUME_OVERRIDES = ("max_steps", "max_new_tokens", "judge_model", "ollama_url", "judge_timeout", "export_hf",
-                    "vocab_dir", "data_dir")
-
-
-@dataclasses.dataclass
-class RunConfig:
-    # Model: trained from scratch (the sizes below) unless `model` or `weights` is given.
-    model: Optional[str] = None         # "gpt2-small" | "gpt2-medium" | "gpt2-large" | "gpt2-xl"
-    weights: Optional[str] = None       # a .npz, a .safetensors file or a Hugging Face folder
-    tokenizer: str = "byte"             # "byte" (257 ids) or "gpt2" (50,257)
-    vocab_dir: Optional[str] = None     # GPT-2's encoder.json + vocab.bpe, for offline use
-    emb_dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    context_length: int = 64            # the longest task example is ~50 bytes
-    drop_rate: float = 0.0
-    # Data
-    data: str = "tasks"                 # "tasks" (built in; "tasks:KIND,..." a selection), "reference"
-                                        # (rasbt's, downloaded) or a path
-    data_dir: str = "data"              # where downloads and converted weights are cached
-    data_seed: int = 0                  # generates the task dataset
-    n_train: int = 43200                # task dataset sizes: 2 epochs of 675 batches of 64 = 1,350 steps
-    n_val: int = 250
-    n_test: int = 500
-    prompt_style: str = "phi3"
-    mask_prompt: bool = True            # loss on the response tokens only
-    shuffle_seed: Optional[int] = None  # shuffle a JSON file before its 85% / 5% / 10% train/val/test split
-    allowed_max_length: int = 1024      # truncate longer training sequences (and at the context length)
-    group_by_length: bool = False
-    # Training
-    epochs: int = 2
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    beta2: float = 0.95                 # a shorter memory of squared gradients: steadier at a high lr
-    schedule: str = "cosine"
-    warmup_steps: int = 100
-    min_lr: float = 2e-4
-    grad_clip: Optional[float] = 1.0    # 0 or None: off
-    eval_freq: int = 100
-    eval_iter: int = 5
-    patience: Optional[int] = None      # 0 or None: no early stopping
-    max_steps: Optional[int] = None     # 0 or None: no bound
-    checkpoint_every: Optional[int] = None  # None: at every evaluation
-    seed: int = 123
-    # LoRA (minigpt.lora): train low-rank adapters of the block linears only; None: every weight trains
-    lora_rank: Optional[int] = None
-    lora_alpha: Optional[float] = None  # None: the rank (scale alpha / rank = 1)
-    # Test-set responses and scores
-    max_new_tokens: int = 16
-    judge_model: Optional[str] = None   # an Ollama model, e.g. "llama3"
-    ollama_url: str = DEFAULT_OLLAMA_URL
-    judge_timeout: float = DEFAULT_JUDGE_TIMEOUT  # seconds for one reply, from connecting to its last byte
-    # Output
-    out_dir: Optional[str] = None       # the run folder; default runs/<name>
-    name: Optional[str] = None          # default <model>-<data>-<date>-<time>
-    export_hf: bool = False
-
-    @property
-    def pretrained(self):
-        return self.model is not None or self.weights is not None
-
-    def train_config(self):
-        """The training loop's settings (validates them)."""
-        return training.TrainConfig(
-            epochs=self.epochs, lr=self.lr, schedule=self.schedule, warmup_steps=self.warmup_steps,
-            min_lr=self.min_lr, grad_clip=self.grad_clip or None, eval_freq=self.eval_freq,
-            eval_iter=self.eval_iter, patience=self.patience or None, max_steps=self.max_steps or None,
-            checkpoint_every=self.checkpoint_every)
-
-    def validate(self):
-        """Raise ValueError naming the first setting that cannot work."""
-        if self.model is not None and self.weights is not None:
-            raise ValueError("give either model (a GPT-2 name) or weights (a file), not both")
-        if self.model is not None and self.model not in weights.HUB_REPOS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(weights.HUB_REPOS)}")
-        for name, choices in (("tokenizer", TOKENIZERS), ("prompt_style", PROMPT_STYLES)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; "
-                                 f"choose one of: {', '.join(choices)}")
-        for name in ("emb_dim", "n_layers", "n_heads", "context_length", "n_train", "n_val", "n_test",
-                     "allowed_max_length", "batch_size", "max_new_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 < self.judge_timeout < math.inf:
-            raise ValueError(f"judge_timeout must be a positive number of seconds, "
-                             f"got {self.judge_timeout!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
-        if not 0 <= self.beta2 < 1:
-            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
-        if not 0 <= self.drop_rate < 1:
-            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
-        for name in ("max_steps", "patience"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
-        tasks.selected_kinds(self.data)  # unknown task kinds
-        lora_finetune.check_settings(self)
-        name = self.name
-        if name is not None and (name in ("", ".", "..") or "/" in name or os.sep in name):
-            raise ValueError(f"name must be one folder name, which goes under runs/ (no '/', not '..'), got "
-                             f"{self.name!r}; give a path with --out-dir")
-        self.train_config()
-
-    def check_files(self, weights=True):
-        """Raise FileNotFoundError for a missing --data or (with `weights`) --weights path, before any
-        download starts."""
-        data = None if tasks.selected_kinds(self.data) or self.data in DATASETS else self.data
-        for what, path in (("weights", self.weights if weights else None), ("instruction data", data)):
-            if path is not None and not Path(path).exists():
-                raise FileNotFoundError(f"{what} file not found: {path}")
-
-
-# rasbt's ch. 7 settings (gpt_instruction_finetuning.py) for a run from pretrained GPT-2.
-REFERENCE_RECIPE = dict(
-    tokenizer="gpt2", data="reference", prompt_style="alpaca", mask_prompt=False, drop_rate=0.0,
-    allowed_max_length=1024, epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, beta2=0.999,
-    schedule="constant", warmup_steps=0, min_lr=0.0, grad_clip=None, eval_freq=5, eval_iter=5, seed=123, max_new_tokens=256)
-
-
-def make_config(**settings):
-    """A RunConfig: the offline defaults, or REFERENCE_RECIPE's when `model` or `weights` is set,
-    then `settings` on top."""
-    unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(RunConfig)})
-    if unknown:
-        raise TypeError(f"unknown setting(s): {', '.join(unknown)}")
-    pretrained = settings.get("model") is not None or settings.get("weights") is not None
-    return RunConfig(**{**(REFERENCE_RECIPE if pretrained else {}), **settings})
-
-
 # ---------------------------------------------------------------------------------------------
 # Data and model
 
@@ -263,12 +130,13 @@ def training_loader(config, tokenizer, entries, context_length):
 
 
 def default_name(config):
-    """<model>-<data>-<date>-<time>, e.g. gpt2-small-reference-20250101-120000."""
+    """<model>-<data>-<date>-<time>, e.g. gpt2-small-reference-20250101-120000; DPO runs start dpo-."""
     source = config.model or (Path(config.weights).stem if config.weights else "scratch")
     dataset = (config.data if config.data in DATASETS or tasks.selected_kinds(config.data)
                else Path(config.data).stem)
     dataset = re.sub(r"[^\w.]+", "-", dataset)  # tasks:swapcase*5,add -> tasks-swapcase-5-add
-    return f"{source}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    method = "dpo-" if config.method == "dpo" else ""
+    return f"{method}{source}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,17 +159,24 @@ def run_claimed(run_dir, config, resume, log):
     checkpoint = run_dir / CHECKPOINT_NAME
     meta = read_checkpoint(checkpoint) if resume else None
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
-    train_entries, val_entries, test_entries = load_splits(config)
+    dpo_run = None  # with method "dpo": the preference pairs' loaders, references and objective
+    splits = dpo_finetune.load_splits(config) if config.method == "dpo" else load_splits(config)
+    train_entries, val_entries, test_entries = splits
     fingerprint = data_fingerprint(train_entries, val_entries, test_entries)
     if resume:
         check_same_data(meta["train_state"].get("data_fingerprint"), fingerprint, checkpoint)
     model = build_model(config, tokenizer, meta["model_config"] if resume else None)
     lora_config = lora_finetune.apply_to_run(model, config)  # None: LoRA is off, every weight trains
-    train_loader = training_loader(config, tokenizer, train_entries, model.cfg.context_length)
-    val_loader = DataLoader(InstructionDataset(val_entries, tokenizer, config.prompt_style),
-                            **loader_settings(config, tokenizer, model.cfg.context_length))
-    for loader, what in ((train_loader, "training"), (val_loader, "validation")):
-        check_responses_fit(loader, what, log)
+    if config.method == "dpo":  # the model still holds the starting weights: the reference's
+        dpo_run = dpo_finetune.prepare(run_dir, config, model, tokenizer, splits, resume, log)
+        train_loader, val_loader, objective = dpo_run.train_loader, dpo_run.val_loader, dpo_run.objective
+    else:
+        train_loader = training_loader(config, tokenizer, train_entries, model.cfg.context_length)
+        val_loader = DataLoader(InstructionDataset(val_entries, tokenizer, config.prompt_style),
+                                **loader_settings(config, tokenizer, model.cfg.context_length))
+        for loader, what in ((train_loader, "training"), (val_loader, "validation")):
+            check_responses_fit(loader, what, log)
+        objective = training.lm_loss
     optimizer = AdamW(model.parameters(trainable_only=True), lr=config.lr, betas=(0.9, config.beta2),
                       weight_decay=config.weight_decay)
     state = (restore_checkpoint(checkpoint, model, optimizer, train_loader) if resume
@@ -315,14 +190,14 @@ def run_claimed(run_dir, config, resume, log):
         response = generate_responses(model, tokenizer, [entry], config.prompt_style, config.max_new_tokens,
                                       progress=False)[0]
         log(f"sample after epoch {state.loader_state['epoch']}: {entry['instruction']} {entry['input']!r} "
-            f"-> {response!r} (expected {entry['output']!r})")
+            f"-> {response!r} (expected {entry.get('chosen', entry['output'])!r})")
 
     try:
         best = lora_finetune.best_keeper(run_dir, lora_config)  # model-best.npz, or the best adapters
         state = training.train(model, optimizer, train_loader, val_loader, config.train_config(), state=state,
                                checkpoint_path=checkpoint, best=best, run_config=dataclasses.asdict(config),
-                               on_epoch_end=print_sample, log=log)
-        finish(run_dir, config, model, tokenizer, state, test_entries, log)
+                               on_epoch_end=print_sample, log=log, objective=objective)
+        finish(run_dir, config, model, tokenizer, state, test_entries, log, dpo_run)
     except KeyboardInterrupt:
         log(f"\nInterrupted. Continue the run with:  python train.py --resume {run_dir}")
         raise
@@ -338,13 +213,17 @@ def show_batch(config, rows=4, log=print):
     config.validate()
     config.check_files()
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
-    train_entries, _, _ = load_splits(config)
     context_length = model_config_of(config, tokenizer).context_length
-    loader = training_loader(config, tokenizer, train_entries, context_length)
-    inputs, targets = next(iter(loader))                                    # (B, T), (B, T)
+    if config.method == "dpo":
+        inputs, targets, cut = dpo_finetune.first_batch(config, tokenizer, context_length)
+        what = "preference pairs: each pair's chosen row, then its rejected row; prompt masked"
+    else:
+        loader = training_loader(config, tokenizer, load_splits(config)[0], context_length)
+        inputs, targets = next(iter(loader))                                # (B, T), (B, T)
+        cut = loader.allowed_max_length
+        what = 'prompt masked' if config.mask_prompt else 'no prompt masking'
     log(f"first training batch: {inputs.shape[0]} rows x {inputs.shape[1]} positions "
-        f"({config.prompt_style} prompts, {'prompt masked' if config.mask_prompt else 'no prompt masking'}, "
-        f"shuffled with seed {config.seed}, cut at {loader.allowed_max_length} tokens); "
+        f"({config.prompt_style} prompts, {what}, shuffled with seed {config.seed}, cut at {cut} tokens); "
         f"target {IGNORE_INDEX}: ignored by the loss")
     log(format_batch(inputs, targets, tokenizer, rows))
 
@@ -372,11 +251,13 @@ def describe(config, model, train_loader, n_val, n_test, run_dir, state=None):
         f"model: {source}; {model.num_parameters() / 1e6:.2f}M parameters (emb {cfg.emb_dim}, "
         f"{cfg.n_layers} layers, {cfg.n_heads} heads, context {cfg.context_length}), "
         f"{config.tokenizer} tokenizer",
-        f"data: {config.data}: {len(train_loader.dataset)} train / {n_val} val / {n_test} test, "
-        f"{config.prompt_style} prompts{', prompt masked' if config.mask_prompt else ''}",
+        f"data: {config.data}: {len(train_loader.dataset)} train / {n_val} val / {n_test} test"
+        + (f" preference pairs, {config.prompt_style} prompts" if config.method == "dpo" else
+           f", {config.prompt_style} prompts{', prompt masked' if config.mask_prompt else ''}"),
         f"training: {steps} steps ({config.epochs} epoch(s) of {len(train_loader)} batches of "
         f"{config.batch_size}), AdamW lr {config.lr:g} ({config.schedule}), "
-        f"weight decay {config.weight_decay:g}",
+        f"weight decay {config.weight_decay:g}"
+        + (f", DPO beta {config.beta:g} (the starting model is the reference)" if config.method == "dpo" else ""),
         f"run folder: {run_dir}"]
     if config.lora_rank is not None:
         lines.append(lora_finetune.describe(model))
@@ -385,10 +266,16 @@ def describe(config, model, train_loader, n_val, n_test, run_dir, state=None):
     return "\n".join(lines)
 
 
-def finish(run_dir, config, model, tokenizer, state, test_entries, log=print):
-    """Write the history, plot and weights; answer the test set; score; write metrics.json."""
+def finish(run_dir, config, model, tokenizer, state, test_entries, log=print, dpo_run=None):
+    """Write the history, plot and weights; answer the test set; score; write metrics.json. A DPO run
+    (`dpo_run`) also scores its test pairs, and its responses against their chosen response."""
     write_json(run_dir / "history.json", state.history)
-    plot_losses(state.history, run_dir / "loss-plot.png", title=run_dir.name)
+    plot = plot_losses if dpo_run is None else plot_dpo
+    plot(state.history, run_dir / "loss-plot.png", title=run_dir.name)
+    dpo_entry = None
+    if dpo_run is not None:
+        dpo_entry = {"beta": config.beta, "test": dpo_finetune.test_metrics(model, dpo_run)}
+        log(dpo_finetune.format_test_metrics(dpo_entry["test"], len(test_entries)))
     lora_entry = None
     if config.lora_rank is not None:  # the adapters alone, and merged weights (the model stays merged)
         lora_entry = lora_finetune.write_weights(run_dir, model)
@@ -402,11 +289,11 @@ def finish(run_dir, config, model, tokenizer, state, test_entries, log=print):
     responses = generate_responses(model, tokenizer, test_entries, config.prompt_style, config.max_new_tokens)
     entries = with_responses(test_entries, responses)
     write_json(run_dir / "test-responses.json", entries)
-    metrics = score(entries, config, log)
+    metrics = score(entries if dpo_run is None else dpo_finetune.scored_against_chosen(entries), config, log)
     metrics.update(steps=state.step, tokens_seen=state.tokens_seen, best_step=state.best_step,
                    best_val_loss=state.best_val_loss, stopped_early=state.stopped_early,
                    final_val_loss=state.history["val_loss"][-1] if state.history["val_loss"] else None,
-                   lora=lora_entry)
+                   lora=lora_entry, dpo=dpo_entry)
     write_json(run_dir / "metrics.json", metrics)
     log(f"run folder: {run_dir}")
     return metrics

@@ -1,0 +1,187 @@
+"""The settings of a run: RunConfig, the recipes that set its defaults, and their checks.
+
+    config = make_config()                                  # the offline recipe (RunConfig's defaults)
+    config = make_config(model="gpt2-small")                # rasbt's ch. 7 fine-tuning recipe
+    config = make_config(method="dpo", weights="sft.npz")   # preference tuning (DPO) of a fine-tuned model
+
+RunConfig's defaults are the offline recipe: a small GPT trained from scratch on the built-in dataset
+of checkable tasks (minigpt.tasks) with the byte tokenizer. REFERENCE_RECIPE replaces them when the
+run starts from pretrained GPT-2 (`model` or `weights`), and DPO_RECIPE on top for `method="dpo"`.
+`python train.py --help` shows each default. config.json of a run folder holds its RunConfig.
+"""
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from . import lora_finetune, tasks, training, weights
+from .data import PROMPT_STYLES
+from .dpo import DEFAULT_BETA
+from .evaluate import DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL
+from .tokenizer import TOKENIZERS
+
+DATASETS = ("tasks", "reference")  # besides a path to a JSON file
+METHODS = ("sft", "dpo")           # instruction fine-tuning; preference tuning (minigpt.dpo_finetune)
+# Settings a resumed run may change: they bound the run or only affect what happens after training.
+RESUME_OVERRIDES = ("max_steps", "max_new_tokens", "judge_model", "ollama_url", "judge_timeout", "export_hf",
+                    "vocab_dir", "data_dir")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    method: str = "sft"                 # "sft": instruction fine-tuning; "dpo": preference tuning (DPO)
+    # Model: trained from scratch (the sizes below) unless `model` or `weights` is given.
+    model: Optional[str] = None         # "gpt2-small" | "gpt2-medium" | "gpt2-large" | "gpt2-xl"
+    weights: Optional[str] = None       # a .npz, a .safetensors file or a Hugging Face folder
+    tokenizer: str = "byte"             # "byte" (257 ids) or "gpt2" (50,257)
+    vocab_dir: Optional[str] = None     # GPT-2's encoder.json + vocab.bpe, for offline use
+    emb_dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    context_length: int = 64            # the longest task example is ~50 bytes
+    drop_rate: float = 0.0
+    # Data
+    data: str = "tasks"                 # "tasks" (built in; "tasks:KIND,..." a selection), "reference"
+                                        # (rasbt's, downloaded) or a path
+    data_dir: str = "data"              # where downloads and converted weights are cached
+    data_seed: int = 0                  # generates the task dataset
+    n_train: int = 43200                # task dataset sizes: 2 epochs of 675 batches of 64 = 1,350 steps
+    n_val: int = 250
+    n_test: int = 500
+    prompt_style: str = "phi3"
+    mask_prompt: bool = True            # loss on the response tokens only
+    shuffle_seed: Optional[int] = None  # shuffle a JSON file before its 85% / 5% / 10% train/val/test split
+    allowed_max_length: int = 1024      # truncate longer training sequences (and at the context length)
+    group_by_length: bool = False
+    # Training
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    beta2: float = 0.95                 # a shorter memory of squared gradients: steadier at a high lr
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr: float = 2e-4
+    grad_clip: Optional[float] = 1.0    # 0 or None: off
+    eval_freq: int = 100
+    eval_iter: int = 5
+    patience: Optional[int] = None      # 0 or None: no early stopping
+    max_steps: Optional[int] = None     # 0 or None: no bound
+    checkpoint_every: Optional[int] = None  # None: at every evaluation
+    seed: int = 123
+    # DPO (minigpt.dpo): the policy's log-probability margins are scaled by beta against the reference's
+    beta: float = DEFAULT_BETA
+    # LoRA (minigpt.lora): train low-rank adapters of the block linears only; None: every weight trains
+    lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None  # None: the rank (scale alpha / rank = 1)
+    # Test-set responses and scores
+    max_new_tokens: int = 16
+    judge_model: Optional[str] = None   # an Ollama model, e.g. "llama3"
+    ollama_url: str = DEFAULT_OLLAMA_URL
+    judge_timeout: float = DEFAULT_JUDGE_TIMEOUT  # seconds for one reply, from connecting to its last byte
+    # Output
+    out_dir: Optional[str] = None       # the run folder; default runs/<name>
+    name: Optional[str] = None          # default <model>-<data>-<date>-<time>
+    export_hf: bool = False
+
+    @property
+    def pretrained(self):
+        return self.model is not None or self.weights is not None
+
+    def train_config(self):
+        """The training loop's settings (validates them)."""
+        return training.TrainConfig(
+            epochs=self.epochs, lr=self.lr, schedule=self.schedule, warmup_steps=self.warmup_steps,
+            min_lr=self.min_lr, grad_clip=self.grad_clip or None, eval_freq=self.eval_freq,
+            eval_iter=self.eval_iter, patience=self.patience or None, max_steps=self.max_steps or None,
+            checkpoint_every=self.checkpoint_every)
+
+    def validate(self):
+        """Raise ValueError naming the first setting that cannot work."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.method == "dpo":
+            self._validate_dpo()
+        if self.model is not None and self.weights is not None:
+            raise ValueError("give either model (a GPT-2 name) or weights (a file), not both")
+        if self.model is not None and self.model not in weights.HUB_REPOS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(weights.HUB_REPOS)}")
+        for name, choices in (("tokenizer", TOKENIZERS), ("prompt_style", PROMPT_STYLES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; "
+                                 f"choose one of: {', '.join(choices)}")
+        for name in ("emb_dim", "n_layers", "n_heads", "context_length", "n_train", "n_val", "n_test",
+                     "allowed_max_length", "batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.judge_timeout < math.inf:
+            raise ValueError(f"judge_timeout must be a positive number of seconds, "
+                             f"got {self.judge_timeout!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
+        if not 0 <= self.drop_rate < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        for name in ("max_steps", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        tasks.selected_kinds(self.data)  # unknown task kinds
+        lora_finetune.check_settings(self)
+        name = self.name
+        if name is not None and (name in ("", ".", "..") or "/" in name or os.sep in name):
+            raise ValueError(f"name must be one folder name, which goes under runs/ (no '/', not '..'), got "
+                             f"{self.name!r}; give a path with --out-dir")
+        self.train_config()
+
+    def _validate_dpo(self):
+        if not self.pretrained:
+            raise ValueError("DPO tunes a model that was fine-tuned first: give its weights (--weights "
+                             "model-final.npz of a fine-tuning run, or --model)")
+        if self.data == "tasks" or tasks.selected_kinds(self.data):
+            raise ValueError("DPO trains on preference pairs: --data reference (rasbt's, downloaded) or a JSON "
+                             "list of {instruction, input, output, chosen, rejected}; benchmarks/dpo_demo.py "
+                             "makes one from the built-in tasks")
+        if self.group_by_length:
+            raise ValueError("group_by_length batches fine-tuning examples; DPO batches pairs in their order")
+        if isinstance(self.beta, bool) or not (isinstance(self.beta, (int, float)) and 0 < self.beta < math.inf):
+            raise ValueError(f"beta must be a positive number, got {self.beta!r}")
+
+    def check_files(self, weights=True):
+        """Raise FileNotFoundError for a missing --data or (with `weights`) --weights path, before any
+        download starts."""
+        data = None if tasks.selected_kinds(self.data) or self.data in DATASETS else self.data
+        data_kind = "preference data" if self.method == "dpo" else "instruction data"
+        for what, path in (("weights", self.weights if weights else None), (data_kind, data)):
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"{what} file not found: {path}")
+
+
+# rasbt's ch. 7 settings (gpt_instruction_finetuning.py) for a run from pretrained GPT-2.
+REFERENCE_RECIPE = dict(
+    tokenizer="gpt2", data="reference", prompt_style="alpaca", mask_prompt=False, drop_rate=0.0,
+    allowed_max_length=1024, epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, beta2=0.999,
+    schedule="constant", warmup_steps=0, min_lr=0.0, grad_clip=None, eval_freq=5, eval_iter=5, seed=123,
+    max_new_tokens=256)
+
+# rasbt's DPO settings (ch07/04_preference-tuning-with-dpo), on top of REFERENCE_RECIPE: "reference" data
+# is then his preference set, instruction-data-with-preference.json.
+DPO_RECIPE = dict(epochs=1, batch_size=8, lr=5e-6, weight_decay=0.01, beta=DEFAULT_BETA)
+
+
+def recipe(pretrained, method="sft"):
+    """The defaults that replace RunConfig's: REFERENCE_RECIPE from pretrained weights, DPO_RECIPE on top
+    for DPO (which always starts from weights; without, RunConfig.validate says so)."""
+    return {**(REFERENCE_RECIPE if pretrained or method == "dpo" else {}),
+            **(DPO_RECIPE if method == "dpo" else {})}
+
+
+def make_config(**settings):
+    """A RunConfig: the offline defaults, or recipe()'s, then `settings` on top."""
+    unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise TypeError(f"unknown setting(s): {', '.join(unknown)}")
+    pretrained = settings.get("model") is not None or settings.get("weights") is not None
+    return RunConfig(**{**recipe(pretrained, settings.get("method", "sft")), **settings})

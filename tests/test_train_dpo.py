@@ -1,0 +1,190 @@
+"""train.py --method dpo end to end, in-process and tiny: the run folder, the cached reference
+log-probabilities, rising reward margins, exact resume, LoRA, --show-batch, and one-line errors."""
+import json
+
+import numpy as np
+import pytest
+
+import train
+from minigpt import GPTConfig, GPTModel, dpo, dpo_finetune, finetune
+from minigpt.preference import PreferenceDataset
+from minigpt.tokenizer import get_tokenizer
+from minigpt.weights import load_weights, save_npz
+from test_train_cli import RUN_FILES, read
+
+DPO_FILES = RUN_FILES | {dpo_finetune.REFERENCE_NAME}
+BASE = GPTConfig(vocab_size=257, context_length=64, emb_dim=16, n_heads=2, n_layers=1)
+N_PAIRS = 40  # 34 train / 2 val / 4 test
+
+
+def pairs(n=N_PAIRS):
+    """Repeat-the-word pairs: chosen is the word, rejected a near miss (reversed, one letter more)."""
+    return [{"instruction": "Repeat the word.", "input": f"w{i}", "output": f"w{i}", "chosen": f"w{i}",
+             "rejected": f"{i}wx"} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "base.npz"
+    save_npz(GPTModel(BASE, seed=5), path)
+    return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(pairs()))
+    return path
+
+
+def dpo_args(base_file, pairs_file, run_dir, *more):
+    return ["--method", "dpo", "--weights", str(base_file), "--data", str(pairs_file), "--tokenizer", "byte",
+            "--prompt-style", "phi3", "--batch-size", "4", "--eval-freq", "2", "--eval-iter", "1",
+            "--max-new-tokens", "4", "--lr", "3e-3", "--out-dir", str(run_dir), *more]
+
+
+def arrays(path):
+    with np.load(path) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def test_a_dpo_run_fills_the_run_folder_and_raises_the_margin(tmp_path, base_file, pairs_file, capsys):
+    run_dir = tmp_path / "run"
+    assert train.main(dpo_args(base_file, pairs_file, run_dir)) == 0
+    assert {p.name for p in run_dir.iterdir()} == DPO_FILES
+    config = read(run_dir / "config.json")
+    assert (config["method"], config["beta"], config["epochs"]) == ("dpo", 0.1, 1)  # DPO_RECIPE's
+    history = read(run_dir / "history.json")
+    assert history["steps"] == [0, 2, 4, 6, 8]                        # 34 pairs: 8 batches of 4
+    for split in ("train", "val"):
+        margins, accuracies = history[f"{split}_reward_margin"], history[f"{split}_reward_accuracy"]
+        assert margins[0] == pytest.approx(0, abs=1e-6)                # policy = reference at step 0
+        assert margins[-1] > 0.03 and accuracies[-1] == 1.0, (split, margins, accuracies)
+        assert history[f"{split}_loss"][0] == pytest.approx(np.log(2), abs=1e-5)  # -log sigmoid(0)
+        assert history[f"{split}_loss"][-1] < 0.68
+    metrics = read(run_dir / "metrics.json")
+    test = metrics["dpo"]["test"]
+    assert metrics["dpo"]["beta"] == 0.1 and test["reward_accuracy"] == 1.0 and test["reward_margin"] > 0.03
+    assert set(test) == {"loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"}
+    assert metrics["steps"] == 8 and len(read(run_dir / "test-responses.json")) == 4
+    assert (run_dir / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "34 train / 2 val / 4 test preference pairs" in out and "DPO beta 0.1" in out
+    assert "reward margin train" in out and "reward accuracy train" in out and "ETA" in out
+    assert "test pairs (4): DPO loss" in out
+
+
+def test_the_reference_log_probabilities_are_the_starting_model_s(tmp_path, base_file, pairs_file):
+    run_dir = tmp_path / "run"
+    assert train.main(dpo_args(base_file, pairs_file, run_dir, "--max-steps", "2")) == 0
+    stored = arrays(run_dir / dpo_finetune.REFERENCE_NAME)
+    config = finetune.RunConfig(**read(run_dir / "config.json"))
+    tokenizer = get_tokenizer("byte")
+    for split, entries in zip(dpo_finetune.SPLITS, dpo_finetune.load_splits(config)):
+        dataset = PreferenceDataset(entries, tokenizer, "phi3", allowed_max_length=BASE.context_length)
+        expected = dpo.reference_logprobs(load_weights(base_file), dataset, batch_size=3)  # other batches
+        np.testing.assert_allclose(stored[f"{split}/chosen"], expected.chosen, rtol=1e-5, err_msg=split)
+        np.testing.assert_allclose(stored[f"{split}/rejected"], expected.rejected, rtol=1e-5, err_msg=split)
+    final = load_weights(run_dir / "model-final.npz").state_dict()
+    assert not np.array_equal(final["wte.weight"], load_weights(base_file).state_dict()["wte.weight"])
+
+
+def test_an_interrupted_dpo_run_resumes_exactly(tmp_path, base_file, pairs_file, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train.main(dpo_args(base_file, pairs_file, whole)) == 0
+    assert train.main(dpo_args(base_file, pairs_file, parts, "--max-steps", "3")) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", str(parts), "--max-steps", "0"]) == 0
+    assert "reference log-probabilities of" not in capsys.readouterr().out  # read back, not recomputed
+    for name, value in arrays(whole / "model-final.npz").items():
+        np.testing.assert_array_equal(arrays(parts / "model-final.npz")[name], value, err_msg=name)
+    assert read(parts / "history.json") == read(whole / "history.json")
+    assert read(parts / "metrics.json")["dpo"] == read(whole / "metrics.json")["dpo"]
+
+
+def test_resume_needs_the_run_s_own_reference_log_probabilities(tmp_path, base_file, pairs_file, capsys):
+    run_dir = tmp_path / "run"
+    assert train.main(dpo_args(base_file, pairs_file, run_dir, "--max-steps", "2")) == 0
+    path = run_dir / dpo_finetune.REFERENCE_NAME
+    stored = arrays(path)
+    meta = json.loads(str(stored["meta"][()]))
+    meta["fingerprints"]["val"] = "0" * 16                              # as if made for other pairs
+    with open(path, "wb") as f:
+        np.savez(f, **dict(stored, meta=np.array(json.dumps(meta))))
+    capsys.readouterr()
+    assert train.main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "of other val pairs" in err and err.count("\n") == 1
+    path.unlink()
+    assert train.main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is missing" in err and err.count("\n") == 1
+
+
+def test_scores_compare_the_responses_with_the_chosen_response(tmp_path, base_file, monkeypatch):
+    entries = [dict(entry, output="unused") for entry in pairs()]
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(entries))
+    monkeypatch.setattr(finetune, "generate_responses",                 # a model that answers perfectly
+                        lambda model, tokenizer, entries, *args, **kwargs: [e["chosen"] for e in entries])
+    run_dir = tmp_path / "run"
+    assert train.main(dpo_args(base_file, data, run_dir, "--max-steps", "1")) == 0
+    assert read(run_dir / "metrics.json")["exact_match"] == 1.0
+    assert all(e["output"] == "unused" for e in read(run_dir / "test-responses.json"))  # as given
+
+
+def test_dpo_with_lora_trains_the_adapters_only(tmp_path, base_file, pairs_file):
+    run_dir = tmp_path / "run"
+    assert train.main(dpo_args(base_file, pairs_file, run_dir, "--lora-rank", "2", "--lr", "1e-2")) == 0
+    assert {p.name for p in run_dir.iterdir()} == DPO_FILES | {"adapters-final.npz", "adapters-best.npz"}
+    base, final = load_weights(base_file).state_dict(), load_weights(run_dir / "model-final.npz").state_dict()
+    np.testing.assert_array_equal(final["wte.weight"], base["wte.weight"])       # frozen
+    assert not np.array_equal(final["h.0.mlp.c_fc.weight"], base["h.0.mlp.c_fc.weight"])  # merged adapters
+    assert read(run_dir / "history.json")["val_reward_margin"][-1] > 0
+
+
+def test_show_batch_puts_each_pair_s_chosen_and_rejected_rows_together(tmp_path, base_file, pairs_file,
+                                                                      capsys):
+    assert train.main(dpo_args(base_file, pairs_file, tmp_path / "run", "--show-batch", "2")) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+    header, *lines = out.splitlines()
+    assert header.startswith("first training batch: 8 rows x ") and "chosen row, then its rejected" in header
+    texts = [line.split("input text: ")[1] for line in lines if line.startswith("row ")]
+    assert len(texts) == 2
+    chosen, rejected = (text.split("<|assistant|>:\\n")[1].split("'")[0] for text in texts)
+    assert texts[0].split("<|assistant|>")[0] == texts[1].split("<|assistant|>")[0]  # one prompt
+    word = chosen
+    assert rejected == f"{word[1:]}wx"                                  # the same pair's near miss
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights"], "DPO tunes a model that was fine-tuned first"),       # left out
+    (["--data", "tasks"], "DPO trains on preference pairs"),
+    (["--beta", "0"], "beta must be a positive number, got 0.0"),
+    (["--group-by-length"], "DPO batches pairs in their order"),
+    (["--data", "missing.json"], "preference data file not found: missing.json"),
+])
+def test_bad_dpo_settings_are_one_line_and_exit_2(tmp_path, base_file, pairs_file, capsys, monkeypatch, args,
+                                                  message):
+    monkeypatch.chdir(tmp_path)
+    argv = dpo_args(base_file, pairs_file, tmp_path / "run")
+    if args == ["--weights"]:
+        i = argv.index("--weights")
+        del argv[i:i + 2]
+    else:
+        argv += args                                                    # the last value of a flag counts
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pair_without_a_rejected_response_is_named(tmp_path, base_file, capsys):
+    entries = pairs()
+    del entries[7]["rejected"]
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(entries))
+    assert train.main(dpo_args(base_file, data, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "7" in err and "rejected" in err and err.count("\n") == 1
