@@ -163,3 +163,22 @@ def exact_match_by_task(entries, responses):
     per_task = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
     overall = sum(sum(h) for h in hits.values()) / max(1, len(entries))
     return overall, per_task
+
+
+def near_miss(entry, rng):
+    """A wrong answer close to the entry's right one, drawn from `rng`: what a model that almost knows
+    the task might say, as the rejected response of a preference pair (benchmarks/dpo_demo.py).
+    Numbers (count, add) are off by one; a word has one letter replaced by another, or, if it has two
+    different neighbours, those swapped (half the time): the mistakes a letter-reading model makes."""
+    answer = entry["output"]
+    if answer.isdigit():
+        wrong = int(answer) + (1 if answer == "0" or rng.random() < 0.5 else -1)
+        return str(wrong)
+    swappable = [i for i in range(len(answer) - 1) if answer[i] != answer[i + 1]]
+    if swappable and rng.random() < 0.5:
+        i = swappable[int(rng.integers(len(swappable)))]
+        return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:]
+    i = int(rng.integers(len(answer)))
+    alphabet = LETTERS.upper() if answer[i].isupper() else LETTERS
+    other = alphabet.replace(answer[i], "")                       # every letter but the right one
+    return answer[:i] + other[int(rng.integers(len(other)))] + answer[i + 1:]
