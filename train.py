@@ -84,6 +84,8 @@ def build_parser():
                             "(--data)", choices=METHODS)
     add(parser, "--beta", "DPO: how strongly the policy's log-probability margins count against the "
                           "reference's, the starting model's", type=float)
+    add(parser, "--nll-weight", "DPO: add this times the chosen responses' negative log-likelihood to the "
+                                "loss (RPO), so that they stay likely; 0: plain DPO", type=float)
     model = parser.add_argument_group("model (trained from scratch unless --model or --weights)")
     model.add_argument("--model", choices=list(HUB_REPOS), metavar="NAME",
                        help=f"fine-tune OpenAI's pretrained GPT-2: {', '.join(HUB_REPOS)}; downloaded and "

@@ -121,6 +121,13 @@ def _check_beta(beta):
         raise ValueError(f"beta must be a positive number, got {beta!r}")
 
 
+def check_nll_weight(nll_weight):
+    """Raise ValueError unless nll_weight (dpo_batch_loss's, a run's --nll-weight) is a finite number >= 0."""
+    if isinstance(nll_weight, bool) or not (isinstance(nll_weight, numbers.Real) and np.isfinite(nll_weight)
+                                            and nll_weight >= 0):
+        raise ValueError(f"nll_weight must be a finite number >= 0 (0: plain DPO), got {nll_weight!r}")
+
+
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=DEFAULT_BETA):
     """The DPO loss of a batch of B preference pairs.
 
@@ -200,19 +207,33 @@ def reference_logprobs(reference_model, dataset, batch_size=8, reduction="mean")
     return ReferenceLogprobs(chosen, rejected, reduction, dataset.fingerprint)
 
 
-def dpo_batch_loss(policy, batch, ref_logps, beta=DEFAULT_BETA):
+def dpo_batch_loss(policy, batch, ref_logps, beta=DEFAULT_BETA, nll_weight=0.0):
     """(loss Tensor, metrics dict) for one PreferenceBatch: the step a training loop calls.
 
     The policy runs once over the batch's 2B sequences; the reference's values come from ref_logps
     (reference_logprobs of the batch's dataset). metrics holds the loss and reward_metrics as floats.
+
+    nll_weight > 0 adds the chosen responses' negative log-likelihood (RPO: Pang et al. 2024,
+    https://arxiv.org/abs/2404.19733):
+
+        loss = dpo_loss + nll_weight * chosen_nll,    chosen_nll = -mean over the batch of log pi(y_c|x)
+
+    Plain DPO asks only for a margin, which it can also widen by lowering the chosen response's own
+    probability ("likelihood displacement"); the NLL term keeps the chosen response likely. Its gradient
+    is the engine's mean and mul, so it needs no op of its own. metrics then adds dpo_loss and chosen_nll.
     """
     if batch.fingerprint != ref_logps.fingerprint:
         raise ValueError("the reference log-probabilities were computed for another dataset (other entries, "
                          "tokenizer, prompt style or allowed length): compute them with "
                          "reference_logprobs(reference_model, dataset) for this batch's dataset")
+    check_nll_weight(nll_weight)
     logp = batch_logprobs(policy, batch, ref_logps.reduction)                 # (2B,)
     policy_chosen, policy_rejected = logp[:batch.size], logp[batch.size:]     # (B,), (B,)
     ref_chosen, ref_rejected = ref_logps.chosen[batch.indices], ref_logps.rejected[batch.indices]
     loss = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     metrics = reward_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    if nll_weight:
+        chosen_nll = -policy_chosen.mean()
+        metrics.update(dpo_loss=loss.item(), chosen_nll=chosen_nll.item())
+        loss = loss + nll_weight * chosen_nll
     return loss, {"loss": loss.item(), **metrics}

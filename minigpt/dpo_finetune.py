@@ -52,12 +52,13 @@ class DPOObjective:
     reference log-probabilities of its dataset, and the rewards as metrics (dpo.dpo_batch_loss)."""
     printed = ("reward_margin", "reward_accuracy")
 
-    def __init__(self, references, beta=dpo.DEFAULT_BETA):
+    def __init__(self, references, beta=dpo.DEFAULT_BETA, nll_weight=0.0):
         self.references = {reference.fingerprint: reference for reference in references}
         self.beta = beta
+        self.nll_weight = nll_weight
 
     def __call__(self, model, batch):
-        return dpo.dpo_batch_loss(model, batch, self.references[batch.fingerprint], self.beta)
+        return dpo.dpo_batch_loss(model, batch, self.references[batch.fingerprint], self.beta, self.nll_weight)
 
 
 @dataclasses.dataclass
@@ -88,7 +89,7 @@ def prepare(run_dir, config, model, tokenizer, splits, resume, log=print):
         raise ValueError(f"{len(datasets[0])} training pairs make no full batch of {config.batch_size}; "
                          f"lower --batch-size")
     val_loader, test_loader = (DataLoader(dataset, config.batch_size) for dataset in datasets[1:])
-    return DPORun(train_loader, val_loader, test_loader, DPOObjective(references, config.beta))
+    return DPORun(train_loader, val_loader, test_loader, DPOObjective(references, config.beta, config.nll_weight))
 
 
 def first_batch(config, tokenizer, context_length):

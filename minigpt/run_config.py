@@ -17,7 +17,7 @@ from typing import Optional
 
 from . import lora_finetune, tasks, training, weights
 from .data import PROMPT_STYLES
-from .dpo import DEFAULT_BETA
+from .dpo import DEFAULT_BETA, check_nll_weight
 from .evaluate import DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL
 from .tokenizer import TOKENIZERS
 
@@ -72,6 +72,7 @@ class RunConfig:
     seed: int = 123
     # DPO (minigpt.dpo): the policy's log-probability margins are scaled by beta against the reference's
     beta: float = DEFAULT_BETA
+    nll_weight: float = 0.0             # > 0: add the chosen responses' NLL to the DPO loss (RPO); 0: plain DPO
     # LoRA (minigpt.lora): train low-rank adapters of the block linears only; None: every weight trains
     lora_rank: Optional[int] = None
     lora_alpha: Optional[float] = None  # None: the rank (scale alpha / rank = 1)
@@ -103,6 +104,8 @@ class RunConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.method == "dpo":
             self._validate_dpo()
+        elif self.nll_weight:
+            raise ValueError("nll_weight is a DPO setting (--method dpo); fine-tuning's loss is the NLL itself")
         if self.model is not None and self.weights is not None:
             raise ValueError("give either model (a GPT-2 name) or weights (a file), not both")
         if self.model is not None and self.model not in weights.HUB_REPOS:
@@ -148,6 +151,7 @@ class RunConfig:
             raise ValueError("group_by_length batches fine-tuning examples; DPO batches pairs in their order")
         if isinstance(self.beta, bool) or not (isinstance(self.beta, (int, float)) and 0 < self.beta < math.inf):
             raise ValueError(f"beta must be a positive number, got {self.beta!r}")
+        check_nll_weight(self.nll_weight)
 
     def check_files(self, weights=True):
         """Raise FileNotFoundError for a missing --data or (with `weights`) --weights path, before any

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minigpt import IGNORE_INDEX, GPTConfig, GPTModel, Tensor, functional as F, gradcheck, no_grad
-from minigpt.dpo import (dpo_batch_loss, dpo_loss, reference_logprobs, reward_metrics,
+from minigpt.dpo import (batch_logprobs, dpo_batch_loss, dpo_loss, reference_logprobs, reward_metrics,
                          sequence_logprobs)
 from minigpt.optim import Adam
 from minigpt.preference import PreferenceDataset
@@ -147,6 +147,27 @@ def test_whole_model_dpo_loss_gradient_matches_finite_differences():
     report = gradcheck(lambda: dpo_batch_loss(policy, batch, ref_logps, beta=0.5)[0], params, max_elements=4)
     assert len(report.checked) == len(params) == 4 + 12 * 2
     assert max(report.max_relative_error.values()) <= 1e-6
+
+
+def test_the_chosen_nll_term_adds_to_the_loss_and_its_gradient_matches_finite_differences():
+    dataset = tiny_dataset()
+    ref_logps = reference_logprobs(tiny_model(seed=1), dataset, batch_size=3)
+    policy = tiny_model(seed=2)
+    batch = dataset.batch([0, 1, 2])
+    plain, _ = dpo_batch_loss(policy, batch, ref_logps, beta=0.5)
+    loss, metrics = dpo_batch_loss(policy, batch, ref_logps, beta=0.5, nll_weight=0.7)
+    chosen = batch_logprobs(policy, batch).data[:batch.size]               # mean log-probability per response
+    assert metrics["chosen_nll"] == pytest.approx(-chosen.mean(), rel=1e-12) and metrics["chosen_nll"] > 0
+    assert metrics["dpo_loss"] == pytest.approx(plain.item(), rel=1e-12)
+    assert loss.item() == pytest.approx(plain.item() + 0.7 * metrics["chosen_nll"], rel=1e-12)
+    params = dict(policy.named_parameters())
+    report = gradcheck(lambda: dpo_batch_loss(policy, batch, ref_logps, beta=0.5, nll_weight=0.7)[0], params,
+                       max_elements=4)
+    assert len(report.checked) == len(params)
+    assert max(report.max_relative_error.values()) <= 1e-6
+    for bad in (-0.1, math.inf, math.nan, True, "1"):
+        with pytest.raises(ValueError, match="nll_weight must be a finite number >= 0"):
+            dpo_batch_loss(policy, batch, ref_logps, nll_weight=bad)
 
 
 def test_a_few_dpo_steps_raise_the_margin_on_the_training_pairs():

@@ -162,6 +162,7 @@ def test_show_batch_puts_each_pair_s_chosen_and_rejected_rows_together(tmp_path,
     (["--weights"], "DPO tunes a model that was fine-tuned first"),       # left out
     (["--data", "tasks"], "DPO trains on preference pairs"),
     (["--beta", "0"], "beta must be a positive number, got 0.0"),
+    (["--nll-weight", "-1"], "nll_weight must be a finite number >= 0 (0: plain DPO), got -1.0"),
     (["--group-by-length"], "DPO batches pairs in their order"),
     (["--data", "missing.json"], "preference data file not found: missing.json"),
 ])
@@ -178,6 +179,24 @@ def test_bad_dpo_settings_are_one_line_and_exit_2(tmp_path, base_file, pairs_fil
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_the_chosen_nll_weight_is_kept_in_the_run_and_is_refused_for_fine_tuning(tmp_path, base_file, pairs_file,
+                                                                                capsys):
+    run_dir = tmp_path / "run"
+    assert train.main(dpo_args(base_file, pairs_file, run_dir, "--nll-weight", "1", "--max-steps", "2")) == 0
+    assert read(run_dir / "config.json")["nll_weight"] == 1.0
+    history = read(run_dir / "history.json")
+    for split in ("train", "val"):                                    # the total is the DPO loss + the NLL
+        assert np.allclose(history[f"{split}_loss"],
+                           np.add(history[f"{split}_dpo_loss"], history[f"{split}_chosen_nll"]))
+    metrics = read(run_dir / "metrics.json")
+    assert metrics["dpo"]["nll_weight"] == 1.0 and metrics["dpo"]["test"]["chosen_nll"] > 0
+    assert "chosen NLL weight 1" in capsys.readouterr().out
+    assert train.main(["--nll-weight", "1", "--out-dir", str(tmp_path / "sft")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: nll_weight is a DPO setting") and err.count("\n") == 1
+    assert not (tmp_path / "sft").exists()
 
 
 def test_a_pair_without_a_rejected_response_is_named(tmp_path, base_file, capsys):
