@@ -36,6 +36,7 @@ BATCH_SIZE = 32              # pairs: 64 sequences per step, as many as the fine
 EPOCHS = 2
 LR = 1e-4
 BETA = 0.1
+NLL_WEIGHT = 1.0             # the chosen responses' NLL added to the loss (RPO): plain DPO (0) lowers them
 EVAL_FREQ = 25
 PAIR_SEED = 0                # draws the near misses
 
@@ -46,6 +47,8 @@ def parse_args(argv):
                                         "--out-dir DIR): its config.json and model-final.npz")
     parser.add_argument("--lr", type=float, default=LR, help=f"learning rate (default {LR:g})")
     parser.add_argument("--beta", type=float, default=BETA, help=f"DPO's beta (default {BETA:g})")
+    parser.add_argument("--nll-weight", type=float, default=NLL_WEIGHT,
+                        help=f"weight of the chosen responses' NLL in the loss, 0: plain DPO (default {NLL_WEIGHT:g})")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs (default {EPOCHS})")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"pairs per step (default {BATCH_SIZE})")
     parser.add_argument("--out-dir", help="the DPO run's folder (default: beside RUN_DIR, "
@@ -123,7 +126,7 @@ def dpo_run_config(args, sft_config, pairs_file, out_dir, finetune):
         method="dpo", weights=str(Path(args.run_dir) / "model-final.npz"), data=str(pairs_file),
         tokenizer=sft_config.tokenizer, vocab_dir=sft_config.vocab_dir, prompt_style=sft_config.prompt_style,
         max_new_tokens=sft_config.max_new_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        beta=args.beta, eval_freq=EVAL_FREQ, out_dir=str(out_dir))
+        beta=args.beta, nll_weight=args.nll_weight, eval_freq=EVAL_FREQ, out_dir=str(out_dir))
 
 
 def train_command(config, finetune):
