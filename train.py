@@ -80,7 +80,8 @@ def build_parser():
         group.add_argument(flag, help=f"{help} ({defaults(name)})", **kwargs)
 
     add(parser, "--method", "sft: instruction fine-tuning; dpo: preference tuning (DPO, minigpt/dpo.py) of a "
-                            "fine-tuned model (--weights or --model) on pairs of chosen and rejected responses "
+                            "fine-tuned model (--weights or --model) "
+                            "on pairs of chosen and rejected responses "
                             "(--data)", choices=METHODS)
     add(parser, "--beta", "DPO: how strongly the policy's log-probability margins count against the "
                           "reference's, the starting model's", type=float)

@@ -52,7 +52,8 @@ EPOCH_BATCH_SIZE = 8
 MODELS = {
     "gpt2-small": dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12),
     "byte": dict(vocab_size=257, context_length=256, emb_dim=256, n_heads=4, n_layers=4),
-    "default": dict(vocab_size=257, context_length=64, emb_dim=128, n_heads=4, n_layers=4),  # python train.py's
+    # python train.py's
+    "default": dict(vocab_size=257, context_length=64, emb_dim=128, n_heads=4, n_layers=4),
 }
 RESPONSE_TOKENS = 32               # new tokens per test-set response (random weights: no early stop)
 
@@ -90,9 +91,11 @@ ROWS = {
     "epoch-group": Row("epoch", "gpt2-small", ("<=", 0.6), group_by_length=True),
     "epoch-mask-group": Row("epoch", "gpt2-small", ("<=", 0.6), mask_prompt=True, group_by_length=True),
 }
-QUICK_ROWS = ("train-default-64x64", "train-byte-8x128", "eval-byte-8x128", "train-gpt2-8x128", "eval-gpt2-8x128")
+QUICK_ROWS = ("train-default-64x64", "train-byte-8x128", "eval-byte-8x128", "train-gpt2-8x128",
+              "eval-gpt2-8x128")
 BUSY_ROWS = ("train-byte-8x128", "train-gpt2-8x128", "train-default-64x64")   # --busy without --only
-BUSY_TARGET = 3.0                  # a busy neighbour may slow minigpt by at most this, and not more than PyTorch
+# a busy neighbour may slow minigpt by at most this, and not more than PyTorch
+BUSY_TARGET = 3.0
 # The neighbours of --busy: a NumPy program multiplying matrices on all cores, or one busy Python loop.
 BUSY_PROGRAMS = {
     "blas": "import numpy as np\na = np.random.rand(1024, 1024)\nwhile True:\n    a @ a",
@@ -224,7 +227,8 @@ def run_worker(args):
     result = {"row": name, "framework": args.framework,
               "baseline_rss_mib": current_rss_mib()}  # the framework imported, nothing built yet
     measure = {"train": measure_step, "eval": measure_step, "tasks": measure_task_steps,
-               "generate": measure_generation, "responses": measure_responses, "epoch": measure_epoch}[row.kind]
+               "generate": measure_generation, "responses": measure_responses,
+               "epoch": measure_epoch}[row.kind]
     result.update(measure(side, row, args))          # builds, resets the peak, times
     work_peak_mib = peak_rss_mib()
     result.update(side.info(), threads=args.threads,
@@ -378,7 +382,8 @@ def response_prompts(row, args, reference):
 
 def save_prepared(path, batches, meta):
     import numpy as np
-    arrays = {f"{kind}_{i}": array for i, pair in enumerate(batches) for kind, array in zip(("inputs", "targets"), pair)}
+    arrays = {f"{kind}_{i}": array for i, pair in enumerate(batches)
+              for kind, array in zip(("inputs", "targets"), pair)}
     np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
 
@@ -474,13 +479,15 @@ PREPARED_KINDS = ("epoch", "tasks", "responses")  # rows that run on real data, 
 def run_in_subprocess(name, framework, args, busy=None):
     """One worker process for (row, framework), its data prepared first; with `busy`, a neighbour program
     (BUSY_PROGRAMS) runs on all cores while it works."""
-    common = ["--only", name, "--framework", framework, "--threads", str(args.threads), "--seed", str(args.seed),
+    common = ["--only", name, "--framework", framework, "--threads", str(args.threads),
+              "--seed", str(args.seed),
               "--data", str(args.data), "--vocab-dir", str(args.vocab_dir)]
     env = {**os.environ, **{k: str(args.threads) for k in THREAD_ENV}, "HF_HUB_OFFLINE": "1"}
     label = f"  {name:<19} {framework:<8}" + (f" beside {busy}" if busy else "")
     with tempfile.TemporaryDirectory() as scratch:
         data_file = str(Path(scratch) / "data.npz")
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", *common, "--data-file", data_file,
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", *common,
+                   "--data-file", data_file,
                    "--gen-tokens", str(args.gen_tokens),
                    "--epoch-steps", str(args.epoch_steps), "--torch-head", args.torch_head]
         if args.repeats:
@@ -658,7 +665,8 @@ def drive(args):
             key = (REFERENCE_EPOCH_ROW if framework == "torch" and kind == "epoch" else name, framework)
             if key in results:
                 continue
-            if framework == "torch" and kind in ("generate", "responses") and machine["transformers"] == "not installed":
+            if (framework == "torch" and kind in ("generate", "responses")
+                    and machine["transformers"] == "not installed"):
                 print(f"  {name:<18} torch    skipped: transformers is not installed")
                 continue
             results[key] = run_in_subprocess(*key, args)
@@ -666,7 +674,8 @@ def drive(args):
     rows = table_rows(names, results)
     print_table(rows)
     print(f"\nratio = minigpt / PyTorch; times are medians of the timed runs after "
-          f"{'5 (small models) or 1' if args.warmup is None else args.warmup} warm-up run(s).\nPyTorch: benchmarks/torch_gpt2.py (eager, SDPA attention, {args.torch_head} output "
+          f"{'5 (small models) or 1' if args.warmup is None else args.warmup} warm-up run(s).\n"
+          f"PyTorch: benchmarks/torch_gpt2.py (eager, SDPA attention, {args.torch_head} output "
           f"head) for train/eval; transformers GPT2LMHeadModel for generate.\nepoch: collate + mean of "
           f"{args.epoch_steps} timed steps (batches at size quantiles) x batches; the PyTorch figure is "
           f"the reference pipeline (no grouping, no masking, full head).\n(*) LoRA rows: the PyTorch "
@@ -713,7 +722,8 @@ def drive_busy(names, frameworks, args, command, machine):
           f"{args.busy!r}: {BUSY_PROGRAMS[args.busy]!r} on {usable_cores()} threads")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "machine": machine, "busy": args.busy,
-                                               "results": [dict(r, busy=key[2]) for key, r in results.items()],
+                                               "results": [dict(r, busy=key[2])
+                                                           for key, r in results.items()],
                                                "table": table}, indent=2))
     return 1 if any("error" in r for r in results.values()) else 0
 

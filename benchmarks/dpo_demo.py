@@ -1,4 +1,5 @@
-"""Tune a fine-tuned model with DPO on preference pairs made from the built-in tasks. Prints figures; not a test.
+"""Tune a fine-tuned model with DPO on preference pairs made from the built-in tasks.
+Prints figures; not a test.
 
     python train.py --out-dir runs/default           # once: the default run, five task kinds (~3.5 min)
     python benchmarks/dpo_demo.py runs/default       # the demonstration of README, "DPO"
@@ -48,9 +49,11 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, default=LR, help=f"learning rate (default {LR:g})")
     parser.add_argument("--beta", type=float, default=BETA, help=f"DPO's beta (default {BETA:g})")
     parser.add_argument("--nll-weight", type=float, default=NLL_WEIGHT,
-                        help=f"weight of the chosen responses' NLL in the loss, 0: plain DPO (default {NLL_WEIGHT:g})")
+                        help=f"weight of the chosen responses' NLL in the loss, 0: plain DPO "
+                             f"(default {NLL_WEIGHT:g})")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs (default {EPOCHS})")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"pairs per step (default {BATCH_SIZE})")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help=f"pairs per step (default {BATCH_SIZE})")
     parser.add_argument("--out-dir", help="the DPO run's folder (default: beside RUN_DIR, "
                                           "<its name>-dpo-<date>-<time>)")
     return parser.parse_args(argv)
@@ -74,7 +77,8 @@ def pair_prompts(train, val, test):
     prompts of `train` (the first ones)."""
     n_val, n_train = len(test) // 2, len(test) * 17 // 2
     if len(test) % 2 or len(val) < n_val:
-        raise ValueError(f"the run's {len(test)} test and {len(val)} validation prompts cannot be split 10% / 5%: "
+        raise ValueError(f"the run's {len(test)} test and {len(val)} validation prompts "
+                         f"cannot be split 10% / 5%: "
                          f"it needs an even number of test prompts and at least half as many validation ones")
     seen, distinct = set(), []
     for entry in train:
@@ -138,7 +142,8 @@ def train_command(config, finetune):
         value = getattr(config, field.name)
         if value == getattr(defaults, field.name) and field.name not in ("method", "weights"):
             continue
-        words += ["--" + field.name.replace("_", "-"), f"{value:g}" if isinstance(value, float) else str(value)]
+        words += ["--" + field.name.replace("_", "-"),
+                  f"{value:g}" if isinstance(value, float) else str(value)]
     return " ".join(shlex.quote(word) for word in words)
 
 
@@ -160,7 +165,8 @@ def report(before, after, test_pairs, own_mistakes, n_train, seconds, steps, com
               f"(the rest a near miss)",
               f"held-out pairs: reward accuracy {test_pairs['reward_accuracy']:.3f}, reward margin "
               f"{test_pairs['reward_margin']:.3f}, DPO loss {test_pairs['loss']:.3f}",
-              f"time: {seconds['wall'] / 60:.1f} min wall, {seconds['cpu'] / 60:.1f} min CPU (all threads) for "
+              f"time: {seconds['wall'] / 60:.1f} min wall, "
+              f"{seconds['cpu'] / 60:.1f} min CPU (all threads) for "
               f"the DPO run ({steps} steps, reference log-probabilities, test responses, files)",
               f"equivalent: {command}",
               "goals: all met" if not missed else f"goals: MISSED: {'; '.join(missed)}"]

@@ -138,7 +138,8 @@ def report(config, before, after, metrics, seconds, command):
     lines += [f"adapters: {adapters_mb:.2f} MB against {model_mb:.2f} MB for the model "
               f"({100 * adapters_mb / model_mb:.1f}%); rank {sizes['rank']}, alpha {sizes['alpha']:g}, "
               f"trainable {trainable:,} of {total:,} numbers ({100 * trainable / total:.2f}%)",
-              f"time: {seconds['wall'] / 60:.1f} min wall, {seconds['cpu'] / 60:.1f} min CPU (all threads) for "
+              f"time: {seconds['wall'] / 60:.1f} min wall, "
+              f"{seconds['cpu'] / 60:.1f} min CPU (all threads) for "
               f"the LoRA run ({metrics['steps']} steps, test responses, files)",
               f"equivalent: {command}",
               "goals: all met" if not missed else f"goals: MISSED for {', '.join(missed)}"]

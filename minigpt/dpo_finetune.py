@@ -42,7 +42,8 @@ def load_splits(config):
     path = download_preference_data(config.data_dir) if config.data == "reference" else config.data
     train, val, test = split_preference_data(load_preference_data(path), shuffle_seed=config.shuffle_seed)
     if not (train and val and test):
-        raise ValueError(f"{path}: {len(train)} train / {len(val)} validation / {len(test)} test pairs after the "
+        raise ValueError(f"{path}: {len(train)} train / {len(val)} validation / {len(test)} test pairs "
+                         f"after the "
                          f"85% / 5% / 10% split; every part needs at least one (use more pairs)")
     return train, val, test
 
@@ -58,7 +59,8 @@ class DPOObjective:
         self.nll_weight = nll_weight
 
     def __call__(self, model, batch):
-        return dpo.dpo_batch_loss(model, batch, self.references[batch.fingerprint], self.beta, self.nll_weight)
+        return dpo.dpo_batch_loss(model, batch, self.references[batch.fingerprint], self.beta,
+                                  self.nll_weight)
 
 
 @dataclasses.dataclass
@@ -89,7 +91,8 @@ def prepare(run_dir, config, model, tokenizer, splits, resume, log=print):
         raise ValueError(f"{len(datasets[0])} training pairs make no full batch of {config.batch_size}; "
                          f"lower --batch-size")
     val_loader, test_loader = (DataLoader(dataset, config.batch_size) for dataset in datasets[1:])
-    return DPORun(train_loader, val_loader, test_loader, DPOObjective(references, config.beta, config.nll_weight))
+    return DPORun(train_loader, val_loader, test_loader,
+                  DPOObjective(references, config.beta, config.nll_weight))
 
 
 def first_batch(config, tokenizer, context_length):
@@ -157,7 +160,8 @@ def test_metrics(model, run):
 
 def format_test_metrics(metrics, n_pairs):
     """'test pairs (110): DPO loss 0.512, reward margin 0.301, reward accuracy 0.918'."""
-    return (f"test pairs ({n_pairs}): DPO loss {metrics['loss']:.3f}, reward margin {metrics['reward_margin']:.3f}, "
+    return (f"test pairs ({n_pairs}): DPO loss {metrics['loss']:.3f}, "
+            f"reward margin {metrics['reward_margin']:.3f}, "
             f"reward accuracy {metrics['reward_accuracy']:.3f}")
 
 

@@ -207,7 +207,8 @@ def download_file(url, path, expected_size=None, timeout=15, hint=""):
                     last_print = now
                     _print_progress(path.name, done, total, now - start)
             if total is not None and done != total:
-                raise ConnectionError(f"download of {url} is incomplete: got {done} of {total} bytes. {hint}".strip())
+                raise ConnectionError(f"download of {url} is incomplete: got {done} of {total} bytes. "
+                                      f"{hint}".strip())
         _print_progress(path.name, done, total, time.monotonic() - start, end="\n")
     return path
 

@@ -17,12 +17,9 @@ plus "model_response") and metrics.json. With export_hf, also model-final-hf/ an
 With lora_rank, only LoRA adapters train, and the folder also keeps them alone (lora_finetune).
 """
 import dataclasses
-import math
-import os
 import re
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -43,6 +40,8 @@ from .run_config import (DATASETS, DPO_RECIPE, METHODS, REFERENCE_RECIPE, RESUME
 from .tokenizer import get_tokenizer
 
 CHECKPOINT_NAME = "checkpoint.npz"
+
+
 # ---------------------------------------------------------------------------------------------
 # Data and model
 
@@ -257,7 +256,8 @@ def describe(config, model, train_loader, n_val, n_test, run_dir, state=None):
         f"training: {steps} steps ({config.epochs} epoch(s) of {len(train_loader)} batches of "
         f"{config.batch_size}), AdamW lr {config.lr:g} ({config.schedule}), "
         f"weight decay {config.weight_decay:g}"
-        + (f", DPO beta {config.beta:g}{f', chosen NLL weight {config.nll_weight:g}' if config.nll_weight else ''} "
+        + (f", DPO beta {config.beta:g}"
+           f"{f', chosen NLL weight {config.nll_weight:g}' if config.nll_weight else ''} "
            f"(the starting model is the reference)" if config.method == "dpo" else ""),
         f"run folder: {run_dir}"]
     if config.lora_rank is not None:
@@ -275,7 +275,8 @@ def finish(run_dir, config, model, tokenizer, state, test_entries, log=print, dp
     plot(state.history, run_dir / "loss-plot.png", title=run_dir.name)
     dpo_entry = None
     if dpo_run is not None:
-        dpo_entry = {"beta": config.beta, "nll_weight": config.nll_weight, "test": dpo_finetune.test_metrics(model, dpo_run)}
+        dpo_entry = {"beta": config.beta, "nll_weight": config.nll_weight,
+                     "test": dpo_finetune.test_metrics(model, dpo_run)}
         log(dpo_finetune.format_test_metrics(dpo_entry["test"], len(test_entries)))
     lora_entry = None
     if config.lora_rank is not None:  # the adapters alone, and merged weights (the model stays merged)

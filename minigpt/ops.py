@@ -57,7 +57,7 @@ def _binary_inputs(op, a, b):
     return a, b
 
 
-# ----- elementwise arithmetic --------------------------------------------------------------------------------
+# ----- elementwise arithmetic -------------------------------------------------------------------------------
 def add(a, b):
     """Elementwise sum with broadcasting.
 
@@ -174,7 +174,7 @@ def tanh(x):
     return Tensor.from_op(out, (x,), lambda dout: x.accumulate_grad(dout * (1 - out * out)))
 
 
-# ----- matrix product ----------------------------------------------------------------------------------------
+# ----- matrix product ---------------------------------------------------------------------------------------
 def matmul(a, b):
     """Matrix product, batched over leading axes.
 
@@ -217,7 +217,7 @@ def matmul(a, b):
     return Tensor.from_op(out, (a, b), backward)
 
 
-# ----- reductions --------------------------------------------------------------------------------------------
+# ----- reductions -------------------------------------------------------------------------------------------
 def _normalized_axes(axis, ndim):
     if axis is None:
         return tuple(range(ndim))
@@ -279,7 +279,8 @@ def reshape(x, shape):
     try:
         out = x.data.reshape(shape)
     except ValueError:
-        raise ValueError(f"reshape: cannot reshape {x.shape} ({x.size} elements) into {tuple(shape)}") from None
+        raise ValueError(f"reshape: cannot reshape {x.shape} ({x.size} elements) "
+                         f"into {tuple(shape)}") from None
     return Tensor.from_op(out, (x,), lambda dout: x.accumulate_grad(dout.reshape(x.shape)))
 
 
@@ -308,7 +309,8 @@ def permute(x, axes):
     x = as_float_tensor("permute", x)
     axes = tuple(axes)
     if sorted(ax % x.ndim for ax in axes) != list(range(x.ndim)) or len(axes) != x.ndim:
-        raise ValueError(f"permute: {axes} is not an ordering of the {x.ndim} axes of a tensor of shape {x.shape}")
+        raise ValueError(f"permute: {axes} is not an ordering of the {x.ndim} axes of a tensor "
+                         f"of shape {x.shape}")
     inverse = tuple(np.argsort([ax % x.ndim for ax in axes]))
     return Tensor.from_op(x.data.transpose(axes), (x,),
                           lambda dout: x.accumulate_grad(dout.transpose(inverse)))
@@ -387,7 +389,8 @@ def concat(tensors, axis=-1):
     try:
         out = np.concatenate([t.data for t in tensors], axis=axis)
     except ValueError:
-        raise ValueError(f"concat along axis {axis}: shapes {[t.shape for t in tensors]} do not fit") from None
+        raise ValueError(f"concat along axis {axis}: shapes {[t.shape for t in tensors]} "
+                         f"do not fit") from None
     ends = np.cumsum([t.shape[axis] for t in tensors])
 
     def backward(dout):

@@ -72,7 +72,8 @@ class RunConfig:
     seed: int = 123
     # DPO (minigpt.dpo): the policy's log-probability margins are scaled by beta against the reference's
     beta: float = DEFAULT_BETA
-    nll_weight: float = 0.0             # > 0: add the chosen responses' NLL to the DPO loss (RPO); 0: plain DPO
+    # > 0: add the chosen responses' NLL to the DPO loss (RPO); 0: plain DPO
+    nll_weight: float = 0.0
     # LoRA (minigpt.lora): train low-rank adapters of the block linears only; None: every weight trains
     lora_rank: Optional[int] = None
     lora_alpha: Optional[float] = None  # None: the rank (scale alpha / rank = 1)
@@ -105,7 +106,8 @@ class RunConfig:
         if self.method == "dpo":
             self._validate_dpo()
         elif self.nll_weight:
-            raise ValueError("nll_weight is a DPO setting (--method dpo); fine-tuning's loss is the NLL itself")
+            raise ValueError("nll_weight is a DPO setting (--method dpo); "
+                             "fine-tuning's loss is the NLL itself")
         if self.model is not None and self.weights is not None:
             raise ValueError("give either model (a GPT-2 name) or weights (a file), not both")
         if self.model is not None and self.model not in weights.HUB_REPOS:
@@ -144,12 +146,13 @@ class RunConfig:
             raise ValueError("DPO tunes a model that was fine-tuned first: give its weights (--weights "
                              "model-final.npz of a fine-tuning run, or --model)")
         if self.data == "tasks" or tasks.selected_kinds(self.data):
-            raise ValueError("DPO trains on preference pairs: --data reference (rasbt's, downloaded) or a JSON "
-                             "list of {instruction, input, output, chosen, rejected}; benchmarks/dpo_demo.py "
-                             "makes one from the built-in tasks")
+            raise ValueError("DPO trains on preference pairs: --data reference (rasbt's, downloaded) "
+                             "or a JSON list of {instruction, input, output, chosen, rejected}; "
+                             "benchmarks/dpo_demo.py makes one from the built-in tasks")
         if self.group_by_length:
             raise ValueError("group_by_length batches fine-tuning examples; DPO batches pairs in their order")
-        if isinstance(self.beta, bool) or not (isinstance(self.beta, (int, float)) and 0 < self.beta < math.inf):
+        if isinstance(self.beta, bool) or not (isinstance(self.beta, (int, float))
+                                               and 0 < self.beta < math.inf):
             raise ValueError(f"beta must be a positive number, got {self.beta!r}")
         check_nll_weight(self.nll_weight)
 

@@ -149,7 +149,8 @@ def selected_kinds(data):
         if kind in named:
             raise ValueError(f"--data {data} names the task kind {kind} twice")
         if weight and not (weight.isdigit() and int(weight) > 0):
-            raise ValueError(f"--data {data}: the weight of {kind} must be a positive integer, got {weight!r}")
+            raise ValueError(f"--data {data}: the weight of {kind} must be a positive integer, "
+                             f"got {weight!r}")
         named.add(kind)
         turns += [kind] * int(weight or 1)
     return tuple(turns)

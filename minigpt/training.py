@@ -369,5 +369,3 @@ class Evaluator:
             state.evals_since_best += 1
             patience = self.config.patience
             state.stopped_early = patience is not None and state.evals_since_best >= patience
-
-

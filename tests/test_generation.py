@@ -37,7 +37,8 @@ def test_a_ragged_batch_gives_each_prompt_its_own_greedy_tokens(model):
         new = alone[len(prompt):]
         assert len(set(new.tolist())) > 1 or new[-1] == EOS       # the continuations are not all one token
         stops += EOS in new
-    assert 0 < stops < len(prompts)                               # some rows stopped at their own EOS, not all
+    # some rows stopped at their own EOS, not all
+    assert 0 < stops < len(prompts)
 
 
 def test_padded_rows_see_the_same_logits_as_alone(model):
@@ -75,7 +76,8 @@ def test_test_set_responses_in_ragged_batches_equal_one_at_a_time(model):
     byte_model = GPTModel(cfg, seed=5)
     for p in byte_model.parameters():
         p.data *= 8.0
-    entries = [{"instruction": word, "input": "x" * i, "output": ""} for i, word in enumerate(["Add", "Reverse", "Go", "Sort words"])]
+    entries = [{"instruction": word, "input": "x" * i, "output": ""}
+               for i, word in enumerate(["Add", "Reverse", "Go", "Sort words"])]
     batched = generate_responses(byte_model, tokenizer, entries, "phi3", 12, progress=False)
     alone = [generate_responses(byte_model, tokenizer, [entry], "phi3", 12, batch_size=1, progress=False)[0]
              for entry in entries]

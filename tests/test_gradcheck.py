@@ -1,8 +1,8 @@
 """Every differentiable op against central finite differences in float64 (relative error <= 1e-6).
 
 OP_CASES is the registry: op name -> cases, each a function of a Generator returning (fn, inputs).
-test_every_op_is_registered_and_documented fails when an op of ops.py, functional.py, losses.py, lora.py or dpo.py
-has no case here, or lacks the four docstring sections (Forward, Shapes, Backward, Cache).
+test_every_op_is_registered_and_documented fails when an op of ops.py, functional.py, losses.py, lora.py or
+dpo.py has no case here, or lacks the four docstring sections (Forward, Shapes, Backward, Cache).
 """
 import inspect
 import zlib
@@ -55,7 +55,8 @@ def dpo_loss_case(rng, beta, scale=1.0, B=5):
 
 def lm_head_cross_entropy_case(rng, ignored_fraction, shape=(2, 4), V=9, C=5):
     targets = random_targets(rng, ignored_fraction, shape, V)
-    return (lambda x, wte: losses.lm_head_cross_entropy(x, wte, targets)), [randn(rng, *shape, C), randn(rng, V, C)]
+    return (lambda x, wte: losses.lm_head_cross_entropy(x, wte, targets)), [randn(rng, *shape, C),
+                                                                            randn(rng, V, C)]
 
 
 def lora_linear_case(rng, x_shape, bias=True, C=4, OC=5, r=3):
@@ -97,8 +98,10 @@ OP_CASES = {
     "reshape": [lambda r: (lambda x: ops.reshape(x, (4, 6)), [randn(r, 2, 3, 4)])],
     "transpose": [lambda r: (lambda x: ops.transpose(x, 0, 2), [randn(r, 2, 3, 4)])],
     "permute": [lambda r: (lambda x: ops.permute(x, (0, 2, 1, 3)), [randn(r, 2, 3, 4, 5)])],
-    "getitem": [lambda r: (lambda x: ops.getitem(x, (slice(1, None), slice(None, None, 2))), [randn(r, 4, 5)]),
-                lambda r: (lambda x: ops.getitem(x, np.array([0, 2, 0, 3])), [randn(r, 4, 3)]),   # repeated rows
+    "getitem": [lambda r: (lambda x: ops.getitem(x, (slice(1, None), slice(None, None, 2))),
+                           [randn(r, 4, 5)]),
+                lambda r: (lambda x: ops.getitem(x, np.array([0, 2, 0, 3])),
+                           [randn(r, 4, 3)]),   # repeated rows
                 lambda r: (lambda x: ops.getitem(x, (Ellipsis, -1)), [randn(r, 2, 3, 4)]),
                 lambda r: (lambda x: ops.getitem(x, np.array([True, False, True])), [randn(r, 3, 2)])],
     "split": [lambda r: (lambda x: ops.split(x, 3, axis=-1)[1], [randn(r, 2, 6)]),
@@ -115,7 +118,8 @@ OP_CASES = {
     "gelu": [lambda r: (F.gelu, [3 * randn(r, 4, 5)])],
     "softmax": [lambda r: (F.softmax, [randn(r, *r.integers(1, 5, size=3))]),
                 lambda r: (lambda x: F.softmax(x, axis=0), [randn(r, 4, 3)])],
-    "layer_norm": [lambda r: (F.layer_norm, [randn(r, *r.integers(1, 4, size=2), 6), randn(r, 6), randn(r, 6)]),
+    "layer_norm": [lambda r: (F.layer_norm, [randn(r, *r.integers(1, 4, size=2), 6), randn(r, 6),
+                                             randn(r, 6)]),
                    lambda r: (lambda x, w, b: F.layer_norm(x, w, b, eps=1e-3), [randn(r, 5, 3), randn(r, 3),
                                                                                 randn(r, 3)])],
     "causal_self_attention": [lambda r: (lambda qkv: F.causal_self_attention(qkv, 2), [randn(r, 2, 5, 12)]),

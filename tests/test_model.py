@@ -17,7 +17,8 @@ def tiny_model(dtype=np.float64, seed=0, **overrides):
     model = GPTModel(cfg, seed=seed, dtype=dtype)
     rng = np.random.default_rng(seed)
     for name, p in model.named_parameters():   # weights of order 1, so gradients are far above round-off
-        base = 1.0 if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight" else 0.0
+        base = (1.0 if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight"
+                else 0.0)
         p.data[...] = base + 0.3 * rng.standard_normal(p.shape)
     return model
 

@@ -113,5 +113,6 @@ def test_clip_grad_norm_scales_to_the_global_norm():
     norm = clip_grad_norm([a, b], max_norm=1.0)
     assert norm == pytest.approx(5.0)
     np.testing.assert_allclose(np.concatenate([a.grad, b.grad]), [0.6, 0.0, 0.8], rtol=1e-6)
-    assert clip_grad_norm([a, b], max_norm=10.0) == pytest.approx(1.0, rel=1e-6)   # under the limit: untouched
+    # under the limit: untouched
+    assert clip_grad_norm([a, b], max_norm=10.0) == pytest.approx(1.0, rel=1e-6)
     np.testing.assert_allclose(a.grad, [0.6, 0.0], rtol=1e-6)

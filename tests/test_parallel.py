@@ -57,7 +57,8 @@ def test_blas_runs_on_one_thread():
     for path in parallel._openblas_candidates():
         library = ctypes.CDLL(path)
         getter = next((getattr(library, name) for name in ("scipy_openblas_get_num_threads64_",
-                                                          "openblas_get_num_threads") if hasattr(library, name)),
+                                                          "openblas_get_num_threads")
+                       if hasattr(library, name)),
                       None)
         if getter is not None:
             assert getter() == 1

@@ -201,7 +201,8 @@ def gradients(fn, arrays, dout):
 
 
 def test_every_fused_op_has_a_checked_twin():
-    fused_ops = {name: fn for module in FUSED_MODULES for name, fn in inspect.getmembers(module, inspect.isfunction)
+    fused_ops = {name: fn for module in FUSED_MODULES
+                 for name, fn in inspect.getmembers(module, inspect.isfunction)
                  if fn.__module__ == module.__name__ and not name.startswith("_") and name not in NO_TWIN}
     missing = set(fused_ops) - set(CASES)
     assert not missing, f"fused ops without a plain twin and a case in CASES: {sorted(missing)}"

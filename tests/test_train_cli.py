@@ -157,7 +157,8 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, mes
 
 
 def test_a_json_dataset_too_small_to_split_names_the_parts(tmp_path, capsys):
-    assert train.main(["--data", str(instruction_file(tmp_path, n=5)), "--out-dir", str(tmp_path / "run")]) == 2
+    assert train.main(["--data", str(instruction_file(tmp_path, n=5)),
+                       "--out-dir", str(tmp_path / "run")]) == 2
     assert "4 train / 1 validation / 0 test entries after the 85% / 5% / 10% split" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

@@ -181,8 +181,8 @@ def test_bad_dpo_settings_are_one_line_and_exit_2(tmp_path, base_file, pairs_fil
     assert not (tmp_path / "run").exists()
 
 
-def test_the_chosen_nll_weight_is_kept_in_the_run_and_is_refused_for_fine_tuning(tmp_path, base_file, pairs_file,
-                                                                                capsys):
+def test_the_nll_weight_is_kept_in_the_run_and_refused_for_fine_tuning(tmp_path, base_file, pairs_file,
+                                                                       capsys):
     run_dir = tmp_path / "run"
     assert train.main(dpo_args(base_file, pairs_file, run_dir, "--nll-weight", "1", "--max-steps", "2")) == 0
     assert read(run_dir / "config.json")["nll_weight"] == 1.0
