@@ -164,7 +164,8 @@ def report(before, after, test_pairs, own_mistakes, n_train, seconds, steps, com
     lines += [f"training pairs: {n_train}, of which {own_mistakes} reject the model's own wrong answer "
               f"(the rest a near miss)",
               f"held-out pairs: reward accuracy {test_pairs['reward_accuracy']:.3f}, reward margin "
-              f"{test_pairs['reward_margin']:.3f}, DPO loss {test_pairs['loss']:.3f}",
+              f"{test_pairs['reward_margin']:.3f}, "
+              f"DPO loss {test_pairs.get('dpo_loss', test_pairs['loss']):.3f}",
               f"time: {seconds['wall'] / 60:.1f} min wall, "
               f"{seconds['cpu'] / 60:.1f} min CPU (all threads) for "
               f"the DPO run ({steps} steps, reference log-probabilities, test responses, files)",

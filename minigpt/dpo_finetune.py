@@ -43,8 +43,7 @@ def load_splits(config):
     train, val, test = split_preference_data(load_preference_data(path), shuffle_seed=config.shuffle_seed)
     if not (train and val and test):
         raise ValueError(f"{path}: {len(train)} train / {len(val)} validation / {len(test)} test pairs "
-                         f"after the "
-                         f"85% / 5% / 10% split; every part needs at least one (use more pairs)")
+                         f"after the 85% / 5% / 10% split; every part needs at least one (use more pairs)")
     return train, val, test
 
 
@@ -159,8 +158,9 @@ def test_metrics(model, run):
 
 
 def format_test_metrics(metrics, n_pairs):
-    """'test pairs (110): DPO loss 0.512, reward margin 0.301, reward accuracy 0.918'."""
-    return (f"test pairs ({n_pairs}): DPO loss {metrics['loss']:.3f}, "
+    """'test pairs (110): DPO loss 0.512, reward margin 0.301, reward accuracy 0.918' (the DPO part of
+    the loss alone when it has a chosen-NLL term)."""
+    return (f"test pairs ({n_pairs}): DPO loss {metrics.get('dpo_loss', metrics['loss']):.3f}, "
             f"reward margin {metrics['reward_margin']:.3f}, "
             f"reward accuracy {metrics['reward_accuracy']:.3f}")
 

@@ -191,8 +191,11 @@ def test_the_nll_weight_is_kept_in_the_run_and_refused_for_fine_tuning(tmp_path,
         assert np.allclose(history[f"{split}_loss"],
                            np.add(history[f"{split}_dpo_loss"], history[f"{split}_chosen_nll"]))
     metrics = read(run_dir / "metrics.json")
-    assert metrics["dpo"]["nll_weight"] == 1.0 and metrics["dpo"]["test"]["chosen_nll"] > 0
-    assert "chosen NLL weight 1" in capsys.readouterr().out
+    test = metrics["dpo"]["test"]
+    assert metrics["dpo"]["nll_weight"] == 1.0 and test["chosen_nll"] > 0
+    assert test["loss"] == pytest.approx(test["dpo_loss"] + test["chosen_nll"])
+    out = capsys.readouterr().out
+    assert "chosen NLL weight 1" in out and f"test pairs (4): DPO loss {test['dpo_loss']:.3f}," in out
     assert train.main(["--nll-weight", "1", "--out-dir", str(tmp_path / "sft")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: nll_weight is a DPO setting") and err.count("\n") == 1
