@@ -5,7 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from minigpt import IGNORE_INDEX, GPTConfig, GPTModel, Tensor, functional as F, gradcheck, no_grad
+from minigpt import (IGNORE_INDEX, GPTConfig, GPTModel, Tensor, dpo_finetune, functional as F, gradcheck,
+                     no_grad)
+from minigpt.data import DataLoader
 from minigpt.dpo import (batch_logprobs, dpo_batch_loss, dpo_loss, reference_logprobs, reward_metrics,
                          sequence_logprobs)
 from minigpt.optim import Adam
@@ -220,3 +222,17 @@ def test_loss_and_rewards_match_pytorch():
         "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item(),
         "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
         "reward_accuracy": (chosen_rewards > rejected_rewards).double().mean().item()}, rel=1e-12)
+
+
+def test_test_pair_metrics_count_each_pair_once_whatever_the_batches():
+    dataset = tiny_dataset()                                            # 3 pairs: batches of 2, then 1
+    ref_logps = reference_logprobs(tiny_model(seed=1), dataset)
+    policy = tiny_model(seed=2)
+    objective = dpo_finetune.DPOObjective([ref_logps], beta=0.5, nll_weight=0.3)
+    run = dpo_finetune.DPORun(None, None, DataLoader(dataset, batch_size=2), objective)
+    _, whole = objective(policy, dataset.batch([0, 1, 2]))              # one batch: the mean over pairs
+    metrics = dpo_finetune.test_metrics(policy, run)
+    assert set(metrics) == set(whole)
+    for name in whole:
+        assert metrics[name] == pytest.approx(whole[name], rel=1e-9), name
+    assert metrics["reward_accuracy"] in (0, 1 / 3, 2 / 3, 1)           # a share of three pairs
