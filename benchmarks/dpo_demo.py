@@ -35,7 +35,8 @@ REWARD_ACCURACY_GOAL = 0.9   # ... held-out reward accuracy > 0.9, and overall e
 # and half as many validation prompts (the default run's 500 and 250: 4,250 / 500 / 250, 85/10/5%).
 BATCH_SIZE = 32              # pairs: 64 sequences per step, as many as the fine-tuning run's batch
 EPOCHS = 2
-LR = 1e-4
+LR = 1e-4                    # the peak: 20 warm-up steps, then cosine down to 0 (constant: less exact match)
+WARMUP_STEPS = 20
 BETA = 0.1
 NLL_WEIGHT = 1.0             # the chosen responses' NLL added to the loss (RPO): plain DPO (0) lowers them
 EVAL_FREQ = 25
@@ -46,7 +47,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a fine-tuning run's folder on the built-in tasks (python train.py "
                                         "--out-dir DIR): its config.json and model-final.npz")
-    parser.add_argument("--lr", type=float, default=LR, help=f"learning rate (default {LR:g})")
+    parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (default {LR:g})")
     parser.add_argument("--beta", type=float, default=BETA, help=f"DPO's beta (default {BETA:g})")
     parser.add_argument("--nll-weight", type=float, default=NLL_WEIGHT,
                         help=f"weight of the chosen responses' NLL in the loss, 0: plain DPO "
@@ -130,6 +131,7 @@ def dpo_run_config(args, sft_config, pairs_file, out_dir, finetune):
         method="dpo", weights=str(Path(args.run_dir) / "model-final.npz"), data=str(pairs_file),
         tokenizer=sft_config.tokenizer, vocab_dir=sft_config.vocab_dir, prompt_style=sft_config.prompt_style,
         max_new_tokens=sft_config.max_new_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        schedule="cosine", warmup_steps=WARMUP_STEPS, min_lr=0.0,
         beta=args.beta, nll_weight=args.nll_weight, eval_freq=EVAL_FREQ, out_dir=str(out_dir))
 
 
