@@ -1,7 +1,7 @@
 """Tune a fine-tuned model with DPO on preference pairs made from the built-in tasks.
 Prints figures; not a test.
 
-    python train.py --out-dir runs/default           # once: the default run, five task kinds (~3.5 min)
+    python train.py --out-dir runs/default           # once: the default run, five task kinds (~4 min)
     python benchmarks/dpo_demo.py runs/default       # the demonstration of README, "DPO"
 
 Offline there is no preference data to download, so this makes it, as issue 11 asks, from the tasks

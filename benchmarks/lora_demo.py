@@ -1,6 +1,6 @@
 """Teach a trained model a new task kind with LoRA alone, and show what it cost. Prints figures; not a test.
 
-    python train.py --out-dir runs/default           # once: the default run, five task kinds (~3.5 min)
+    python train.py --out-dir runs/default           # once: the default run, five task kinds (~4 min)
     python benchmarks/lora_demo.py runs/default      # the demonstration of README, "LoRA"
 
 The default run's model-final.npz has never seen the task kind `swapcase` (minigpt/tasks.py). One LoRA
