@@ -116,7 +116,8 @@ def _constant_logprobs(op, name, values, B, dtype):
     return values
 
 
-def _check_beta(beta):
+def check_beta(beta):
+    """Raise ValueError unless beta (the DPO loss's, a run's --beta) is a finite positive number."""
     if isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and np.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a positive number, got {beta!r}")
 
@@ -141,7 +142,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=DEFA
     """
     pc = as_float_tensor("dpo_loss", policy_chosen)
     pr = as_float_tensor("dpo_loss", policy_rejected)
-    _check_beta(beta)
+    check_beta(beta)
     if pc.ndim != 1 or not pc.size or pc.shape != pr.shape or pc.dtype != pr.dtype:
         raise ValueError(f"dpo_loss: policy_chosen and policy_rejected must be (B,), B >= 1, of one dtype, "
                          f"got {pc.shape} {pc.dtype} and {pr.shape} {pr.dtype}")
@@ -164,7 +165,7 @@ def reward_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, bet
     """Plain numbers, no gradient: the batch means of the implicit rewards beta * (log pi - log ref) of the
     chosen and rejected responses, of their margin, and the reward accuracy, the fraction of pairs whose
     chosen reward is strictly above the rejected one (so 0 at the start, when policy == reference)."""
-    _check_beta(beta)
+    check_beta(beta)
     pc, pr, rc, rr = (np.asarray(v.data if isinstance(v, Tensor) else v, dtype=np.float64)
                       for v in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
     chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)   # (B,), (B,)

@@ -30,8 +30,7 @@ from .fileio import atomic_write, open_npz, parse_json
 from .preference import (PreferenceDataset, download_preference_data, load_preference_data,
                          split_preference_data)
 from .safetensors import CheckpointError
-from .tensor import no_grad
-from .training import in_order
+from .training import calc_metrics_loader
 
 REFERENCE_NAME = "reference-logprobs.npz"
 REFERENCE_FORMAT = "minigpt-dpo-reference-1"
@@ -150,20 +149,13 @@ def _logprobs(archive, name, n):
 
 def test_metrics(model, run):
     """The objective's loss and rewards over the test pairs, in eval mode (no dropout), each pair counted
-    once: the batches' means weighted by their sizes, so a short last batch counts for what it holds."""
+    once (calc_metrics_loader's per_example)."""
     was_training = model.training
     model.eval()
-    totals, n_pairs = {}, 0
     try:
-        with no_grad():
-            for batch in in_order(run.test_loader):
-                _, metrics = run.objective(model, batch)
-                for name, value in metrics.items():
-                    totals[name] = totals.get(name, 0.0) + value * batch.size
-                n_pairs += batch.size
+        return calc_metrics_loader(model, run.test_loader, objective=run.objective, per_example=True)
     finally:
         model.train(was_training)
-    return {name: total / n_pairs for name, total in totals.items()}
 
 
 def format_test_metrics(metrics, n_pairs):

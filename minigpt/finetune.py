@@ -246,6 +246,10 @@ def describe(config, model, train_loader, n_val, n_test, run_dir, state=None):
     steps = config.epochs * len(train_loader)
     if config.max_steps:
         steps = min(steps, config.max_steps)
+    dpo_settings = ""
+    if config.method == "dpo":
+        nll = f", chosen NLL weight {config.nll_weight:g}" if config.nll_weight else ""
+        dpo_settings = f", DPO beta {config.beta:g}{nll} (the starting model is the reference)"
     lines = [
         f"model: {source}; {model.num_parameters() / 1e6:.2f}M parameters (emb {cfg.emb_dim}, "
         f"{cfg.n_layers} layers, {cfg.n_heads} heads, context {cfg.context_length}), "
@@ -255,10 +259,7 @@ def describe(config, model, train_loader, n_val, n_test, run_dir, state=None):
            f", {config.prompt_style} prompts{', prompt masked' if config.mask_prompt else ''}"),
         f"training: {steps} steps ({config.epochs} epoch(s) of {len(train_loader)} batches of "
         f"{config.batch_size}), AdamW lr {config.lr:g} ({config.schedule}), "
-        f"weight decay {config.weight_decay:g}"
-        + (f", DPO beta {config.beta:g}"
-           f"{f', chosen NLL weight {config.nll_weight:g}' if config.nll_weight else ''} "
-           f"(the starting model is the reference)" if config.method == "dpo" else ""),
+        f"weight decay {config.weight_decay:g}{dpo_settings}",
         f"run folder: {run_dir}"]
     if config.lora_rank is not None:
         lines.append(lora_finetune.describe(model))

@@ -17,7 +17,7 @@ from typing import Optional
 
 from . import lora_finetune, tasks, training, weights
 from .data import PROMPT_STYLES
-from .dpo import DEFAULT_BETA, check_nll_weight
+from .dpo import DEFAULT_BETA, check_beta, check_nll_weight
 from .evaluate import DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL
 from .tokenizer import TOKENIZERS
 
@@ -151,9 +151,7 @@ class RunConfig:
                              "benchmarks/dpo_demo.py makes one from the built-in tasks")
         if self.group_by_length:
             raise ValueError("group_by_length batches fine-tuning examples; DPO batches pairs in their order")
-        if isinstance(self.beta, bool) or not (isinstance(self.beta, (int, float))
-                                               and 0 < self.beta < math.inf):
-            raise ValueError(f"beta must be a positive number, got {self.beta!r}")
+        check_beta(self.beta)
         check_nll_weight(self.nll_weight)
 
     def check_files(self, weights=True):

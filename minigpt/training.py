@@ -114,23 +114,29 @@ def lm_loss(model, batch):
     return model.loss(inputs, targets), {}
 
 
-def calc_metrics_loader(model, loader, num_batches=None, objective=lm_loss):
+def calc_metrics_loader(model, loader, num_batches=None, objective=lm_loss, per_example=False):
     """{"loss": mean batch loss, and the mean of each of the objective's metrics} over the first
     `num_batches` batches (all if None) of the loader's dataset in order: the same batches every call,
     and the loader itself does not move. None when there is no batch: no loss (rather than NaN, which
-    JSON cannot hold and divergence would mean)."""
+    JSON cannot hold and divergence would mean).
+
+    Each batch counts once, as in rasbt's calc_loss_loader; with `per_example` (for batches that know
+    their number of examples, `.size`: a PreferenceBatch's pairs) each batch's means are weighted by it,
+    so each example counts once and a short last batch counts for what it holds."""
     num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
     if num_batches == 0:
         return None
-    totals = {}
+    totals, weight_sum = {}, 0
     with no_grad():
         for i, batch in enumerate(in_order(loader)):
             if i == num_batches:
                 break
             loss, metrics = objective(model, batch)
+            weight = batch.size if per_example else 1
             for name, value in {"loss": float(loss.data), **metrics}.items():
-                totals[name] = totals.get(name, 0.0) + value
-    return {name: total / num_batches for name, total in totals.items()}
+                totals[name] = totals.get(name, 0.0) + value * weight
+            weight_sum += weight
+    return {name: total / weight_sum for name, total in totals.items()}
 
 
 def calc_loss_loader(model, loader, num_batches=None):

@@ -142,7 +142,8 @@ OP_CASES = {
 NOT_OPS = {"as_float_tensor", "causal_mask", "split_heads", "softmax_rows_in_place", "kept_targets",
            "apply_lora", "check_hyperparameters", "lora_config", "describe", "merge_lora", "unmerge_lora",
            "save_adapters", "load_adapters", "copy_adapters",
-           "reward_metrics", "batch_logprobs", "reference_logprobs", "dpo_batch_loss", "check_nll_weight"}
+           "reward_metrics", "batch_logprobs", "reference_logprobs", "dpo_batch_loss", "check_beta",
+           "check_nll_weight"}
 OP_MODULES = (ops, F, losses, lora, dpo)
 
 
