@@ -20,10 +20,11 @@ import sys
 import numpy as np
 
 from minigpt import lora
-from minigpt.data import PROMPT_STYLES, build_prompt
+from minigpt.files.adapters import load_adapters
+from minigpt.files.weights import HUB_REPOS, load_weights, pretrained_gpt2
 from minigpt.generation import generate_tokens
+from minigpt.prompts import PROMPT_STYLES, build_prompt
 from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV, VOCAB_SIZES, encode, get_tokenizer
-from minigpt.weights import HUB_REPOS, load_weights, pretrained_gpt2
 
 QUIT_WORDS = ("quit", "exit")
 
@@ -117,7 +118,7 @@ def load_model(args):
     else:
         model = pretrained_gpt2(args.model, args.data_dir)
     if args.lora is not None:
-        lora.load_adapters(model, args.lora)
+        load_adapters(model, args.lora)
         lora.merge_lora(model)
     return model
 

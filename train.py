@@ -1,4 +1,4 @@
-"""Fine-tuning (and DPO preference tuning) from the command line: argparse -> RunConfig -> finetune.run.
+"""Fine-tuning (and DPO preference tuning) from the command line: argparse -> RunConfig -> the method's run.
 
     python train.py                              # offline: a small GPT learns the built-in tasks
     python train.py --model gpt2-medium          # rasbt's ch. 7 job: pretrained GPT-2, his 1,100 examples
@@ -7,8 +7,8 @@
     python train.py --show-batch                 # print the first batch as the model sees it, then stop
     python train.py --method dpo --weights runs/NAME/model-final.npz --data pairs.json   # preference tuning
 
-Defaults come from minigpt.run_config: RunConfig (offline), REFERENCE_RECIPE (--model / --weights) and
-DPO_RECIPE (--method dpo).
+Defaults come from minigpt/pipeline/settings.py: RunConfig (offline) and REFERENCE_RECIPE (--model /
+--weights), then the method's RECIPE (minigpt/pipeline/dpo_run.py for --method dpo).
 """
 import argparse
 import dataclasses
@@ -20,17 +20,25 @@ EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 SHOW_BATCH_ROWS = 4   # rows --show-batch prints unless told otherwise
 
 try:  # NumPy, tiktoken and matplotlib take a second to import: Ctrl-C meanwhile is one line too
-    from minigpt import finetune
-    from minigpt.data import PROMPT_STYLES
-    from minigpt.run_config import DPO_RECIPE, METHODS, REFERENCE_RECIPE, RESUME_OVERRIDES, RunConfig
+    from minigpt.files.weights import HUB_REPOS
     from minigpt.lora import DEFAULT_TARGETS
+    from minigpt.pipeline import dpo_run, sft_run, steps
+    from minigpt.pipeline.settings import REFERENCE_RECIPE, RESUME_OVERRIDES, RunConfig
+    from minigpt.prompts import PROMPT_STYLES
     from minigpt.tasks import KINDS
     from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV
     from minigpt.training import SCHEDULES, TrainingDiverged
-    from minigpt.weights import HUB_REPOS
 except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)
+
+
+# The runs, one per method: a module with RECIPE, make_config(**settings), run(config, resume) and
+# show_batch(config, rows). A new method is a new module and one line here.
+RUNS = {
+    "sft": sft_run,   # instruction fine-tuning (rasbt's chapter 7)
+    "dpo": dpo_run,   # preference tuning (DPO) of a fine-tuned model
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -43,7 +51,7 @@ def defaults(name):
     """'default: X', plus the --model/--weights and the --method dpo defaults where the recipes differ."""
     offline = {field.name: field.default for field in dataclasses.fields(RunConfig)}[name]
     reference = REFERENCE_RECIPE.get(name, offline)
-    preference = DPO_RECIPE.get(name, reference)
+    preference = dpo_run.RECIPE.get(name, reference)
     text = f"default: {shown(offline)}"
     if reference != offline:
         text += f"; with --model/--weights: {shown(reference)}"
@@ -82,7 +90,7 @@ def build_parser():
     add(parser, "--method", "sft: instruction fine-tuning; dpo: preference tuning (DPO, minigpt/dpo.py) of a "
                             "fine-tuned model (--weights or --model) "
                             "on pairs of chosen and rejected responses "
-                            "(--data)", choices=METHODS)
+                            "(--data)", choices=list(RUNS))
     add(parser, "--beta", "DPO: how strongly the policy's log-probability margins count against the "
                           "reference's, the starting model's", type=float)
     add(parser, "--nll-weight", "DPO: add this times the chosen responses' negative log-likelihood to the "
@@ -183,6 +191,19 @@ def build_parser():
     return parser
 
 
+def config_from_flags(settings):
+    """The RunConfig of the flags given ({setting: value}): the method's recipe, then the flags."""
+    settings = dict(settings)
+    return method_run(settings.pop("method", "sft")).make_config(**settings)
+
+
+def method_run(method):
+    """The run module of `method` (RUNS), or a ValueError naming the methods there are."""
+    if method not in RUNS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(RUNS)}")
+    return RUNS[method]
+
+
 def main(argv=None):
     """Parse `argv`, run the pipeline; returns the exit code: 0, 2 for an error, 3 when training diverged
     (the loss became NaN or inf), 130 after Ctrl-C."""
@@ -193,15 +214,18 @@ def main(argv=None):
     resume_dir = settings.pop("resume", None)
     show_rows = settings.pop("show_batch", None)
     try:
-        if show_rows is not None:
-            if resume_dir is not None:
+        if resume_dir is not None:
+            if show_rows is not None:
                 raise ValueError("--show-batch shows the first batch of a new run; it cannot be combined "
                                  "with --resume")
-            finetune.show_batch(finetune.make_config(**settings), show_rows)
-        elif resume_dir is not None:
-            finetune.resume(resume_dir, **settings)
+            config = steps.resumed_config(resume_dir, **settings)
+            method_run(config.method).run(config, resume=True)
         else:
-            finetune.run(finetune.make_config(**settings))
+            config = config_from_flags(settings)
+            if show_rows is not None:
+                method_run(config.method).show_batch(config, show_rows)
+            else:
+                method_run(config.method).run(config)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

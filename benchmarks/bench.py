@@ -343,14 +343,15 @@ def prepare_data(args):
 def epoch_batches(row, args, reference):
     """One epoch of the fine-tuning job from the real DataLoader, with the seconds it took to collate.
     `reference`: the PyTorch pipeline's batches (no grouping, no masking)."""
-    from minigpt.data import DataLoader, InstructionDataset, load_instruction_data, split_data
+    from minigpt.data import InstructionDataset, load_instruction_data, split_data
+    from minigpt.loader import DataLoader
     from minigpt.tokenizer import get_tokenizer
     train, _, _ = split_data(load_instruction_data(args.data))                          # 935 of 1,100
     vocab_dir = args.vocab_dir if Path(args.vocab_dir).is_dir() else None               # else tiktoken's
-    dataset = InstructionDataset(train, get_tokenizer("gpt2", vocab_dir=vocab_dir), style="alpaca")
+    dataset = InstructionDataset(train, get_tokenizer("gpt2", vocab_dir=vocab_dir), style="alpaca",
+                                 mask_prompt=row.mask_prompt and not reference, allowed_max_length=1024)
     loader = DataLoader(dataset, EPOCH_BATCH_SIZE, shuffle=True, seed=args.seed,
-                        group_by_length=row.group_by_length and not reference,
-                        mask_prompt=row.mask_prompt and not reference, allowed_max_length=1024)
+                        group_by_length=row.group_by_length and not reference)
     start = time.perf_counter()
     batches = list(loader)
     return batches, {"collate_s": time.perf_counter() - start, "examples": len(train)}
@@ -358,11 +359,13 @@ def epoch_batches(row, args, reference):
 
 def task_batches(row, args, reference):
     """The first batches `python train.py` trains on: its own loader over the built-in tasks."""
-    from minigpt import finetune
+    from minigpt.pipeline import sft_run
     from minigpt.tokenizer import get_tokenizer
-    config = finetune.RunConfig(n_train=row.batch * 20)
-    train, _, _ = finetune.load_splits(config)
-    loader = finetune.training_loader(config, get_tokenizer(config.tokenizer), train, config.context_length)
+    c = sft_run.make_config(n_train=row.batch * 20)
+    train, _, _ = sft_run.load_splits(c.data, c.data_dir, c.shuffle_seed, c.data_seed, c.n_train, c.n_val,
+                                      c.n_test)
+    loader = sft_run.training_loader(train, get_tokenizer(c.tokenizer), c.prompt_style, c.mask_prompt,
+                                     c.context_length, c.batch_size, c.seed, c.group_by_length)
     return list(loader), {}
 
 
@@ -370,7 +373,7 @@ def response_prompts(row, args, reference):
     """The reference job's 110 test prompts (GPT-2 tokens) and minigpt's batches of them."""
     from minigpt.data import load_instruction_data, split_data
     from minigpt.model import GPTConfig
-    from minigpt.responses import prompt_ids, response_batches
+    from minigpt.pipeline.responses import prompt_ids, response_batches
     from minigpt.tokenizer import get_tokenizer
     _, _, test = split_data(load_instruction_data(args.data))                           # 110 of 1,100
     vocab_dir = args.vocab_dir if Path(args.vocab_dir).is_dir() else None

@@ -13,7 +13,8 @@ as "rejected":
   - validation and test pairs (the run's held-out prompts, never trained on): a near miss.
 The file is ordered so that the 85% / 5% / 10% split of train.py puts the test pairs on the very
 500 test prompts the fine-tuning run was scored on, and the validation pairs on its 250 validation
-prompts. Then one DPO run, the pipeline of `train.py --method dpo` (minigpt.finetune), and this prints:
+prompts. Then one DPO run, the pipeline of `train.py --method dpo` (minigpt/pipeline/dpo_run.py), and this
+prints:
   - exact match on every kind's test prompts before (the fine-tuned model) and after DPO, against
     issue 11's goals: the weakest kind up by >= 10 points, overall exact match not lower;
   - the held-out (test pairs') reward accuracy, goal > 0.9, and margin;
@@ -60,16 +61,18 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def sft_run(run_dir, finetune, tasks):
+def finished_sft_run(run_dir, sft_run, tasks):
     """The fine-tuning run's RunConfig and (train, val, test) entries, checked to be a finished task run."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "model-final.npz").is_file():
         raise ValueError(f"{run_dir} is not a finished run folder (no config.json or model-final.npz); "
                          f"make one with: python train.py --out-dir {run_dir}")
-    config = finetune.RunConfig(**json.loads((run_dir / "config.json").read_text()))
+    from minigpt.pipeline.settings import RunConfig
+    config = RunConfig(**json.loads((run_dir / "config.json").read_text()))
     if tasks.selected_kinds(config.data) != tasks.TASKS:
         raise ValueError(f"{run_dir} was not trained on the default task mix (its data: {config.data})")
-    return config, finetune.load_splits(config)
+    return config, sft_run.load_splits(config.data, config.data_dir, config.shuffle_seed, config.data_seed,
+                                       config.n_train, config.n_val, config.n_test)
 
 
 def pair_prompts(train, val, test):
@@ -116,29 +119,29 @@ def exact_match(weights_file, config, entries):
 
 
 def answers(weights_file, config, entries):
-    from minigpt.responses import generate_responses
+    from minigpt.files.weights import load_weights
+    from minigpt.pipeline.responses import generate_responses
     from minigpt.tokenizer import get_tokenizer
-    from minigpt.weights import load_weights
     return generate_responses(load_weights(weights_file), get_tokenizer(config.tokenizer, config.vocab_dir),
                               entries, config.prompt_style, config.max_new_tokens,
                               batch_size=config.batch_size, progress=False)
 
 
-def dpo_run_config(args, sft_config, pairs_file, out_dir, finetune):
+def dpo_run_config(args, sft_config, pairs_file, out_dir, dpo_run):
     """The DPO run: train.py --method dpo from the fine-tuned weights, the fine-tuning run's tokenizer,
     prompt style and answer length, and the demo's recipe."""
-    return finetune.make_config(
-        method="dpo", weights=str(Path(args.run_dir) / "model-final.npz"), data=str(pairs_file),
+    return dpo_run.make_config(
+        weights=str(Path(args.run_dir) / "model-final.npz"), data=str(pairs_file),
         tokenizer=sft_config.tokenizer, vocab_dir=sft_config.vocab_dir, prompt_style=sft_config.prompt_style,
         max_new_tokens=sft_config.max_new_tokens, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         schedule="cosine", warmup_steps=WARMUP_STEPS, min_lr=0.0,
         beta=args.beta, nll_weight=args.nll_weight, eval_freq=EVAL_FREQ, out_dir=str(out_dir))
 
 
-def train_command(config, finetune):
+def train_command(config, dpo_run):
     """The train.py command line that runs `config`: a flag for every setting that differs from
     train.py's defaults for a --method dpo --weights run."""
-    defaults = finetune.make_config(method="dpo", weights=config.weights)
+    defaults = dpo_run.make_config(weights=config.weights)
     words = ["python", "train.py"]
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
@@ -183,26 +186,27 @@ def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT))   # this checkout's minigpt
     import numpy as np
-    from minigpt import finetune, tasks
-    from minigpt.fileio import write_json
-    from minigpt.preference import split_preference_data
+    from minigpt import tasks
+    from minigpt.data import split_data
+    from minigpt.files.fileio import write_json
+    from minigpt.pipeline import dpo_run, sft_run
     try:
-        sft_config, (train, val, test) = sft_run(args.run_dir, finetune, tasks)
+        sft_config, (train, val, test) = finished_sft_run(args.run_dir, sft_run, tasks)
         weights_file = Path(args.run_dir) / "model-final.npz"
         before = exact_match(weights_file, sft_config, test)
         train, val, test = pair_prompts(train, val, test)
         train_answers = answers(weights_file, sft_config, train)
         pairs = build_pairs(train, val, test, train_answers, np.random.default_rng(PAIR_SEED), tasks)
-        assert split_preference_data(pairs) == (pairs[:len(train)], pairs[-len(val):],
-                                                pairs[len(train):len(train) + len(test)])
+        assert split_data(pairs) == (pairs[:len(train)], pairs[-len(val):],
+                                     pairs[len(train):len(train) + len(test)])
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out_dir = Path(args.out_dir or Path(args.run_dir).parent / f"{Path(args.run_dir).name}-dpo-{stamp}")
         pairs_file = out_dir.parent / f"{out_dir.name}-pairs.json"
         write_json(pairs_file, pairs)
-        config = dpo_run_config(args, sft_config, pairs_file, out_dir, finetune)
+        config = dpo_run_config(args, sft_config, pairs_file, out_dir, dpo_run)
         config.validate()
         start, start_cpu = time.monotonic(), time.process_time()
-        run_dir = finetune.run(config)
+        run_dir = dpo_run.run(config)
         seconds = {"wall": time.monotonic() - start, "cpu": time.process_time() - start_cpu}
         after = exact_match(run_dir / "model-final.npz", sft_config, test)
     except (ValueError, OSError) as e:
@@ -211,7 +215,7 @@ def main(argv=None):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     own_mistakes = sum(pair["rejected_from"] == "model" for pair in pairs[:len(train)])
     lines, summary = report(before, after, metrics["dpo"]["test"], own_mistakes, len(train), seconds,
-                            metrics["steps"], train_command(config, finetune))
+                            metrics["steps"], train_command(config, dpo_run))
     print(f"\nDPO demonstration: {weights_file} tuned on preference pairs {pairs_file}")
     print("\n".join(lines))
     write_json(run_dir / "dpo-demo.json", summary)

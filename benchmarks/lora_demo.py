@@ -4,7 +4,7 @@
     python benchmarks/lora_demo.py runs/default      # the demonstration of README, "LoRA"
 
 The default run's model-final.npz has never seen the task kind `swapcase` (minigpt/tasks.py). One LoRA
-run, the pipeline of `train.py --lora-rank` (minigpt.finetune), trains adapters alone on it, with
+run, the pipeline of `train.py --lora-rank` (minigpt/pipeline/sft_run.py), trains adapters alone on it, with
 replay of the five old kinds, and this prints:
   - exact match on every kind's held-out test prompts before (the base model) and after (the merged
     adapters), against issue 10's goals: the new kind >= 90%, no old kind down by more than 3 points;
@@ -61,7 +61,7 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def lora_run_config(args, finetune, tasks):
+def lora_run_config(args, RunConfig, tasks):
     """The LoRA run's RunConfig: the default run's settings, with the base, data and LoRA recipe changed."""
     run_dir = Path(args.run_dir)
     base = run_dir / "model-final.npz"
@@ -80,27 +80,28 @@ def lora_run_config(args, finetune, tasks):
         lr=args.lr, schedule="cosine", warmup_steps=WARMUP_STEPS, min_lr=min(MIN_LR, args.lr),
         eval_freq=EVAL_FREQ, lora_rank=args.rank, lora_alpha=args.alpha, out_dir=str(out_dir), name=None,
         export_hf=False, judge_model=None)
-    return finetune.RunConfig(**settings)
+    return RunConfig(**settings)
 
 
-def exact_match(weights_file, config, finetune, tasks):
+def exact_match(weights_file, config, sft_run, tasks):
     """Exact match per kind of the model in `weights_file` on the held-out test prompts of every kind,
     the new one and the five old ones (the run's own test set when it replays them all)."""
-    from minigpt.responses import generate_responses
+    from minigpt.files.weights import load_weights
+    from minigpt.pipeline.responses import generate_responses
     from minigpt.tokenizer import get_tokenizer
-    from minigpt.weights import load_weights
     every_kind = tasks.DATA_PREFIX + ",".join((NEW_KIND, *tasks.TASKS))
-    test = finetune.load_splits(dataclasses.replace(config, data=every_kind))[2]
+    test = sft_run.load_splits(every_kind, config.data_dir, config.shuffle_seed, config.data_seed,
+                               config.n_train, config.n_val, config.n_test)[2]
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
     responses = generate_responses(load_weights(weights_file), tokenizer, test, config.prompt_style,
                                    config.max_new_tokens, batch_size=config.batch_size, progress=False)
     return tasks.exact_match_by_task(test, responses)[1]
 
 
-def train_command(config, finetune):
+def train_command(config, sft_run):
     """The train.py command line that runs `config`: a flag for every setting that differs from
     train.py's defaults for a --weights run (None as 0 where a flag takes 0 for 'off')."""
-    defaults = finetune.make_config(weights=config.weights)
+    defaults = sft_run.make_config(weights=config.weights)
     words = ["python", "train.py", "--weights", config.weights]
     for field in dataclasses.fields(config):
         value, default = getattr(config, field.name), getattr(defaults, field.name)
@@ -152,21 +153,23 @@ def report(config, before, after, metrics, seconds, command):
 def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT))   # this checkout's minigpt
-    from minigpt import finetune, tasks
-    from minigpt.fileio import write_json
+    from minigpt import tasks
+    from minigpt.files.fileio import write_json
+    from minigpt.pipeline import sft_run
+    from minigpt.pipeline.settings import RunConfig
     try:
-        config = lora_run_config(args, finetune, tasks)
+        config = lora_run_config(args, RunConfig, tasks)
         config.validate()
-        before = exact_match(config.weights, config, finetune, tasks)
+        before = exact_match(config.weights, config, sft_run, tasks)
         start, start_cpu = time.monotonic(), time.process_time()
-        run_dir = finetune.run(config)
+        run_dir = sft_run.run(config)
         seconds = {"wall": time.monotonic() - start, "cpu": time.process_time() - start_cpu}
-        after = exact_match(run_dir / "model-final.npz", config, finetune, tasks)
+        after = exact_match(run_dir / "model-final.npz", config, sft_run, tasks)
     except (ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    lines, summary = report(config, before, after, metrics, seconds, train_command(config, finetune))
+    lines, summary = report(config, before, after, metrics, seconds, train_command(config, sft_run))
     print("\n" + "\n".join(lines))
     write_json(run_dir / "lora-demo.json", summary)
     return 0

@@ -1,7 +1,7 @@
-"""Instruction data: load and validate, format prompts, split, tokenize, collate, batch.
+"""Instruction data: load and validate, split, tokenize once, collate into batches.
 
 Follows rasbt's LLMs-from-scratch ch. 7. An entry is {"instruction", "input", "output"}; it becomes
-prompt + response header + output (see PROMPT_STYLES), tokenized once. A batch of B token lists is
+prompt + response header + output (minigpt.prompts), tokenized once. A batch of B token lists is
 padded with <|endoftext|> and shifted by one into inputs and targets, both (B, T) int64:
 
     seq       5 6                       (one example, length 2; batch longest = 5 -> T = 5)
@@ -10,7 +10,7 @@ padded with <|endoftext|> and shifted by one into inputs and targets, both (B, T
     targets   6 E I I I                 padded[1:]; pads after the first E -> I = IGNORE_INDEX
 
 The first E stays a target so the model learns to stop. With prompt masking, targets that are prompt
-tokens become I as well, so the loss is taken on the response only.
+tokens become I as well, so the loss is taken on the response only. minigpt.loader draws the batches.
 """
 import hashlib
 import json
@@ -19,8 +19,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .fileio import download_file, parse_json
+from .files.fileio import download_file, parse_json
 from .losses import IGNORE_INDEX
+from .prompts import build_prompt
 from .tokenizer import EOT, GPT2_EOT_ID, encode  # GPT2_EOT_ID: the default padding token
 
 REFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -92,57 +93,6 @@ def download_instruction_data(directory="data"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt styles
-
-class PromptStyle(NamedTuple):
-    instruction: str  # template of the prompt's start, with {instruction}
-    input: str        # appended only when the entry's input is non-empty, with {input}
-    response: str     # the response header; the output follows it directly
-
-
-PROMPT_STYLES = {
-    "alpaca": PromptStyle(
-        instruction=("Below is an instruction that describes a task. Write a response that "
-                     "appropriately completes the request.\n\n### Instruction:\n{instruction}"),
-        input="\n\n### Input:\n{input}",
-        response="\n\n### Response:\n"),
-    "phi3": PromptStyle(instruction="<|user|>\n{instruction}", input="\n{input}",
-                        response="\n<|assistant|>:\n"),
-}
-
-
-def _prompt_style(style):
-    if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; choose one of: {', '.join(PROMPT_STYLES)}")
-    return PROMPT_STYLES[style]
-
-
-def format_input(entry, style="alpaca"):
-    """The prompt: instruction, plus the input when there is one (a missing "input" counts as empty)."""
-    template = _prompt_style(style)
-    prompt = template.instruction.format(instruction=entry["instruction"])
-    if entry.get("input"):
-        prompt += template.input.format(input=entry["input"])
-    return prompt
-
-
-def response_header(style="alpaca"):
-    """The text between the prompt and the output, e.g. "\\n\\n### Response:\\n" for alpaca."""
-    return _prompt_style(style).response
-
-
-def build_prompt(entry, style="alpaca"):
-    """What the model is given: prompt + response header. Training appends the output; generation,
-    the test responses and generate.py let the model continue it."""
-    return format_input(entry, style) + response_header(style)
-
-
-def format_example(entry, style="alpaca"):
-    """The full training text: prompt + response header + output."""
-    return build_prompt(entry, style) + entry["output"]
-
-
-# ---------------------------------------------------------------------------------------------
 # Splitting and the dataset
 
 def split_data(entries, train_frac=0.85, test_frac=0.10, shuffle_seed=None):
@@ -181,18 +131,30 @@ def check_same_data(recorded, current, source):
                              f"with, or start a new run")
 
 
-class InstructionDataset:
-    """Entries tokenized once: `dataset[i]` is the token-id list of prompt + header + output.
+class Batch(NamedTuple):
+    """B examples padded together, as the loss takes them (see collate)."""
+    inputs: np.ndarray    # (B, T) int64 token ids
+    targets: np.ndarray   # (B, T) int64, IGNORE_INDEX where the loss skips a position
 
-    `prompt_lengths[i]` counts the tokens before the output (prompt + response header). The two parts
-    are encoded separately and concatenated, so the prompt's tokens are exactly those the model gets
-    at generation time, and the count is exact even where BPE could merge across the boundary.
+
+class InstructionDataset:
+    """Entries tokenized once, and batched as the run's loss needs them.
+
+    token_ids[i]       prompt + response header + output, as token ids
+    prompt_lengths[i]  the tokens before the output (prompt + response header). The two parts are
+                       encoded separately and concatenated, so the prompt's tokens are exactly those the
+                       model gets at generation time, and the count is exact even where BPE could merge
+                       across the boundary
+    batch(indices)     the Batch of those examples: padded with <|endoftext|>, shifted, cut to
+                       allowed_max_length and, with mask_prompt, the prompt's targets ignored (collate)
     """
 
-    def __init__(self, entries, tokenizer, style="alpaca"):
-        refuse_end_of_text(entries, INSTRUCTION_KEYS, source="instruction data")
+    def __init__(self, entries, tokenizer, style="alpaca", mask_prompt=False, allowed_max_length=None):
         self.entries = entries
         self.style = style
+        self.mask_prompt = mask_prompt
+        self.allowed_max_length = allowed_max_length
+        self.pad_token_id = tokenizer.eot_token
         self.token_ids = []
         self.prompt_lengths = []
         for entry in entries:
@@ -206,9 +168,15 @@ class InstructionDataset:
     def __getitem__(self, i):
         return self.token_ids[i]
 
+    def batch(self, indices):
+        """The Batch of the examples at `indices`: inputs and targets (B, T)."""
+        prompt_lengths = np.asarray(self.prompt_lengths)[indices] if self.mask_prompt else None  # (B,)
+        return Batch(*collate([self.token_ids[i] for i in indices], pad_token_id=self.pad_token_id,
+                              allowed_max_length=self.allowed_max_length, prompt_lengths=prompt_lengths))
+
 
 # ---------------------------------------------------------------------------------------------
-# Collate and the loader
+# Collate, and a batch as text
 
 def collate(batch, pad_token_id=GPT2_EOT_ID, ignore_index=IGNORE_INDEX, allowed_max_length=None,
             prompt_lengths=None):
@@ -274,133 +242,22 @@ def token_text(tokenizer, token_id):
         return repr(raw)
 
 
-def check_responses_fit(loader, what="training", log=print):
-    """Count the examples of `loader` (over an InstructionDataset) whose whole response is cut off: their
-    prompt, response header included, is longer than the loader's cut (allowed_max_length), so not even
-    the first response token is a target. Some: a warning line through `log`. More than half: ValueError,
-    since the run would mostly train (or validate) on nothing; the context is too short for the prompts."""
-    cut = loader.allowed_max_length
+def check_responses_fit(dataset, what="training", log=print):
+    """Count the examples of an InstructionDataset whose whole response is cut off: their prompt, response
+    header included, is longer than the dataset's cut (allowed_max_length), so not even the first response
+    token is a target. Some: a warning line through `log`. More than half: ValueError, since the run
+    would mostly train (or validate) on nothing; the context is too short for the prompts."""
+    cut = dataset.allowed_max_length
     if cut is None:
         return
-    prompt_lengths = np.asarray(loader.dataset.prompt_lengths)                 # (N,)
+    prompt_lengths = np.asarray(dataset.prompt_lengths)                        # (N,)
     lost, n = int((prompt_lengths > cut).sum()), len(prompt_lengths)
     if lost == 0:
         return
-    teach = "nothing" if loader.mask_prompt else "only their prompt"
+    teach = "nothing" if dataset.mask_prompt else "only their prompt"
     message = (f"{lost} of {n} {what} examples lose their whole response to the cut at {cut} tokens (their "
                f"prompt alone is longer), so they teach {teach}")
     if 2 * lost > n:
         raise ValueError(f"{message}: more than half; use a longer context (--context-length of a new model, "
                          f"--allowed-max-length) or shorter prompts")
     log(f"warning: {message}")
-
-
-class DataLoader:
-    """Batches of (inputs, targets) from a dataset of token lists, via `collate`.
-
-    Each iteration is one epoch. With `shuffle`, the loader's own seeded generator draws a new order
-    per epoch, so runs are reproducible from `seed`, and `state_dict()` / `load_state_dict()` resume
-    exactly, even mid-epoch. `group_by_length` puts examples of similar length in the same batch (less
-    padding): the order is sorted by length within chunks of GROUP_CHUNK_BATCHES batches, and with
-    `shuffle` the batch order is then shuffled. Every example appears once per epoch (unless
-    `drop_last` drops the final short batch).
-
-    A dataset with a `batch(indices)` method makes its own batches instead (preference.PreferenceDataset:
-    chosen and rejected sequences padded together); the order, shuffling and resume are the same.
-
-    Grouping makes each batch a set of similar examples. Where length goes with the kind of example
-    (each task of minigpt.tasks has its own typical length), batches become single-task and training
-    suffers badly: measured on the built-in tasks, 26% exact match grouped against 99% mixed.
-    """
-    GROUP_CHUNK_BATCHES = 50  # big enough to find similar lengths, small enough to keep randomness
-
-    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0,
-                 group_by_length=False, mask_prompt=False, pad_token_id=GPT2_EOT_ID,
-                 allowed_max_length=None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if mask_prompt and not hasattr(dataset, "prompt_lengths"):
-            raise ValueError("mask_prompt needs a dataset with prompt_lengths (an InstructionDataset)")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.group_by_length = group_by_length
-        self.mask_prompt = mask_prompt
-        self.pad_token_id = pad_token_id
-        self.allowed_max_length = allowed_max_length
-        self.lengths = (np.array([len(dataset[i]) for i in range(len(dataset))])   # (N,)
-                        if group_by_length else None)
-        self.prompt_lengths = np.asarray(dataset.prompt_lengths) if mask_prompt else None  # (N,)
-        self.rng = np.random.default_rng(seed)
-        self.epoch = 0                        # epochs started so far
-        self._epoch_start_state = self.rng.bit_generator.state  # replays the latest epoch's order
-        self._batches_done = 0                # batches yielded in the latest epoch
-        self._resume_pending = False
-
-    def __len__(self):
-        n, b = len(self.dataset), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
-
-    def _plan_epoch(self):
-        """The list of index arrays for one epoch (draws from self.rng when shuffling)."""
-        n = len(self.dataset)
-        order = self.rng.permutation(n) if self.shuffle else np.arange(n)   # (N,)
-        if self.group_by_length:
-            chunk = self.batch_size * self.GROUP_CHUNK_BATCHES
-            order = np.concatenate([part[np.argsort(self.lengths[part], kind="stable")]
-                                    for part in np.split(order, range(chunk, n, chunk))])
-        batches = [order[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size,
-                                                                self.batch_size)]
-        if self.group_by_length and self.shuffle:
-            batches = [batches[i] for i in self.rng.permutation(len(batches))]
-        return batches
-
-    def __iter__(self):
-        if self._resume_pending:
-            self._resume_pending = False
-            self.rng.bit_generator.state = self._epoch_start_state
-            if self._batches_done > 0:  # the saved epoch had started: replay its order
-                batches = self._plan_epoch()
-                if self._batches_done < len(batches):
-                    yield from self._batches_from(batches, self._batches_done)
-                    return
-                # it had finished, and the replay left self.rng where it was after it: start the next
-        self._epoch_start_state = self.rng.bit_generator.state
-        self.epoch += 1
-        self._batches_done = 0
-        yield from self._batches_from(self._plan_epoch(), 0)
-
-    def _batches_from(self, batches, start):
-        for b in range(start, len(batches)):
-            self._batches_done = b + 1
-            indices = batches[b]
-            if hasattr(self.dataset, "batch"):
-                yield self.dataset.batch(indices)
-                continue
-            prompt_lengths = self.prompt_lengths[indices] if self.mask_prompt else None
-            yield collate([self.dataset[i] for i in indices], pad_token_id=self.pad_token_id,
-                          allowed_max_length=self.allowed_max_length, prompt_lengths=prompt_lengths)
-
-    def state_dict(self):
-        """JSON-serialisable position: epochs started, batches yielded in the latest one (a batch counts
-        as done once yielded), and the RNG state at that epoch's start."""
-        return {"epoch": self.epoch, "batches_done": self._batches_done, "num_batches": len(self),
-                "rng_state": self._epoch_start_state}
-
-    def load_state_dict(self, state):
-        """Resume from `state_dict()`: the next iteration continues the saved epoch where it stopped."""
-        missing = [k for k in ("epoch", "batches_done", "num_batches", "rng_state") if k not in state]
-        if missing:
-            raise ValueError(f"data loader state is missing {', '.join(missing)}")
-        if state["num_batches"] != len(self):
-            raise ValueError(f"data loader state is for {state['num_batches']} batches per epoch, "
-                             f"but this loader has {len(self)} (different data or batch size?)")
-        try:  # setting it checks it, so a damaged state fails here rather than at the next epoch
-            self.rng.bit_generator.state = state["rng_state"]
-        except (TypeError, ValueError, KeyError) as e:
-            raise ValueError(f"data loader state has an invalid rng_state: {e}") from None
-        self.epoch = state["epoch"]
-        self._epoch_start_state = state["rng_state"]
-        self._batches_done = state["batches_done"]
-        self._resume_pending = True

@@ -28,31 +28,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .losses import IGNORE_INDEX, kept_targets
+from .losses import IGNORE_INDEX, kept_targets, target_log_softmax_rows
+from .nn import eval_mode
 from .ops import as_float_tensor
-from .parallel import for_slices, matmul, matmul_tn
+from .cpu.parallel import for_slices, matmul, matmul_tn
 from .tensor import Tensor, is_grad_enabled, no_grad
 
 DEFAULT_BETA = 0.1
 REDUCTIONS = ("mean", "sum")
 
 
-def _logprob_rows(z, target_ids, need_grad):
-    """log softmax(z_i)[t_i] for each row of z (N, V); with need_grad, overwrites z with the gradient of
-    that log-probability, onehot(t_i) - softmax(z_i). In row slices on all cores, like cross_entropy."""
+def _target_logprobs(z, target_ids, need_grad):
+    """log softmax(z_i)[t_i] for each row of z (N, V), in row slices on all cores; with need_grad, z is
+    overwritten with softmax(z_i) - onehot(t_i), the gradient of -log softmax(z_i)[t_i]."""
     token_logprobs = np.empty(len(z), dtype=z.dtype)              # (N,)
 
     def rows(start, stop):
-        zs, ts = z[start:stop], target_ids[start:stop]
-        r = np.arange(stop - start)
-        zs -= zs.max(axis=1, keepdims=True)                       # the largest logit becomes 0: no overflow
-        token_logprobs[start:stop] = zs[r, ts]
-        np.exp(zs, out=zs)
-        sum_exp = zs.sum(axis=1, keepdims=True)                   # (rows, 1)
-        token_logprobs[start:stop] -= np.log(sum_exp[:, 0])
-        if need_grad:                                             # the reference model skips these passes
-            zs /= -sum_exp                                        # -softmax
-            zs[r, ts] += 1.0
+        token_logprobs[start:stop] = target_log_softmax_rows(z[start:stop], target_ids[start:stop],
+                                                             1.0 if need_grad else None)
     for_slices(rows, len(z), row_size=z.shape[1])
     return token_logprobs
 
@@ -68,10 +61,11 @@ def sequence_logprobs(x, wte, targets, reduction="mean", ignore_index=IGNORE_IND
     Backward: s_i = dlogp_b(i) * w_b(i);   dz_i = s_i * (onehot(t_i) - softmax(z_i))
               dx_i = s_i * ((onehot - softmax)_i @ wte), 0 on ignored rows
               dwte = (onehot - softmax)^T @ (s * x_kept)
-    Cache:    x_kept (N, C), and onehot - softmax (N, V), which overwrites z: the logits exist once.
+    Cache:    x_kept (N, C), and softmax - onehot (N, V), which overwrites z: the logits exist once
+              (the shared row helper keeps cross-entropy's sign, so the backward turns the scales' sign).
               The row scales s are applied to the (N, C) side of each product, never to the (N, V) array.
-    A sequence with no kept target has no log-probability: ValueError. Plain twin (composed of
-    lm_head and ops, no fusion): tests/test_dpo.py::plain_sequence_logprobs.
+    A sequence with no kept target has no log-probability: ValueError.
+    Plain twin: minigpt/plain_ops.py:sequence_logprobs.
     """
     x = as_float_tensor("sequence_logprobs", x)
     if reduction not in REDUCTIONS:
@@ -91,19 +85,21 @@ def sequence_logprobs(x, wte, targets, reduction="mean", ignore_index=IGNORE_IND
                          f"({ignore_index}), so it has no log-probability")
     weights = (1.0 / counts if reduction == "mean" else np.ones(B)).astype(x.dtype)  # (B,) w_b
     x_kept = x.data.reshape(-1, C)[kept_rows]                     # (N, C)
-    dz_unit = matmul(x_kept, wte.data.T)                          # (N, V): the logits, for now
+    logits = matmul(x_kept, wte.data.T)                           # (N, V)
     need_grad = is_grad_enabled() and (x.requires_grad or wte.requires_grad)
-    token_logprobs = _logprob_rows(dz_unit, target_ids, need_grad)  # (N,); dz_unit: onehot - softmax
+    token_logprobs = _target_logprobs(logits, target_ids, need_grad)  # (N,)
+    softmax_minus_onehot = logits  # the same buffer: _target_logprobs overwrote the logits with it
     logp = np.bincount(row_sequence, weights=token_logprobs, minlength=B).astype(x.dtype) * weights  # (B,)
 
     def backward(dlogp):
-        row_scale = (dlogp * weights)[row_sequence][:, None]      # (N, 1) s_i
+        minus_row_scale = -(dlogp * weights)[row_sequence][:, None]  # (N, 1) -s_i: onehot - softmax = -(...)
         if x.requires_grad:
             dx = np.zeros((B * T, C), dtype=x.dtype)
-            dx[kept_rows] = row_scale * matmul(dz_unit, wte.data)  # (N, C)
+            dx[kept_rows] = minus_row_scale * matmul(softmax_minus_onehot, wte.data)  # (N, C)
             x.accumulate_grad(dx.reshape(x.shape), owned=True)
         if wte.requires_grad:
-            wte.accumulate_grad(matmul_tn(dz_unit, row_scale * x_kept), owned=True)  # (V, C)
+            dwte = matmul_tn(softmax_minus_onehot, minus_row_scale * x_kept)   # (V, C)
+            wte.accumulate_grad(dwte, owned=True)
     return Tensor.from_op(logp, (x, wte), backward)
 
 
@@ -196,15 +192,10 @@ def reference_logprobs(reference_model, dataset, batch_size=8, reduction="mean")
     forward pass per step, and the reference model need not stay in memory while training.
     """
     chosen, rejected = np.empty(len(dataset)), np.empty(len(dataset))   # (N,), (N,)
-    was_training = reference_model.training
-    reference_model.eval()
-    try:
-        with no_grad():
-            for batch in dataset.batches(batch_size):
-                logp = batch_logprobs(reference_model, batch, reduction).data   # (2B,)
-                chosen[batch.indices], rejected[batch.indices] = logp[:batch.size], logp[batch.size:]
-    finally:
-        reference_model.train(was_training)
+    with eval_mode(reference_model), no_grad():
+        for batch in dataset.batches(batch_size):
+            logp = batch_logprobs(reference_model, batch, reduction).data   # (2B,)
+            chosen[batch.indices], rejected[batch.indices] = logp[:batch.size], logp[batch.size:]
     return ReferenceLogprobs(chosen, rejected, reduction, dataset.fingerprint)
 
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .ops import as_float_tensor
-from .parallel import in_row_slices, matmul, matmul_tn, parallel_map, sequence_blocks
+from .cpu.parallel import in_row_slices, matmul, matmul_tn, parallel_map, sequence_blocks
 from .tensor import Tensor
 
 
@@ -34,7 +34,7 @@ def linear(x, weight, bias=None):
     Shapes:   x (..., C), W (C, OC), b (OC,) -> out (..., OC)
     Backward: dx = dout @ W^T;  dW = x^T @ dout (summed over every leading axis);  db = sum(dout)
     Cache:    x, W
-    Plain twin: tests/reference_ops.py:linear
+    Plain twin: minigpt/plain_ops.py:linear
 
     The leading axes are folded into rows, so each product is one BLAS matrix multiply.
     """
@@ -66,7 +66,7 @@ def lm_head(x, wte):
     Shapes:   x (..., C), wte (V, C) -> logits (..., V)
     Backward: dx = dlogits @ wte;  dwte = dlogits^T @ x   (added to the embedding's own gradient)
     Cache:    x, wte
-    Plain twin: tests/reference_ops.py:lm_head
+    Plain twin: minigpt/plain_ops.py:lm_head
     """
     V, C = wte.shape
     x2d = x.data.reshape(-1, C)                                   # (N, C)
@@ -89,7 +89,7 @@ def embedding(ids, weight):
     Backward: dW[v] = sum of dout[b, t] over every (b, t) with ids[b, t] == v  (scatter-add:
               a repeated id collects the gradient of each of its uses)
     Cache:    ids
-    Plain twin: tests/reference_ops.py:embedding
+    Plain twin: minigpt/plain_ops.py:embedding
     The sum per distinct id is formed first, then added into only those rows of dW: the positions
     are sorted by id, so each id's rows are adjacent and one np.add.reduceat sums them (np.add.at,
     the obvious scatter-add, is 5x slower).
@@ -122,7 +122,7 @@ def gelu(x):
     Backward: dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx),   t = tanh(u),
               du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     Cache:    x, t
-    Plain twin: tests/reference_ops.py:gelu
+    Plain twin: minigpt/plain_ops.py:gelu
 
     Written as in-place passes over row slices: no full-size temporaries, and every core busy.
     """
@@ -175,7 +175,7 @@ def softmax(x, axis=-1):
     Shapes:   x (..., V) -> out (..., V)
     Backward: dx = out * (dout - sum(dout * out))                   (sum along axis, kept)
     Cache:    out
-    Plain twin: tests/reference_ops.py:softmax
+    Plain twin: minigpt/plain_ops.py:softmax
     """
     x = as_float_tensor("softmax", x)
     on_last_axis = np.moveaxis(x.data, axis, -1).copy()          # our own C-ordered array to overwrite
@@ -196,7 +196,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     Backward: db = sum_BT(dout);  dw = sum_BT(dout * xhat)
               g = dout * w;  dx = rstd * (g - mean_C(g) - xhat * mean_C(g * xhat))
     Cache:    xhat (B, T, C), rstd (B, T, 1)
-    Plain twin: tests/reference_ops.py:layer_norm
+    Plain twin: minigpt/plain_ops.py:layer_norm
     (derivation: llm.c doc/layernorm; the three terms are the direct path, the mean, the variance)
     """
     x = as_float_tensor("layer_norm", x)
@@ -279,7 +279,7 @@ def causal_self_attention(qkv, n_heads):
                                                                    here, once, as in the forward's S)
               dq = dS @ k;  dk = dS^T @ q;  dqkv = join(dq, dk, dv)
     Cache:    qkv (q, k, v are views of it), att
-    Plain twin: tests/reference_ops.py:causal_self_attention
+    Plain twin: minigpt/plain_ops.py:causal_self_attention
     Masked entries have att = 0, so their gradient is exactly zero with no extra masking pass.
     Sequences are independent, so each thread takes a block of them (or of one sequence's heads) through
     every step in turn, while its scores are still in cache.
@@ -339,7 +339,7 @@ def dropout(x, p, rng, training=True):
     Shapes:   x (any) -> out (same)
     Backward: dx = dout * mask
     Cache:    mask
-    Plain twin: tests/reference_ops.py:dropout
+    Plain twin: minigpt/plain_ops.py:dropout
     The scaling keeps E[out] = x, so evaluation (training=False or p=0) is the identity.
     """
     x = as_float_tensor("dropout", x)

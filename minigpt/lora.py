@@ -8,35 +8,26 @@ for gpt2-small at r = 16 that is 2.4M numbers instead of 124M (Adam's state shri
 backward skips the frozen weights' gradient products x^T dout, a third of a linear layer's work.
 
     apply_lora(model, rank, alpha)     wrap the targeted Linear layers in LoRALinear, freeze the rest
-    describe(model)                    "trainable N of M (x%)"
+    trainable_summary(model)           "trainable N of M (x%)"
     merge_lora / unmerge_lora          plain weights W + (alpha / r) A B for generation and export, and back
-    save_adapters / load_adapters      A and B alone in a small .npz, with what identifies their base
-    copy_adapters                      put a file's A and B back into the same LoRA layers
+    (minigpt.files.adapters keeps A and B alone in a small file, with what identifies their base)
 
 Shape letters as in functional.py (C, OC, N), plus r, the LoRA rank. In lora_linear, B is LoRA's
 up-projection, not the batch size: leading axes are folded into N rows.
 """
 import dataclasses
-import json
 import math
-import zlib
-from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write, open_npz, parse_json
+from .cpu.parallel import matmul, matmul_tn
 from .nn import Linear, Module, Parameter
 from .ops import as_float_tensor
-from .parallel import matmul, matmul_tn
-from .safetensors import CheckpointError
 from .tensor import Tensor
-from .weights import check_float_parameter
 
 # Every linear layer of a GPT-2 block; the output head, tied to the token embedding, stays frozen.
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 ADAPTER_NAMES = ("lora_A", "lora_B")
-ADAPTERS_KEY = "__lora__"            # the .npz entry holding the JSON metadata
-ADAPTERS_FORMAT = "minigpt-lora-1"
 MERGED_ATTR = "merged_lora_layers"   # set on a merged model: {layer path: (parent, LoRALinear)}
 
 
@@ -50,9 +41,10 @@ def lora_linear(x, weight, bias, A, B, scale):
               dB = scale * (x @ A)^T @ dout
               W and b are frozen: no gradient, and their products x^T @ dout and sum(dout) are skipped.
     Cache:    x; scale * (x @ A) (N, r) from the forward, which is dB's left factor
+    Plain twin: minigpt/plain_ops.py:lora_linear
 
-    The plain twin is linear(x, W + scale A B, b) (tests/test_lora.py). Leading axes are folded into
-    rows, each product is one BLAS call, and scale multiplies only the narrow (N, r) arrays.
+    Leading axes are folded into rows, each product is one BLAS call, and scale multiplies only the
+    narrow (N, r) arrays.
     """
     x = as_float_tensor("lora_linear", x)
     C, OC = weight.shape
@@ -136,15 +128,15 @@ def apply_lora(model, rank, alpha, targets=DEFAULT_TARGETS, rng=None):
     check_hyperparameters(rank, alpha)
     if isinstance(targets, str) or not targets:
         raise ValueError(f"LoRA targets must be a non-empty list of layer names, got {targets!r}")
-    _check_plain(model)
-    linears = list(_layers(model, Linear))
+    check_plain(model)
+    linears = list(layers_of(model, Linear))
     chosen = [(path, parent, attr, layer) for path, parent, attr, layer in linears
               if any(path == t or path.endswith("." + t) for t in targets)]
     for target in targets:
         if not any(path == target or path.endswith("." + target) for path, *_ in chosen):
             raise ValueError(f"LoRA target {target!r} matches no linear layer of the model "
                              f"(GPT-2's are {', '.join(DEFAULT_TARGETS)})")
-    _check_rank_fits(rank, {path: layer.weight.shape for path, _, _, layer in chosen})
+    check_rank_fits(rank, {path: layer.weight.shape for path, _, _, layer in chosen})
 
     rng = rng if rng is not None else np.random.default_rng(0)
     for p in model.parameters():
@@ -164,12 +156,12 @@ def check_hyperparameters(rank, alpha):
 
 def lora_config(model):
     """The LoRAConfig of a model with (unmerged) adapters; ValueError if it has none."""
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     first = layers[0][3]
     return LoRAConfig(first.rank, first.alpha, tuple(path for path, *_ in layers))
 
 
-def describe(model):
+def trainable_summary(model):
     """'trainable N of M (x%)': the parameters an optimizer would update, against all of them."""
     trainable = sum(p.size for p in model.parameters(trainable_only=True))
     total = sum(p.size for p in model.parameters())
@@ -188,7 +180,7 @@ def merge_lora(model):
     save that memory (the targeted weights: 85M numbers, 340 MB in float32 for gpt2-small), but
     W + D - D is not W in floating point: a frozen base would drift by a rounding at each merge.
     """
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     for path, parent, attr, layer in layers:
         weight = Parameter(layer.merged_weight())
         weight.requires_grad = False  # merging changes what the layer computes, not what trains
@@ -208,159 +200,9 @@ def unmerge_lora(model):
     return model
 
 
-# ----------------------------------------------------------------------------- adapters on disk
+# ----------------------------------------------------------------------------- helpers
 
-def save_adapters(model, path):
-    """Write A and B of every LoRA layer to one small .npz, atomically, with JSON metadata.
-
-    Metadata: the rank, alpha, the layers' paths and what identifies the base: each layer's (C, OC),
-    the model's GPTConfig and a CRC-32 of every base parameter, so the adapters never silently meet
-    a different base.
-    """
-    config = lora_config(model)
-    arrays = {name: p.data for name, p in model.named_parameters() if _is_adapter(name)}
-    meta = {"format": ADAPTERS_FORMAT, "rank": int(config.rank), "alpha": float(config.alpha),
-            "layers": list(config.layers), "base": _base_identity(model)}
-    arrays[ADAPTERS_KEY] = np.array(json.dumps(meta))  # 0-d unicode: loads without pickle
-    with atomic_write(path) as f:
-        np.savez(f, **arrays)
-    return Path(path)
-
-
-def load_adapters(model, path):
-    """Apply LoRA to the plain `model` with the file's rank and alpha, and load its A and B.
-
-    Everything is checked before the model is touched; a file that does not fit raises
-    CheckpointError (a ValueError) with one line naming the file and the problem.
-    """
-    path = Path(path)
-    meta, arrays = _read_adapters(path)
-    try:
-        _check_plain(model)
-        _check_base(model, meta)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    apply_lora(model, meta["rank"], meta["alpha"], targets=meta["layers"])
-    _copy_adapters(model, arrays)
-    return lora_config(model)
-
-
-def copy_adapters(model, path):
-    """Copy A and B from an adapters file into `model`, which has LoRA layers of the same paths,
-    rank and alpha already (a run's best adapters, put back). A file that does not fit raises a
-    one-line CheckpointError and leaves the model untouched; the base is not checked (it is the
-    model's own: the file came from a run on it)."""
-    path = Path(path)
-    meta, arrays = _read_adapters(path)
-    ours = lora_config(model)
-    theirs = LoRAConfig(meta["rank"], meta["alpha"], tuple(meta["layers"]))
-    if theirs != ours:
-        raise CheckpointError(f"{path}: adapters of rank {theirs.rank}, alpha {theirs.alpha:g} on "
-                              f"{len(theirs.layers)} layers; the model's are rank {ours.rank}, alpha "
-                              f"{ours.alpha:g} on {len(ours.layers)} layers")
-    params = dict(model.named_parameters())
-    for name, array in arrays.items():
-        if array.shape != params[name].shape:
-            raise CheckpointError(f"{path}: {name} has shape {array.shape}, expected {params[name].shape}")
-    _copy_adapters(model, arrays)
-
-
-def _copy_adapters(model, arrays):
-    for name, p in model.named_parameters():
-        if _is_adapter(name):
-            p.data[...] = arrays[name]
-
-
-def _read_adapters(path):
-    """(metadata, {name: array}) of an adapters .npz, or a one-line CheckpointError. Each array's shape is
-    checked from its .npy header before it is read, and it must be floating point and finite."""
-    with open_npz(path, error=CheckpointError, hint=" (not written by save_adapters)") as archive:
-        if ADAPTERS_KEY not in archive.files:
-            raise CheckpointError(f"{path}: no {ADAPTERS_KEY} entry, so not written by save_adapters")
-        meta = parse_json(str(archive[ADAPTERS_KEY][()]), f"{path}: {ADAPTERS_KEY}", CheckpointError)
-        if not _is_metadata(meta):
-            raise CheckpointError(f"{path}: damaged adapters file (metadata is not {ADAPTERS_FORMAT})")
-        try:
-            check_hyperparameters(meta["rank"], meta["alpha"])
-            _check_rank_fits(meta["rank"], meta["base"]["shapes"])
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        rank, stored = meta["rank"], set(archive.files) - {ADAPTERS_KEY}
-        expected = {f"{layer}.{name}": shape for layer, (C, OC) in meta["base"]["shapes"].items()
-                    for name, shape in (("lora_A", (C, rank)), ("lora_B", (rank, OC)))}
-        if stored != expected.keys():
-            odd = sorted(stored ^ expected.keys())[0]
-            problem = "missing" if odd in expected else "unexpected"
-            raise CheckpointError(f"{path}: damaged adapters file ({odd} is {problem})")
-        for name, shape in expected.items():
-            if archive.header(name)[0] != shape:
-                raise CheckpointError(f"{path}: {name} has shape {archive.header(name)[0]}, expected {shape}")
-        arrays = {name: check_float_parameter(path, name, archive[name]) for name in expected}
-    return meta, arrays
-
-
-def _is_metadata(meta):
-    """Whether `meta` is save_adapters' metadata, with the types load_adapters relies on."""
-    if not (isinstance(meta, dict) and meta.get("format") == ADAPTERS_FORMAT
-            and {"rank", "alpha", "layers", "base"} <= meta.keys()):
-        return False
-    layers, base = meta["layers"], meta["base"]
-    return (isinstance(layers, list) and len(layers) > 0 and all(isinstance(layer, str) for layer in layers)
-            and isinstance(base, dict) and {"shapes", "config", "fingerprint"} <= base.keys()
-            and (base["config"] is None or isinstance(base["config"], dict))
-            and isinstance(base["shapes"], dict) and set(layers) == set(base["shapes"])
-            and all(_is_shape(shape) for shape in base["shapes"].values()))
-
-
-def _base_identity(model):
-    """What identifies the base: each linear layer's (C, OC), the GPTConfig, a CRC-32 of its weights."""
-    cfg = getattr(model, "cfg", None)
-    shapes = {path: list(layer.weight.shape) for path, _, _, layer in _lora_layers(model)}
-    return {"shapes": shapes, "config": None if cfg is None else dataclasses.asdict(cfg),
-            "fingerprint": _base_fingerprint(model)}
-
-
-def _check_base(model, meta):
-    """A ValueError unless `model` is the base the adapters were trained on (its config, layers, weights)."""
-    base = meta["base"]
-    cfg = getattr(model, "cfg", None)
-    ours = None if cfg is None else dataclasses.asdict(cfg)
-    if base["config"] is not None and ours is not None:
-        for key, value in base["config"].items():
-            if key != "drop_rate" and ours.get(key) != value:
-                raise ValueError(f"adapters for a different base: theirs has {key} {value}, "
-                                 f"this model {ours.get(key)}")
-    linears = {path: layer for path, _, _, layer in _layers(model, Linear)}
-    for layer, shape in base["shapes"].items():
-        if layer not in linears:
-            raise ValueError(f"adapters for a different base: this model has no linear layer {layer}")
-        if list(linears[layer].weight.shape) != shape:
-            raise ValueError(f"adapters for a different base: layer {layer} is {tuple(shape)} in theirs, "
-                             f"{linears[layer].weight.shape} here")
-    if _base_fingerprint(model) != base["fingerprint"]:
-        raise ValueError("adapters for a different base: same shapes, but not the weights they were "
-                         "trained on")
-
-
-def _base_fingerprint(model):
-    """CRC-32 over the names and float32 values of every base (non-adapter) parameter.
-
-    float32 because checkpoints are: the same base loaded in float64 has the same fingerprint.
-    """
-    crc = 0
-    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if not _is_adapter(name):
-            crc = zlib.crc32(name.encode(), crc)
-            crc = zlib.crc32(np.ascontiguousarray(p.data, dtype=np.float32), crc)
-    return crc
-
-
-def _is_shape(value):
-    return (isinstance(value, list) and len(value) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value))
-
-
-def _check_rank_fits(rank, shapes):
+def check_rank_fits(rank, shapes):
     """A ValueError unless rank <= min(C, OC) for every layer; shapes: {path: (C, OC)}."""
     for path, (C, OC) in shapes.items():
         if rank > min(C, OC):
@@ -368,25 +210,25 @@ def _check_rank_fits(rank, shapes):
                              f"at most {min(C, OC)}")
 
 
-def _check_plain(model):
-    if _layers(model, LoRALinear) or hasattr(model, MERGED_ATTR):
+def check_plain(model):
+    if layers_of(model, LoRALinear) or hasattr(model, MERGED_ATTR):
         raise ValueError("the model already has LoRA adapters (merged or not); apply LoRA to a plain model")
 
 
-def _lora_layers(model):
-    """_layers(model, LoRALinear), or a ValueError when there are none."""
-    layers = _layers(model, LoRALinear)
+def lora_layers(model):
+    """layers_of(model, LoRALinear), or a ValueError when there are none."""
+    layers = layers_of(model, LoRALinear)
     if not layers:
         hint = " (they are merged: call unmerge_lora first)" if hasattr(model, MERGED_ATTR) else ""
         raise ValueError(f"the model has no LoRA adapters{hint}")
     return layers
 
 
-def _is_adapter(name):
+def is_adapter(name):
     return name.rsplit(".", 1)[-1] in ADAPTER_NAMES
 
 
-def _layers(model, cls):
+def layers_of(model, cls):
     """(path, parent module, attribute name, layer) for every module attribute that is a `cls`."""
     found = []
     for parent_path, parent in model.named_modules():

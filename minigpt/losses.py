@@ -11,7 +11,7 @@ Each backward is checked against central finite differences in tests/test_gradch
 import numpy as np
 
 from .ops import as_float_tensor
-from .parallel import for_slices, matmul, matmul_tn
+from .cpu.parallel import for_slices, matmul, matmul_tn
 from .tensor import Tensor, is_grad_enabled
 
 # Targets equal to this are skipped by the loss: padding after the first <|endoftext|> and, with
@@ -40,27 +40,38 @@ def kept_targets(op, targets, leading_shape, V, ignore_index):
     return valid, target_ids
 
 
-def _cross_entropy_rows(z, target_ids, need_grad=True):
-    """Mean cross-entropy of the rows of z (N, V); overwrites z with its gradient for dloss = 1.
+def target_log_softmax_rows(z, target_ids, grad_scale=None):
+    """log softmax(z_i)[t_i] of each row of z (n, V) -> (n,), the target's log-probability; with
+    grad_scale s, z is overwritten with s * (softmax(z_i) - onehot(t_i)), which is the gradient of
+    -s * log softmax(z_i)[t_i]: cross-entropy's (s = 1/N) and, with the sign turned, DPO's.
 
-    loss = (1/N) sum_i logsumexp(z_i) - z_i[t_i];   dz_i = (softmax(z_i) - onehot(t_i)) / N
-    Done in place, in row slices on all cores: the logits of GPT-2's 50257-word vocabulary are the
-    largest array of a training step, and they are needed only to produce this gradient.
+    Done in place on one slice of rows (callers hand slices to all cores with for_slices): the logits of
+    GPT-2's 50,257-word vocabulary are the largest array of a training step, and they are needed only
+    to produce this gradient. Plain twin: minigpt/plain_ops.py:log_softmax.
+    """
+    r = np.arange(len(z))
+    z -= z.max(axis=1, keepdims=True)                             # the largest logit becomes 0: no overflow
+    target_logprobs = z[r, target_ids]                            # (n,) a copy, for now the target's z
+    np.exp(z, out=z)
+    sum_exp = z.sum(axis=1, keepdims=True)                        # (n, 1)
+    target_logprobs -= np.log(sum_exp[:, 0])                      # z_t - logsumexp(z)
+    if grad_scale is not None:                                    # evaluation skips these passes
+        z /= sum_exp                                              # softmax
+        if grad_scale != 1:
+            z *= grad_scale
+        z[r, target_ids] -= grad_scale
+    return target_logprobs
+
+
+def _cross_entropy_rows(z, target_ids, need_grad=True):
+    """Mean cross-entropy of the rows of z (N, V), in row slices on all cores; overwrites z with the
+    loss's gradient for dloss = 1:  loss = -(1/N) sum_i log softmax(z_i)[t_i],  dz = (softmax - onehot) / N.
     """
     N = len(z)
 
     def rows(start, stop):
-        zs, ts = z[start:stop], target_ids[start:stop]
-        r = np.arange(stop - start)
-        zs -= zs.max(axis=1, keepdims=True)                       # the largest logit becomes 0: no overflow
-        target_logits = zs[r, ts]
-        np.exp(zs, out=zs)
-        sum_exp = zs.sum(axis=1, keepdims=True)                   # (rows, 1)
-        if need_grad:                                             # evaluation skips these passes
-            zs /= sum_exp                                         # softmax
-            zs *= 1.0 / N
-            zs[r, ts] -= 1.0 / N
-        return float(np.sum(np.log(sum_exp[:, 0]) - target_logits))
+        grad_scale = 1.0 / N if need_grad else None
+        return -float(np.sum(target_log_softmax_rows(z[start:stop], target_ids[start:stop], grad_scale)))
     return sum(for_slices(rows, N, row_size=z.shape[1])) / N
 
 
@@ -72,7 +83,7 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
     Backward: dlogits_i = dloss * (softmax(z_i) - onehot(target_i)) / N_valid on valid rows,
               exactly 0 on ignored rows (they never entered the loss)
     Cache:    that gradient for dloss = 1, (N_valid, V), computed in the forward
-    Plain twin: tests/reference_ops.py:cross_entropy
+    Plain twin: minigpt/plain_ops.py:cross_entropy
     N_valid == 0 (every target ignored) raises ValueError: the mean over nothing is undefined, and a
     silent nan would poison the weights.
     """
@@ -81,11 +92,11 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
     valid, target_ids = kept_targets("cross_entropy", targets, logits.shape[:-1], V, ignore_index)
     all_valid = len(target_ids) == valid.size
     z = logits.data.reshape(-1, V)
-    dz_unit = z.copy() if all_valid else z[valid]                 # (N_valid, V), our own copy
-    loss = _cross_entropy_rows(dz_unit, target_ids)
+    dz_per_unit_dloss = z.copy() if all_valid else z[valid]      # (N_valid, V), our own copy of the logits
+    loss = _cross_entropy_rows(dz_per_unit_dloss, target_ids)    # ... now overwritten with their gradient
 
     def backward(dloss):
-        dz = dz_unit if dloss == 1 else dz_unit * dloss
+        dz = dz_per_unit_dloss if dloss == 1 else dz_per_unit_dloss * dloss
         if all_valid:
             dlogits = dz
         else:
@@ -105,7 +116,7 @@ def lm_head_cross_entropy(x, wte, targets, ignore_index=IGNORE_INDEX):
               dx_valid = dz @ wte  (ignored rows of dx are 0);  dwte = dz^T @ x_valid
     Cache:    x_valid, and dz for dloss = 1, which overwrites z: the (N, V) logits, a step's largest
               array, exist once and are never stored next to their softmax or their gradient
-    Plain twin: tests/reference_ops.py:lm_head_cross_entropy
+    Plain twin: minigpt/plain_ops.py:lm_head_cross_entropy
     """
     x = as_float_tensor("lm_head_cross_entropy", x)
     V, C = wte.shape
@@ -113,12 +124,13 @@ def lm_head_cross_entropy(x, wte, targets, ignore_index=IGNORE_INDEX):
     x2d = x.data.reshape(-1, C)                                   # (B*T, C)
     kept_rows = None if len(target_ids) == len(x2d) else np.flatnonzero(valid)
     x_valid = x2d if kept_rows is None else x2d[kept_rows]        # (N, C)
-    dz_unit = matmul(x_valid, wte.data.T)                         # (N, V): the logits, for now
+    logits = matmul(x_valid, wte.data.T)                          # (N, V)
     need_grad = is_grad_enabled() and (x.requires_grad or wte.requires_grad)
-    loss = _cross_entropy_rows(dz_unit, target_ids, need_grad)    # now the gradient for dloss = 1
+    loss = _cross_entropy_rows(logits, target_ids, need_grad)
+    dz_per_unit_dloss = logits  # the same buffer, which _cross_entropy_rows overwrote with the gradient
 
     def backward(dloss):
-        dz = dz_unit if dloss == 1 else dz_unit * dloss
+        dz = dz_per_unit_dloss if dloss == 1 else dz_per_unit_dloss * dloss
         if x.requires_grad:
             dx_valid = matmul(dz, wte.data)                       # (N, C)
             if kept_rows is None:

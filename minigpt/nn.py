@@ -5,6 +5,7 @@ Modules (named by position, as GPT-2's `h.0`, `h.1`, ...). The dotted path of at
 parameter's name, so a model whose attributes carry GPT-2's names loads GPT-2's checkpoints as they are.
 """
 import collections
+import contextlib
 
 import numpy as np
 
@@ -24,6 +25,31 @@ class Parameter(Tensor):
         if not np.issubdtype(data.dtype, np.floating):
             raise TypeError(f"a Parameter must hold floating-point data, got dtype {data.dtype}")
         super().__init__(data, requires_grad=True)
+
+
+def non_finite(array):
+    """None if every value of `array` is finite, else (how many are NaN or inf, the first one's index).
+
+    A NaN or inf makes the sum NaN or inf, so a finite sum clears the array at the cost of one pass
+    (0.03 s for gpt2-small's 124M values) and no temporary array; an infinite one may be an overflow
+    of large finite values, so the values themselves decide.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(array.sum()):
+            return None
+    bad = np.argwhere(~np.isfinite(array))
+    return (len(bad), tuple(int(i) for i in bad[0])) if len(bad) else None
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run the block with `model` in eval mode (no dropout), then put back the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class Module:
@@ -87,7 +113,7 @@ class Module:
         never held in memory beside the model. Every parameter must be named exactly once, with its
         exact shape, and no name may be left over. `shapes` ({name: shape}, e.g. from an .npz's
         headers) lets the shapes be checked before any array is read. An error is raised as `error`
-        (e.g. weights.py's CheckpointError) and names `source` (a file, or "state") and the tensor.
+        (e.g. weights.py's BadFileError) and names `source` (a file, or "state") and the tensor.
         """
         params, counts = dict(self.named_parameters()), collections.Counter(names)
         repeated = [name for name, count in counts.items() if count > 1]

@@ -17,7 +17,7 @@ import builtins
 
 import numpy as np
 
-from . import parallel
+from .cpu import parallel
 from .tensor import Tensor, unbroadcast
 
 

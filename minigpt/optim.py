@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .parallel import for_slices
+from .cpu.parallel import for_slices
 
 # 2 MB of float32 per array and slice: big enough that Python's per-slice cost is small, small enough
 # for the slice's four arrays and scratch to stay in cache (measured on gpt2-small: 1 << 16 took

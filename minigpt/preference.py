@@ -2,7 +2,7 @@
 
 An entry is {"instruction", "input", "output", "chosen", "rejected"} (rasbt's
 instruction-data-with-preference.json: "chosen" is the preferred response, "rejected" the other).
-Both responses follow the same prompt, built exactly as in fine-tuning and generation (data.build_prompt:
+Both responses follow the same prompt, built exactly as in fine-tuning and generation (prompts.build_prompt:
 prompt and response header of the prompt style), and each ends with <|endoftext|>. A batch of B pairs is one
 (2B, T) array: the B chosen sequences, then the B rejected ones, padded together so that one forward
 pass scores both. The targets keep only the response and its closing <|endoftext|>:
@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .data import (INSTRUCTION_KEYS, build_prompt, collate, load_json_entries, refuse_end_of_text,
-                   split_data, validate_entries)
-from .fileio import download_file
+from .data import INSTRUCTION_KEYS, collate, load_json_entries, refuse_end_of_text
+from .files.fileio import download_file
+from .prompts import build_prompt
 from .tokenizer import encode
 
 PREFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -50,12 +50,6 @@ def download_preference_data(directory="data"):
     return path
 
 
-def split_preference_data(entries, shuffle_seed=None):
-    """(train, val, test): 85% / 5% / 10% of the entries, by data.split_data (1,100 -> 935 / 55 / 110)."""
-    train, val, test = split_data(entries, shuffle_seed=shuffle_seed)
-    return train, val, test
-
-
 class PreferenceBatch(NamedTuple):
     """B preference pairs padded together: rows 0..B-1 are the chosen sequences, B..2B-1 the rejected."""
     inputs: np.ndarray    # (2B, T) int64 token ids
@@ -66,11 +60,6 @@ class PreferenceBatch(NamedTuple):
     @property
     def size(self):
         return len(self.indices)
-
-    chosen_inputs = property(lambda self: self.inputs[:self.size])       # (B, T)
-    chosen_targets = property(lambda self: self.targets[:self.size])     # (B, T)
-    rejected_inputs = property(lambda self: self.inputs[self.size:])     # (B, T)
-    rejected_targets = property(lambda self: self.targets[self.size:])   # (B, T)
 
 
 def collate_preferences(chosen, rejected, prompt_lengths, pad_token_id, allowed_max_length=None):
@@ -103,8 +92,6 @@ class PreferenceDataset:
     """
 
     def __init__(self, entries, tokenizer, style="alpaca", allowed_max_length=None):
-        validate_entries(entries, PREFERENCE_KEYS, source="preference data")
-        refuse_end_of_text(entries, PREFERENCE_KEYS, source="preference data")
         self.entries = entries
         self.style = style
         self.pad_token_id = tokenizer.eot_token

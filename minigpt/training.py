@@ -1,5 +1,5 @@
 """The training loop: AdamW steps under a learning-rate schedule, periodic evaluation, early stopping
-and checkpoints that resume exactly (minigpt.checkpoint). After rasbt's `train_model_simple` and
+and checkpoints that resume exactly (minigpt.files.checkpoint). After rasbt's `train_model_simple` and
 `calc_loss_loader` (ch. 5, 7).
 
 One optimizer step on a batch of inputs and targets, both (B, T):
@@ -16,15 +16,15 @@ Every `eval_freq` steps (and before the first, and after the last) the mean loss
 `eval_iter` batches of the training and validation sets is recorded in the history.
 
 The loss is the objective's: `lm_loss` (the default) is fine-tuning's cross-entropy on (inputs, targets)
-batches; another objective (minigpt.dpo_finetune.DPOObjective: preference pairs) is any callable
+batches; another objective (minigpt.pipeline.dpo_run.DPOObjective: preference pairs) is any callable
 objective(model, batch) -> (loss Tensor, metrics dict of floats), whose metrics are averaged and
 recorded next to the loss (history "train_<name>", "val_<name>"), and those it names in `.printed`
 shown on each progress line.
 
-Exact resume: a checkpoint holds everything the next step depends on (weights, Adam's m and v and
-step counts, the training loader's position and RNG, the dropout RNG, the history, early stopping),
-so `checkpoint.restore_checkpoint` + `train` continue with the very losses an uninterrupted run
-would have had.
+Exact resume: a TrainState holds, with the weights and Adam's m and v and step counts, everything the
+next step depends on (the training loader's position and RNG, the dropout RNG, the history, early
+stopping). A checkpoint file (minigpt.files.checkpoint) keeps all of it, so restoring one and calling
+`train` continues with the very losses an uninterrupted run would have had.
 Ctrl-C is held back during an update, so a checkpoint never holds a half-applied step.
 Divergence stops the run: a training or evaluation loss that is NaN or inf raises TrainingDiverged
 (before that step's update), and neither a checkpoint nor the best weights are ever written with
@@ -40,12 +40,10 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoint import BestWeights, TrainState, save_checkpoint
-from .data import DataLoader
+from .loader import DataLoader
+from .nn import eval_mode, non_finite
 from .optim import clip_grad_norm
-from .progress import format_duration
 from .tensor import no_grad
-from .weights import non_finite
 
 SCHEDULES = ("constant", "cosine")
 
@@ -89,6 +87,46 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
 
 
+def new_history():
+    """One list per quantity, one entry per evaluation."""
+    return {"steps": [], "epochs": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "lr": []}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a run stands after its last completed step; a checkpoint saves all of it."""
+    step: int = 0                                  # optimizer steps done
+    tokens_seen: int = 0
+    history: dict = dataclasses.field(default_factory=new_history)
+    best_val_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    loader_state: Optional[dict] = None            # training loader position after the last step
+    dropout_rng_state: Optional[dict] = None       # model.dropout_rng after the last step
+    data_fingerprint: Optional[dict] = None        # of the data trained on (data.data_fingerprint)
+
+    def remember_position(self, loader, model):
+        """Snapshot the loader and dropout RNG after a completed step. Checkpoints save the snapshot, so
+        one written mid-step (on Ctrl-C, with the next batch already drawn) still matches the weights."""
+        self.loader_state = loader.state_dict()
+        self.dropout_rng_state = model.dropout_rng.bit_generator.state
+
+
+class BestWeights:
+    """Keeps the weights with the lowest validation loss so far, in memory (a run keeps them in a file
+    instead: minigpt.files.checkpoint.BestWeightsFile, or the adapters alone with LoRA)."""
+
+    def __init__(self):
+        self.arrays = None
+
+    def save(self, model):
+        self.arrays = {name: value.copy() for name, value in model.state_dict().items()}
+
+    def restore(self, model):
+        model.load_state_dict(self.arrays)
+
+
 # ---------------------------------------------------------------------------------------------
 # Schedule, evaluation, progress
 
@@ -110,8 +148,7 @@ def learning_rate(step, config, total_steps):
 
 def lm_loss(model, batch):
     """Fine-tuning's objective: the mean cross-entropy of a batch (inputs, targets); no other metric."""
-    inputs, targets = batch                                # (B, T), (B, T)
-    return model.loss(inputs, targets), {}
+    return model.loss(batch.inputs, batch.targets), {}    # (B, T), (B, T) -> scalar
 
 
 def calc_metrics_loader(model, loader, num_batches=None, objective=lm_loss, per_example=False):
@@ -148,18 +185,24 @@ def calc_loss_loader(model, loader, num_batches=None):
 def evaluate_model(model, train_loader, val_loader, eval_iter, objective=lm_loss):
     """(train metrics, val metrics) over `eval_iter` batches each (calc_metrics_loader), in eval mode
     (no dropout)."""
-    model.eval()
-    try:
+    with eval_mode(model):
         return (calc_metrics_loader(model, train_loader, eval_iter, objective),
                 calc_metrics_loader(model, val_loader, eval_iter, objective))
-    finally:
-        model.train()
 
 
 def in_order(loader):
     """A copy of `loader` that reads its dataset in order, with a position and RNG of its own."""
-    return DataLoader(loader.dataset, loader.batch_size, mask_prompt=loader.mask_prompt,
-                      pad_token_id=loader.pad_token_id, allowed_max_length=loader.allowed_max_length)
+    return DataLoader(loader.dataset, loader.batch_size)
+
+
+def format_duration(seconds):
+    """45s, 3m12s, 2h05m: an ETA or a time taken, at a glance."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def epochs_completed(loader):
@@ -199,20 +242,18 @@ def deferred_interrupt():
 
 # Overflow on the way to a non-finite loss is reported once, as TrainingDiverged, not as NumPy warnings.
 @np.errstate(over="ignore", invalid="ignore", divide="ignore")
-def train(model, optimizer, train_loader, val_loader, config, state=None, checkpoint_path=None,
-          best_path=None, run_config=None, on_step=None, on_epoch_end=None, log=print, best=None,
-          objective=lm_loss):
+def train(model, optimizer, train_loader, val_loader, config, state=None, checkpoint=None, best=None,
+          on_step=None, on_epoch_end=None, log=print, objective=lm_loss):
     """Train until config.epochs epochs, config.max_steps steps or early stopping; return the TrainState
     (its `.history` holds the evaluations).
 
-    state: a TrainState from `checkpoint.restore_checkpoint` to continue a run (None: start).
-    checkpoint_path: where `checkpoint.save_checkpoint` writes (with `run_config`, any JSON-able dict)
-        at every evaluation or every config.checkpoint_every steps, at the end, and on Ctrl-C before
-        re-raising.
-    best_path: a .npz kept holding the best weights (None: kept in memory). When early stopping ends
-        the run, the model is left holding them.
-    best: what keeps them instead, any object with save(model) and restore(model) (LoRA keeps only
-        the adapters: lora_finetune.BestAdapters); default BestWeights(best_path).
+    state: a TrainState restored from a checkpoint, to continue a run (None: start).
+    checkpoint: what saves the run, any object with `.path` and save(model, optimizer, state)
+        (minigpt.files.checkpoint.CheckpointFile), called at every evaluation or every
+        config.checkpoint_every steps, at the end, and on Ctrl-C before re-raising; None: never saved.
+    best: what keeps the weights of the lowest validation loss, any object with save(model) and
+        restore(model) (and `.path` when it keeps them in a file); default BestWeights(), in memory.
+        When early stopping ends the run, the model is left holding them.
     on_step(state), on_epoch_end(state): called after every step and after every epoch.
     objective: objective(model, batch) -> (loss, metrics), see the module docstring; default lm_loss.
     """
@@ -222,16 +263,16 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
     if state.loader_state is None:  # a fresh start: the position before the first step
         state.remember_position(train_loader, model)
     total_steps = config.epochs * len(train_loader)
-    best = best if best is not None else BestWeights(best_path)
+    best = best if best is not None else BestWeights()
     evaluator = Evaluator(model, train_loader, val_loader, config, total_steps, best, log, objective)
     saved_step = None
     resumed_step = state.step or None  # what a resumed run's checkpoint holds until the next save
 
     def save():
         nonlocal saved_step
-        if checkpoint_path is not None and saved_step != state.step:
+        if checkpoint is not None and saved_step != state.step:
             check_finite_weights(model, state.step)
-            save_checkpoint(checkpoint_path, model, optimizer, state, run_config)
+            checkpoint.save(model, optimizer, state)
             saved_step = state.step
 
     model.train()
@@ -249,7 +290,7 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
                     optimizer.lr = learning_rate(state.step, config, total_steps)
                     optimizer.step()
                     state.step += 1
-                    state.tokens_seen += batch[0].size     # the inputs' B * T
+                    state.tokens_seen += batch.inputs.size  # B * T
                     state.remember_position(train_loader, model)
                 if on_step is not None:
                     on_step(state)
@@ -264,14 +305,14 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
                     break
         save()
     except KeyboardInterrupt:
-        if checkpoint_path is not None:
+        if checkpoint is not None:
             save()
-            log(f"\ninterrupted: step {state.step} is saved in {checkpoint_path}")
+            log(f"\ninterrupted: step {state.step} is saved in {checkpoint.path}")
         raise
     except TrainingDiverged as e:
         kept, kept_step = "", saved_step if saved_step is not None else resumed_step
-        if checkpoint_path is not None and kept_step is not None:
-            kept += f"; {checkpoint_path} keeps step {kept_step}"
+        if checkpoint is not None and kept_step is not None:
+            kept += f"; {checkpoint.path} keeps step {kept_step}"
         if getattr(best, "path", None) is not None and state.best_step is not None:
             kept += f"; {best.path} keeps the best weights (step {state.best_step})"
         raise TrainingDiverged(f"training diverged: {e}; lower the learning rate (--lr, now {config.lr:g}) "

@@ -2,7 +2,7 @@
 Face safetensors layout and for minigpt's own .npz.
 
 Every mutant must either load to exactly the original model or raise the documented error
-(CheckpointError, or FileNotFoundError): never another exception, never other weights in silence.
+(BadFileError, or FileNotFoundError): never another exception, never other weights in silence.
 The mutations change the header length, the header's bytes, its JSON (dtype, shape, offsets, names,
 metadata), or the file's end (truncated, extended). The tensor bytes themselves are left alone:
 safetensors has no checksum, so a changed value there is another valid checkpoint, which no reader
@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 
 from minigpt.model import GPTConfig, GPTModel
-from minigpt.safetensors import CheckpointError, read_safetensors
-from minigpt.weights import CONFIG_KEY, load_hf_gpt2, load_npz, save_npz
+from minigpt.files.fileio import BadFileError
+from minigpt.files.safetensors import read_safetensors
+from minigpt.files.weights import CONFIG_KEY, load_hf_gpt2, load_npz, save_npz
 from test_weights import tiny_hf_tensors, write_hf_checkpoint
 
 N_MUTANTS = 400
@@ -131,13 +132,13 @@ def mutants(directory):
 
 def assert_each_loads_exactly_or_is_refused(original, descriptions, load):
     """For each mutant (written in place, one description each), load() must give exactly `original`
-    or raise a one-line CheckpointError / FileNotFoundError; both outcomes must occur."""
+    or raise a one-line BadFileError / FileNotFoundError; both outcomes must occur."""
     expected = original.state_dict()
     outcomes = {"loaded": 0, "refused": 0}
     for description in descriptions:
         try:
             model = load()
-        except (CheckpointError, FileNotFoundError) as e:
+        except (BadFileError, FileNotFoundError) as e:
             assert "\n" not in str(e), description
             outcomes["refused"] += 1
             continue
@@ -162,7 +163,7 @@ def test_every_mutant_is_judged_like_the_reference_library_judges_it(tmp_path):
         try:
             read_safetensors(tmp_path / "model.safetensors")
             ours = "valid"
-        except CheckpointError:
+        except BadFileError:
             ours = "refused"
         try:
             load_file(tmp_path / "model.safetensors")

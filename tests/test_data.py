@@ -1,4 +1,4 @@
-"""Instruction data: validation errors, prompt styles, splits, collate rules, the loader."""
+"""Instruction data: validation errors, splits, the dataset, collate rules."""
 import json
 import re
 from pathlib import Path
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from minigpt import data
-from minigpt.data import (DataLoader, InstructionDataset, build_prompt, collate, format_example, format_input,
-                          load_instruction_data, response_header, split_data)
+from minigpt.data import InstructionDataset, collate, load_instruction_data, split_data
+from minigpt.loader import DataLoader
+from minigpt.prompts import build_prompt, format_example, format_input, response_header
 from minigpt.losses import IGNORE_INDEX
 from minigpt.tokenizer import byte_tokenizer, encode, gpt2_tokenizer
 
@@ -99,33 +100,6 @@ def test_download_when_absent_tells_how_to_use_a_local_file(tmp_path, monkeypatc
     path = data.download_instruction_data(tmp_path / "data")
     assert calls == [(data.REFERENCE_DATA_URL, tmp_path / "data" / "instruction-data.json", calls[0][2])]
     assert path == calls[0][1] and "--data PATH" in calls[0][2]
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompt styles
-
-def test_alpaca_prompt_exact_text():
-    assert format_input(WITH_INPUT) == (f"{ALPACA_PREAMBLE}\n\n### Instruction:\nEdit the following "
-                                        "sentence for grammar.\n\n### Input:\nHe go to the park every day.")
-    assert format_input(NO_INPUT, "alpaca") == (f"{ALPACA_PREAMBLE}\n\n### Instruction:\n"
-                                                "Convert 45 kilometers to meters.")
-    assert response_header("alpaca") == "\n\n### Response:\n"
-    assert format_example(NO_INPUT) == (format_input(NO_INPUT) + "\n\n### Response:\n"
-                                        "45 kilometers is 45000 meters.")
-
-
-def test_phi3_prompt_exact_text():
-    assert format_input(WITH_INPUT, "phi3") == ("<|user|>\nEdit the following sentence for grammar.\n"
-                                                "He go to the park every day.")
-    assert format_input(NO_INPUT, "phi3") == "<|user|>\nConvert 45 kilometers to meters."
-    assert build_prompt(NO_INPUT, "phi3") == "<|user|>\nConvert 45 kilometers to meters.\n<|assistant|>:\n"
-    assert format_example(NO_INPUT, "phi3") == ("<|user|>\nConvert 45 kilometers to meters.\n<|assistant|>:\n"
-                                                "45 kilometers is 45000 meters.")
-
-
-def test_unknown_style_lists_choices():
-    with pytest.raises(ValueError, match="unknown prompt style 'chatml'; choose one of: alpaca, phi3"):
-        format_input(NO_INPUT, "chatml")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,9 +195,8 @@ def test_collate_truncates_after_masking():
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
 def test_prompt_masking_leaves_exactly_the_response(style):
     byte = byte_tokenizer()
-    dataset = InstructionDataset([WITH_INPUT, NO_INPUT], byte, style=style)
-    loader = DataLoader(dataset, batch_size=2, mask_prompt=True, pad_token_id=byte.eot_token)
-    inputs, targets = next(iter(loader))
+    dataset = InstructionDataset([WITH_INPUT, NO_INPUT], byte, style=style, mask_prompt=True)
+    inputs, targets = next(iter(DataLoader(dataset, batch_size=2)))
     for row, entry in enumerate([WITH_INPUT, NO_INPUT]):
         assert inputs[row, :len(dataset[row])].tolist() == dataset[row]
         # what is left to learn: the output, then one <|endoftext|>
@@ -238,99 +211,6 @@ def test_collate_rejects_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
-# DataLoader
-
-PAD = 10_000
-
-
-def numbered_dataset(n=103, seed=0):
-    """Example i is [i, i, ...] with a random length 1..40, so a batch row names its example."""
-    lengths = np.random.default_rng(seed).integers(1, 41, size=n)
-    return [[i] * int(length) for i, length in enumerate(lengths)]
-
-
-def epoch_indices(loader):
-    return [inputs[:, 0].tolist() for inputs, _ in loader]
-
-
-def test_loader_len_and_drop_last():
-    dataset = numbered_dataset(103)
-    assert len(DataLoader(dataset, 10, pad_token_id=PAD)) == 11
-    assert len(DataLoader(dataset, 10, drop_last=True, pad_token_id=PAD)) == 10
-    dropping = DataLoader(dataset, 10, drop_last=True, pad_token_id=PAD)
-    assert sum(len(batch) for batch in epoch_indices(dropping)) == 100
-    assert epoch_indices(DataLoader(dataset, 50, pad_token_id=PAD))[2] == [100, 101, 102]
-
-
-@pytest.mark.parametrize("group", [False, True])
-def test_loader_shuffle_is_seeded_new_each_epoch_and_complete(group):
-    dataset = numbered_dataset()
-    a = DataLoader(dataset, 8, shuffle=True, seed=3, group_by_length=group, pad_token_id=PAD)
-    b = DataLoader(dataset, 8, shuffle=True, seed=3, group_by_length=group, pad_token_id=PAD)
-    a_epochs = [epoch_indices(a) for _ in range(2)]
-    assert a_epochs == [epoch_indices(b) for _ in range(2)]
-    assert a_epochs[0] != a_epochs[1]
-    assert a_epochs[0] != epoch_indices(DataLoader(dataset, 8, shuffle=True, seed=4, pad_token_id=PAD))
-    for epoch in a_epochs:
-        assert sorted(i for batch in epoch for i in batch) == list(range(len(dataset)))
-    assert a.epoch == 2
-
-
-def test_group_by_length_cuts_padding():
-    dataset = numbered_dataset(400)
-
-    def padding(loader):  # positions that are not real tokens, over one epoch
-        return sum(inputs.size - sum(len(dataset[i]) for i in inputs[:, 0]) for inputs, _ in loader)
-    plain = padding(DataLoader(dataset, 8, shuffle=True, pad_token_id=PAD))
-    grouped = padding(DataLoader(dataset, 8, shuffle=True, group_by_length=True, pad_token_id=PAD))
-    assert grouped < plain / 3
-
-
-@pytest.mark.parametrize("group", [False, True])
-def test_loader_resumes_exactly_mid_epoch(group):
-    dataset = numbered_dataset()
-    options = dict(batch_size=8, shuffle=True, seed=7, group_by_length=group, pad_token_id=PAD)
-    uninterrupted = DataLoader(dataset, **options)
-    expected = epoch_indices(uninterrupted) + epoch_indices(uninterrupted)
-
-    first = DataLoader(dataset, **options)
-    seen = epoch_indices(first)
-    for batch_number, (inputs, _) in enumerate(first):  # epoch 2, stopped after 5 batches
-        seen.append(inputs[:, 0].tolist())
-        if batch_number == 4:
-            break
-    state = json.loads(json.dumps(first.state_dict()))  # checkpoints store it as JSON
-    resumed = DataLoader(dataset, **dict(options, seed=999))  # the state, not the seed, decides
-    resumed.load_state_dict(state)
-    assert seen + epoch_indices(resumed) == expected
-    assert resumed.epoch == 2
-    assert epoch_indices(resumed) == epoch_indices(uninterrupted)  # and epoch 3 matches too
-
-
-def test_loader_resume_after_a_finished_epoch_starts_the_next():
-    dataset = numbered_dataset()
-    a = DataLoader(dataset, 8, shuffle=True, seed=1, pad_token_id=PAD)
-    epoch_indices(a)
-    b = DataLoader(dataset, 8, shuffle=True, seed=2, pad_token_id=PAD)
-    b.load_state_dict(a.state_dict())
-    assert epoch_indices(b) == epoch_indices(a) and b.epoch == a.epoch == 2
-
-
-def test_loader_state_errors():
-    loader = DataLoader(numbered_dataset(), 8, pad_token_id=PAD)
-    with pytest.raises(ValueError, match="missing rng_state"):
-        loader.load_state_dict({"epoch": 1, "batches_done": 0, "num_batches": 13})
-    other = DataLoader(numbered_dataset(), 4, pad_token_id=PAD).state_dict()
-    with pytest.raises(ValueError, match="state is for 26 batches per epoch, but this loader has 13"):
-        loader.load_state_dict(other)
-    damaged = dict(loader.state_dict(), rng_state={"bit_generator": "PCG64", "state": "?"})
-    with pytest.raises(ValueError, match="data loader state has an invalid rng_state"):
-        loader.load_state_dict(damaged)
-    with pytest.raises(ValueError, match="mask_prompt needs a dataset with prompt_lengths"):
-        DataLoader(numbered_dataset(), 8, mask_prompt=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # Text that would change training silently
 
 @pytest.mark.parametrize("key", data.INSTRUCTION_KEYS)
@@ -340,8 +220,8 @@ def test_a_literal_end_of_text_in_an_entry_is_refused_with_its_index(tmp_path, k
     message = f"entry 2: {key!r} holds the literal text '<|endoftext|>'"
     with pytest.raises(ValueError, match=re.escape(message)):
         load_instruction_data(write(tmp_path, entries))
-    with pytest.raises(ValueError, match=re.escape(f"instruction data: entry 2: {key!r} holds the literal")):
-        InstructionDataset(entries, byte_tokenizer())
+    with pytest.raises(ValueError, match=re.escape("holds the literal text '<|endoftext|>'")):
+        InstructionDataset(entries, byte_tokenizer())  # made from Python, not a file: the tokenizer refuses
 
 
 def test_examples_that_lose_their_whole_response_are_counted_and_most_is_an_error():
@@ -351,17 +231,17 @@ def test_examples_that_lose_their_whole_response_are_counted_and_most_is_an_erro
     long = dict(short, instruction="i" * 50)
     logged = []
 
-    def loader(entries, cut, mask_prompt=True):
-        return DataLoader(InstructionDataset(entries, tokenizer, "alpaca"), batch_size=2,
-                          mask_prompt=mask_prompt, pad_token_id=tokenizer.eot_token, allowed_max_length=cut)
+    def dataset(entries, cut, mask_prompt=True):
+        return InstructionDataset(entries, tokenizer, "alpaca", mask_prompt=mask_prompt,
+                                  allowed_max_length=cut)
 
-    data.check_responses_fit(loader([short, short, long], prompt_length), "training", log=logged.append)
+    data.check_responses_fit(dataset([short, short, long], prompt_length), "training", log=logged.append)
     assert logged == [f"warning: 1 of 3 training examples lose their whole response to the cut at "
                       f"{prompt_length} tokens (their prompt alone is longer), so they teach nothing"]
     for mask_prompt in (True, False):     # the response would be the first target after the prompt
         with pytest.raises(ValueError, match=rf"2 of 3 validation examples lose their whole response to the "
                                              rf"cut at {prompt_length} tokens.*more than half"):
-            data.check_responses_fit(loader([short, long, long], prompt_length, mask_prompt), "validation")
+            data.check_responses_fit(dataset([short, long, long], prompt_length, mask_prompt), "validation")
     logged.clear()
-    data.check_responses_fit(loader([short, long], None), "training", log=logged.append)  # no cut
+    data.check_responses_fit(dataset([short, long], None), "training", log=logged.append)  # no cut
     assert logged == []

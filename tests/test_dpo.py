@@ -5,12 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from minigpt import (IGNORE_INDEX, GPTConfig, GPTModel, Tensor, dpo_finetune, functional as F, gradcheck,
-                     no_grad)
-from minigpt.data import DataLoader
+from minigpt import IGNORE_INDEX, GPTConfig, GPTModel, Tensor, gradcheck, no_grad, plain_ops, training
+from minigpt.loader import DataLoader
+from minigpt.nn import eval_mode
 from minigpt.dpo import (batch_logprobs, dpo_batch_loss, dpo_loss, reference_logprobs, reward_metrics,
                          sequence_logprobs)
 from minigpt.optim import Adam
+from minigpt.pipeline.dpo_run import DPOObjective
 from minigpt.preference import PreferenceDataset
 from minigpt.tokenizer import byte_tokenizer
 
@@ -18,20 +19,6 @@ I = IGNORE_INDEX
 PAIRS = [{"instruction": "2+2", "input": "", "output": "4", "chosen": "4", "rejected": "5!"},
          {"instruction": "3+4", "input": "", "output": "7", "chosen": "7", "rejected": "8"},
          {"instruction": "1+5", "input": "", "output": "6", "chosen": "6.", "rejected": "6"}]
-
-
-def plain_sequence_logprobs(x, wte, targets, reduction):
-    """The twin of sequence_logprobs from unfused ops: full head, log-softmax, one-hot selection."""
-    logits = F.lm_head(x, wte)                                            # (B, T, V)
-    shifted = logits - logits.data.max(axis=-1, keepdims=True)            # a constant shift
-    log_probs = shifted - shifted.exp().sum(axis=-1, keepdims=True).log()  # (B, T, V)
-    kept = targets != I                                                   # (B, T)
-    select = np.zeros(logits.shape, dtype=x.dtype)
-    b, t = np.nonzero(kept)
-    select[b, t, targets[b, t]] = 1.0
-    if reduction == "mean":
-        select /= kept.sum(axis=1)[:, None, None]
-    return (log_probs * select).sum(axis=(1, 2))                          # (B,)
 
 
 def tiny_model(seed, dtype=np.float64):
@@ -58,13 +45,15 @@ def test_sequence_logprobs_equals_its_plain_twin_in_value_and_gradient(reduction
     targets[2, -3:] = I                                    # padding
     x_data, wte_data = rng.standard_normal((B, T, C)), rng.standard_normal((V, C))
     results = []
-    for op in (sequence_logprobs, plain_sequence_logprobs):
+    for op in (sequence_logprobs, plain_ops.sequence_logprobs_from_basic_ops):
         x, wte = Tensor(x_data.copy(), requires_grad=True), Tensor(wte_data.copy(), requires_grad=True)
         out = op(x, wte, targets, reduction)
         out.backward(np.array([0.5, -1.0, 2.0]))
         results.append((out.data, x.grad, wte.grad))
     for fused, plain in zip(*results):
         np.testing.assert_allclose(fused, plain, rtol=1e-12, atol=1e-14)
+    plain_numpy = plain_ops.sequence_logprobs(x_data, wte_data, targets, reduction)   # the NumPy formula too
+    np.testing.assert_allclose(plain_numpy, results[0][0], rtol=1e-12)
     assert np.all(results[0][1][0, :4] == 0) and np.all(results[0][1][2, -3:] == 0)  # ignored rows: exactly 0
     with no_grad():                                        # the reference's path skips the gradient passes
         values = sequence_logprobs(Tensor(x_data), Tensor(wte_data), targets, reduction).data
@@ -228,10 +217,11 @@ def test_test_pair_metrics_count_each_pair_once_whatever_the_batches():
     dataset = tiny_dataset()                                            # 3 pairs: batches of 2, then 1
     ref_logps = reference_logprobs(tiny_model(seed=1), dataset)
     policy = tiny_model(seed=2)
-    objective = dpo_finetune.DPOObjective([ref_logps], beta=0.5, nll_weight=0.3)
-    run = dpo_finetune.DPORun(None, None, DataLoader(dataset, batch_size=2), objective)
+    objective = DPOObjective([ref_logps], beta=0.5, nll_weight=0.3)
     _, whole = objective(policy, dataset.batch([0, 1, 2]))              # one batch: the mean over pairs
-    metrics = dpo_finetune.test_metrics(policy, run)
+    with eval_mode(policy):                                             # as dpo_run measures the test pairs
+        metrics = training.calc_metrics_loader(policy, DataLoader(dataset, batch_size=2), objective=objective,
+                                               per_example=True)
     assert set(metrics) == set(whole)
     for name in whole:
         assert metrics[name] == pytest.approx(whole[name], rel=1e-9), name

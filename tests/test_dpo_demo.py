@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 import train
-from minigpt import finetune, tasks
-from minigpt.preference import split_preference_data
+from minigpt import tasks
+from minigpt.data import split_data
+from minigpt.pipeline.settings import RunConfig
 from test_train_cli import TINY, read
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_pairs_reject_the_model_s_own_mistakes_and_land_in_their_splits():
     own = [p for p in pairs[:85] if p["rejected_from"] == "model"]
     assert [p["rejected"] for p in own] == [a for i, a in enumerate(answers) if i % 2 == 0]
     assert all(p["rejected_from"] == "near miss" for p in pairs[85:])    # held-out: near misses only
-    train_part, val_part, test_part = split_preference_data(pairs)
+    train_part, val_part, test_part = split_data(pairs)
     assert [p["input"] for p in test_part] == [e["input"] for e in test]  # the run's own test prompts
     assert [p["input"] for p in val_part] == [e["input"] for e in val[:5]]
     assert len(train_part) == 85
@@ -80,7 +81,7 @@ def test_the_demo_reports_every_figure_before_and_after(tmp_path, capsys):
     command = shlex.split(re.search(r"^equivalent: (.*)$", out, re.M).group(1))
     assert command[:2] == ["python", "train.py"]
     settings = vars(train.build_parser().parse_args(command[2:]))
-    assert finetune.make_config(**settings) == finetune.RunConfig(**read(dpo_dir / "config.json"))
+    assert train.config_from_flags(settings) == RunConfig(**read(dpo_dir / "config.json"))
 
 
 def test_a_folder_that_is_not_a_finished_run_is_one_error_line(tmp_path, capsys):

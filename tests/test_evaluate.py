@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from minigpt import finetune
-from minigpt.data import format_input
-from minigpt.evaluate import (JudgeUnavailable, exact_match, judge_responses, lcs_length, main,
-                              parse_score, rouge_l_f1, score_responses)
+from minigpt.evaluate.__main__ import main
+from minigpt.evaluate.judge import JudgeUnavailable, judge_responses, parse_score
+from minigpt.evaluate.scores import exact_match, lcs_length, rouge_l_f1, score_responses
+from minigpt.pipeline import steps
+from minigpt.prompts import format_input
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRIES = [
@@ -256,15 +257,13 @@ def test_cli_judge_timeout_must_be_positive_seconds(responses_file, capsys, valu
 
 
 def test_training_runs_keep_their_metrics_when_the_judge_replies_badly(ollama):
-    """train.py scores through finetune.score: a reply that is not text must not lose metrics.json."""
+    """train.py scores through steps.score: a reply that is not text must not lose metrics.json."""
     ollama["replies"] = [85, "70"]
-    config = finetune.RunConfig(judge_model="llama3", ollama_url=ollama["url"], judge_timeout=5)
-    metrics = finetune.score(ENTRIES, config, log=lambda line: None)
+    metrics = steps.score(ENTRIES, "llama3", ollama["url"], judge_timeout=5, log=lambda line: None)
     assert metrics["judge"]["scores"] == [None, 70] and metrics["count"] == 2
     ollama["trickle"] = 0.1
     start, lines = time.monotonic(), []
-    metrics = finetune.score(ENTRIES, finetune.RunConfig(judge_model="llama3", ollama_url=ollama["url"],
-                                                         judge_timeout=0.5), log=lines.append)
+    metrics = steps.score(ENTRIES, "llama3", ollama["url"], judge_timeout=0.5, log=lines.append)
     assert time.monotonic() - start < 5 and metrics["judge"] is None
     assert any(line.startswith("skipping the LLM judge: the Ollama server") for line in lines)
 

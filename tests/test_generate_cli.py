@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt import generate, lora, weights
-from minigpt.data import format_input, response_header
+from minigpt import generate, lora
+from minigpt.files import weights
+from minigpt.prompts import format_input, response_header
 from minigpt.generation import generate_tokens
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.optim import Adam
 from minigpt.tokenizer import EOT, VOCAB_DIR_ENV, encode, get_tokenizer
-from minigpt.weights import load_weights, save_hf_gpt2, save_npz
+from minigpt.files.weights import load_weights, save_hf_gpt2, save_npz
+from minigpt.files.adapters import save_adapters
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GPT2_VOCAB_DIR = REPO_ROOT.parent / "shared" / "data" / "gpt2"
@@ -242,7 +244,7 @@ def test_lora_adapters_are_applied_to_the_base_and_merged(checkpoints, tmp_path,
     rng = np.random.default_rng(0)
     for p in model.parameters(trainable_only=True):
         p.data[...] = 0.5 * rng.standard_normal(p.shape)                  # adapters that change the output
-    adapters = lora.save_adapters(model, tmp_path / "adapters.npz")
+    adapters = save_adapters(model, tmp_path / "adapters.npz")
     tokenizer = get_tokenizer("byte")
     expected = expected_text(model, tokenizer, "The cat")                  # the unmerged LoRA model
     assert expected != expected_text(checkpoints["model"], tokenizer, "The cat")
@@ -272,7 +274,7 @@ def bad_files(tmp_path_factory, checkpoints):
     save_npz(GPTModel(GPTConfig(vocab_size=100, **TINY)), folder / "v100.npz")
     other_base = GPTModel(GPTConfig(vocab_size=257, **TINY), seed=11)     # same shapes, other weights
     lora.apply_lora(other_base, 2, 2)
-    lora.save_adapters(other_base, folder / "other-adapters.npz")
+    save_adapters(other_base, folder / "other-adapters.npz")
     return folder
 
 

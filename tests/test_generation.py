@@ -5,7 +5,7 @@ import pytest
 
 from minigpt import GPTConfig, GPTModel, generate, no_grad
 from minigpt.model import KVCache
-from minigpt.responses import generate_responses, response_batches
+from minigpt.pipeline.responses import generate_responses, response_batches
 from minigpt.tokenizer import byte_tokenizer
 
 EOS = 7

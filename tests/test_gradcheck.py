@@ -140,8 +140,10 @@ OP_CASES = {
 
 # Public functions of the op modules that are not differentiable ops.
 NOT_OPS = {"as_float_tensor", "causal_mask", "split_heads", "softmax_rows_in_place", "kept_targets",
-           "apply_lora", "check_hyperparameters", "lora_config", "describe", "merge_lora", "unmerge_lora",
-           "save_adapters", "load_adapters", "copy_adapters",
+           "target_log_softmax_rows",
+           "apply_lora", "check_hyperparameters", "lora_config", "trainable_summary", "merge_lora",
+           "unmerge_lora",
+           "check_plain", "check_rank_fits", "is_adapter", "layers_of", "lora_layers",
            "reward_metrics", "batch_logprobs", "reference_logprobs", "dpo_batch_loss", "check_beta",
            "check_nll_weight"}
 OP_MODULES = (ops, F, losses, lora, dpo)

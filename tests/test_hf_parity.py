@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import minigpt  # noqa: E402  (imported after the skips so a missing torch skips, never errors)
 from minigpt.model import GPTConfig, GPTModel  # noqa: E402
-from minigpt.weights import load_hf_gpt2, save_hf_gpt2  # noqa: E402
+from minigpt.files.weights import load_hf_gpt2, save_hf_gpt2  # noqa: E402
 
 HF_TINY = dict(vocab_size=50, n_positions=16, n_embd=16, n_layer=3, n_head=4)
 

@@ -11,8 +11,9 @@ from minigpt import GPTConfig, GPTModel, Tensor, gradcheck, lora, no_grad
 from minigpt import IGNORE_INDEX, functional as F
 from minigpt.nn import Linear, Module
 from minigpt.optim import AdamW
-from minigpt.safetensors import CheckpointError
-from minigpt.weights import load_npz, save_npz
+from minigpt.files.fileio import BadFileError
+from minigpt.files.weights import load_npz, save_npz
+from minigpt.files.adapters import ADAPTERS_KEY, copy_adapters, load_adapters, save_adapters
 
 TINY = GPTConfig(vocab_size=11, context_length=8, emb_dim=8, n_heads=2, n_layers=2)
 
@@ -127,7 +128,8 @@ def test_apply_lora_wraps_the_block_linears_freezes_the_rest_and_inits_as_pytorc
     n_adapter = 2 * 4 * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # 2 layers, r (in + out) each
     assert sum(p.size for p in trainable.values()) == n_adapter
     percent = 100 * n_adapter / (base_total + n_adapter)
-    assert lora.describe(model) == f"trainable {n_adapter:,} of {base_total + n_adapter:,} ({percent:.2f}%)"
+    summary = f"trainable {n_adapter:,} of {base_total + n_adapter:,} ({percent:.2f}%)"
+    assert lora.trainable_summary(model) == summary
 
     layer = model.h[0].mlp.c_fc
     assert layer.lora_A.dtype == np.float32 and not layer.lora_B.data.any()
@@ -233,22 +235,22 @@ def test_adapters_round_trip_and_hold_only_A_and_B(tmp_path):
     model = tiny_model(dtype=np.float32, n_layers=3)
     lora.apply_lora(model, 2, 5, targets=("attn.c_attn", "mlp.c_fc"))
     randomize_adapters(model)
-    path = lora.save_adapters(model, tmp_path / "adapters.npz")
+    path = save_adapters(model, tmp_path / "adapters.npz")
     assert not list(tmp_path.glob(".*.tmp"))
 
     fresh = tiny_model(dtype=np.float32, n_layers=3)
-    config = lora.load_adapters(fresh, path)
+    config = load_adapters(fresh, path)
     layers = tuple(f"h.{i}.{t}" for i in range(3) for t in ("attn.c_attn", "mlp.c_fc"))
     assert config == lora.LoRAConfig(2, 5.0, layers)
     np.testing.assert_array_equal(fresh(idx).data, model(idx).data)
     adapter_names = sorted(n for n, _ in model.named_parameters(trainable_only=True))
     assert sorted(n for n, _ in fresh.named_parameters(trainable_only=True)) == adapter_names
     with np.load(path) as archive:                                       # A and B alone, no base weight
-        assert sorted(archive.files) == sorted([*adapter_names, lora.ADAPTERS_KEY])
+        assert sorted(archive.files) == sorted([*adapter_names, ADAPTERS_KEY])
 
     in_float64 = GPTModel(model.cfg, dtype=np.float64)                   # the same base, loaded in float64
     in_float64.load_state_dict(tiny_model(dtype=np.float32, n_layers=3).state_dict())
-    lora.load_adapters(in_float64, path)
+    load_adapters(in_float64, path)
     np.testing.assert_allclose(in_float64(idx).data, model(idx).data, rtol=1e-4, atol=1e-5)
 
 
@@ -265,9 +267,9 @@ def rewrite_adapters(path, drop=(), **changes):
     """The adapters file at `path` without the arrays `drop` and with some metadata fields changed."""
     with np.load(path) as archive:
         arrays = {name: archive[name] for name in archive.files if name not in drop}
-    meta = json.loads(str(arrays[lora.ADAPTERS_KEY][()]))
+    meta = json.loads(str(arrays[ADAPTERS_KEY][()]))
     meta.update(changes)
-    arrays[lora.ADAPTERS_KEY] = np.array(json.dumps(meta))
+    arrays[ADAPTERS_KEY] = np.array(json.dumps(meta))
     np.savez(path, **arrays)
 
 
@@ -292,7 +294,7 @@ def test_bad_arguments_get_one_clear_line():
     lora.apply_lora(model, 2, 4)
     refused("already has LoRA adapters", lora.apply_lora, model, 2, 4)
     refused("already has LoRA adapters", lora.apply_lora, lora.merge_lora(model), 2, 4)
-    refused("they are merged: call unmerge_lora first", lora.save_adapters, model, "unused.npz")
+    refused("they are merged: call unmerge_lora first", save_adapters, model, "unused.npz")
     refused("no merged LoRA adapters to unmerge", lora.unmerge_lora, tiny_model())
     refused("the model has no LoRA adapters", lora.merge_lora, tiny_model())
 
@@ -300,7 +302,7 @@ def test_bad_arguments_get_one_clear_line():
 def test_adapters_that_do_not_fit_are_refused_and_the_model_is_untouched(tmp_path):
     good = tmp_path / "good.npz"
     lora.apply_lora(trained := tiny_model(), 2, 4)
-    lora.save_adapters(trained, good)
+    save_adapters(trained, good)
     untouched = tiny_model()
 
     def refused_file(match, data=None, model=untouched, drop=(), **metadata):
@@ -308,7 +310,7 @@ def test_adapters_that_do_not_fit_are_refused_and_the_model_is_untouched(tmp_pat
         path.write_bytes(good.read_bytes() if data is None else data)
         if drop or metadata:
             rewrite_adapters(path, drop, **metadata)
-        refused(f"{re.escape(str(path))}: {match}", lora.load_adapters, model, path, error=CheckpointError)
+        refused(f"{re.escape(str(path))}: {match}", load_adapters, model, path, error=BadFileError)
 
     refused_file("adapters for a different base: theirs has n_layers 2, this model 3",
                  model=tiny_model(n_layers=3))
@@ -323,14 +325,14 @@ def test_adapters_that_do_not_fit_are_refused_and_the_model_is_untouched(tmp_pat
     refused_file(r"damaged adapters file \(metadata", format="something else")
     refused_file(r"damaged adapters file \(h.1.mlp.c_proj.lora_B is missing\)",
                  drop=["h.1.mlp.c_proj.lora_B"])
-    refused("no such file", lora.load_adapters, untouched, tmp_path / "missing.npz", error=FileNotFoundError)
+    refused("no such file", load_adapters, untouched, tmp_path / "missing.npz", error=FileNotFoundError)
     assert all(p.requires_grad for p in untouched.parameters()) and not any("lora" in name for name, _ in
                                                                             untouched.named_parameters())
 
     # a model without a GPTConfig: layer names and shapes alone tell a different base
     small = TwoLayers()
     lora.apply_lora(small, 2, 2, targets=("fc", "proj"))
-    small_adapters = lora.save_adapters(small, tmp_path / "small.npz").read_bytes()
+    small_adapters = save_adapters(small, tmp_path / "small.npz").read_bytes()
     refused_file("adapters for a different base: this model has no linear layer proj", data=small_adapters,
                  model=TwoLayers(second="out"))
     refused_file(r"adapters for a different base: layer fc is \(4, 6\) in theirs, \(4, 5\) here",
@@ -342,17 +344,17 @@ def test_copy_adapters_puts_a_files_A_and_B_back_and_refuses_other_adapters(tmp_
     model = tiny_model(dtype=np.float32)
     lora.apply_lora(model, 2, 4)
     randomize_adapters(model, seed=1)
-    saved = lora.save_adapters(model, tmp_path / "best.npz")
+    saved = save_adapters(model, tmp_path / "best.npz")
     logits = model(idx).data
     randomize_adapters(model, seed=2)                                    # training moves on ...
     assert not np.allclose(model(idx).data, logits)
-    lora.copy_adapters(model, saved)                                     # ... and the best come back
+    copy_adapters(model, saved)                                     # ... and the best come back
     np.testing.assert_array_equal(model(idx).data, logits)
 
     other = tiny_model(dtype=np.float32)
     lora.apply_lora(other, 3, 4)
     before = {name: p.data.copy() for name, p in other.named_parameters()}
     refused(r"adapters of rank 2, alpha 4 on 8 layers; the model's are rank 3, alpha 4 on 8 layers",
-            lora.copy_adapters, other, saved, error=CheckpointError)
+            copy_adapters, other, saved, error=BadFileError)
     assert all(np.array_equal(p.data, before[name]) for name, p in other.named_parameters())
-    refused("the model has no LoRA adapters", lora.copy_adapters, tiny_model(), saved)
+    refused("the model has no LoRA adapters", copy_adapters, tiny_model(), saved)

@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 import train
-from minigpt import finetune
+from minigpt.pipeline.settings import RunConfig
 from minigpt.tasks import TASKS
 from test_train_cli import TINY, read
 
@@ -40,7 +40,7 @@ def test_the_demo_reports_every_figure_before_and_after(tmp_path, capsys):
     command = shlex.split(re.search(r"^equivalent: (.*)$", out, re.M).group(1))
     assert command[:2] == ["python", "train.py"]
     settings = vars(train.build_parser().parse_args(command[2:]))
-    assert finetune.make_config(**settings) == finetune.RunConfig(**read(lora_dir / "config.json"))
+    assert train.config_from_flags(settings) == RunConfig(**read(lora_dir / "config.json"))
 
 
 def test_a_folder_that_is_not_a_finished_run_is_one_error_line(tmp_path, capsys):

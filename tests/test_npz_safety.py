@@ -13,14 +13,17 @@ import pytest
 
 import train
 from minigpt import lora
-from minigpt.checkpoint import TrainState, read_checkpoint, restore_checkpoint, save_checkpoint
-from minigpt.data import DataLoader, InstructionDataset
+from minigpt.files.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
+from minigpt.training import TrainState
+from minigpt.data import InstructionDataset
+from minigpt.loader import DataLoader
 from minigpt.model import GPTConfig, GPTModel, parameter_shapes
 from minigpt.optim import AdamW
-from minigpt.safetensors import CheckpointError
+from minigpt.files.fileio import BadFileError
 from minigpt.tasks import make_task_splits
 from minigpt.tokenizer import byte_tokenizer
-from minigpt.weights import CONFIG_KEY, load_npz, save_npz
+from minigpt.files.weights import CONFIG_KEY, load_npz, save_npz
+from minigpt.files.adapters import load_adapters, save_adapters
 
 TINY = dict(vocab_size=257, context_length=64, emb_dim=16, n_heads=2, n_layers=1)
 
@@ -86,15 +89,15 @@ def test_parameter_shapes_are_the_models_own():
     (dict(n_layers=10 ** 6), "missing tensor h.1.ln_1.weight, which the stored config (vocab_size 257, "
                              "context_length 64, emb_dim 16, n_heads 2, n_layers 1000000, qkv_bias True) "
                              "implies"),
-    (dict(emb_dim=2 ** 40, n_heads=1), "tensor wte.weight has shape (257, 16), but the stored config implies "
-                                      "(257, 1099511627776)"),
+    (dict(emb_dim=2 ** 40, n_heads=1),
+     "tensor wte.weight has shape (257, 16), but the stored config implies (257, 1099511627776)"),
     (dict(vocab_size=10 ** 9), "tensor wte.weight has shape (257, 16)"),
 ])
 def test_a_config_that_does_not_fit_the_arrays_is_refused_before_the_model_is_built(tmp_path, changes,
                                                                                     message):
     path = write_zip(tmp_path / "m.npz", members_of(GPTModel(GPTConfig(**TINY)), **changes))
     raised, peak = peak_memory(load_npz, path)
-    assert isinstance(raised, CheckpointError) and message in str(raised), raised
+    assert isinstance(raised, BadFileError) and message in str(raised), raised
     assert peak < 4 * 2 ** 20
 
 
@@ -103,7 +106,7 @@ def test_a_member_that_inflates_is_refused_from_its_header_before_it_is_read(tmp
     path = write_zip(tmp_path / "m.npz", {**members, "wpe.weight": inflating_member(2 ** 24)},  # 64 MiB
                      compress=True)
     raised, peak = peak_memory(load_npz, path)
-    assert isinstance(raised, CheckpointError) and "tensor wpe.weight has shape (16777216,)" in str(raised)
+    assert isinstance(raised, BadFileError) and "tensor wpe.weight has shape (16777216,)" in str(raised)
     assert peak < 8 * 2 ** 20
 
 
@@ -118,7 +121,7 @@ def test_a_member_that_inflates_is_refused_from_its_header_before_it_is_read(tmp
 def test_a_member_whose_header_lies_or_is_not_float_is_refused(tmp_path, header, data, message):
     members = members_of(GPTModel(GPTConfig(**TINY)))
     members["wte.weight"] = npy_bytes(header=header, data=data)
-    with pytest.raises(CheckpointError, match=re.escape(message)):
+    with pytest.raises(BadFileError, match=re.escape(message)):
         load_npz(write_zip(tmp_path / "m.npz", members))
 
 
@@ -126,8 +129,8 @@ def test_a_member_whose_header_lies_or_is_not_float_is_refused(tmp_path, header,
 def test_weights_holding_nan_or_inf_are_refused_with_the_tensor(tmp_path, bad):
     model = GPTModel(GPTConfig(**TINY))
     model.h[0].mlp.c_fc.weight.data[3, 5] = bad
-    with pytest.raises(CheckpointError, match=re.escape("tensor h.0.mlp.c_fc.weight holds 1 non-finite value "
-                                                        "(NaN or inf; the first at index (3, 5))")):
+    with pytest.raises(BadFileError, match=re.escape("tensor h.0.mlp.c_fc.weight holds 1 non-finite value "
+                                                     "(NaN or inf; the first at index (3, 5))")):
         load_npz(save_npz(model, tmp_path / "m.npz"))
 
 
@@ -135,7 +138,7 @@ def test_weights_holding_nan_or_inf_are_refused_with_the_tensor(tmp_path, bad):
                                           ("drop_rate", True)])
 def test_config_fields_must_have_their_json_type(tmp_path, field, value):
     path = write_zip(tmp_path / "m.npz", members_of(GPTModel(GPTConfig(**TINY)), **{field: value}))
-    with pytest.raises(CheckpointError, match=f"GPTConfig.{field} must be"):
+    with pytest.raises(BadFileError, match=f"GPTConfig.{field} must be"):
         load_npz(path)
     with pytest.raises(ValueError, match=f"GPTConfig.{field} must be"):
         GPTConfig(**{**TINY, field: value})
@@ -146,8 +149,7 @@ def test_config_fields_must_have_their_json_type(tmp_path, field, value):
 def checkpoint_parts():
     train_entries, _, _ = make_task_splits(seed=0, n_train=8, n_val=1, n_test=1)
     tokenizer = byte_tokenizer()
-    loader = DataLoader(InstructionDataset(train_entries, tokenizer, "phi3"), batch_size=4,
-                        pad_token_id=tokenizer.eot_token)
+    loader = DataLoader(InstructionDataset(train_entries, tokenizer, "phi3"), batch_size=4)
     model = GPTModel(GPTConfig(**TINY))
     return model, AdamW(model.parameters()), loader
 
@@ -210,16 +212,16 @@ def test_resume_with_nan_weights_in_the_checkpoint_is_one_line(tmp_path, capsys)
 def test_adapters_are_checked_from_their_headers_and_must_be_finite_floats(tmp_path):
     model = GPTModel(GPTConfig(**TINY))
     lora.apply_lora(model, 2, 4, targets=("attn.c_attn",))
-    path = lora.save_adapters(model, tmp_path / "a.npz")
+    path = save_adapters(model, tmp_path / "a.npz")
     with zipfile.ZipFile(path) as archive:
         members = {name.removesuffix(".npy"): archive.read(name) for name in archive.namelist()}
     big = {**members, "h.0.attn.c_attn.lora_A": inflating_member(2 ** 24)}
     inflating = write_zip(tmp_path / "big.npz", big, compress=True)
-    raised, peak = peak_memory(lora.load_adapters, GPTModel(GPTConfig(**TINY)), inflating)
-    assert isinstance(raised, CheckpointError)
+    raised, peak = peak_memory(load_adapters, GPTModel(GPTConfig(**TINY)), inflating)
+    assert isinstance(raised, BadFileError)
     assert "h.0.attn.c_attn.lora_A has shape (16777216,)" in str(raised)
     assert peak < 8 * 2 ** 20
     ints = write_zip(tmp_path / "ints.npz", {**members, "h.0.attn.c_attn.lora_B": npy_bytes(
         np.ones((2, 48), np.int32))})
-    with pytest.raises(CheckpointError, match="tensor h.0.attn.c_attn.lora_B has dtype int32"):
-        lora.load_adapters(GPTModel(GPTConfig(**TINY)), ints)
+    with pytest.raises(BadFileError, match="tensor h.0.attn.c_attn.lora_B has dtype int32"):
+        load_adapters(GPTModel(GPTConfig(**TINY)), ints)

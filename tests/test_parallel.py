@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt import parallel
+from minigpt.cpu import parallel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_blas_runs_on_one_thread():
     for path in parallel._openblas_candidates():
         library = ctypes.CDLL(path)
         getter = next((getattr(library, name) for name in ("scipy_openblas_get_num_threads64_",
-                                                          "openblas_get_num_threads")
+                                                           "openblas_get_num_threads")
                        if hasattr(library, name)),
                       None)
         if getter is not None:
@@ -68,7 +68,7 @@ def test_blas_runs_on_one_thread():
 
 STEP = """
 import json, numpy as np, minigpt
-from minigpt import parallel
+from minigpt.cpu import parallel
 cfg = minigpt.GPTConfig(vocab_size=257, context_length=64, emb_dim=64, n_heads=4, n_layers=2)
 model = minigpt.GPTModel(cfg, seed=0)
 rng = np.random.default_rng(1)

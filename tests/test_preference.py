@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from minigpt import preference
-from minigpt.data import InstructionDataset
+from minigpt.data import InstructionDataset, split_data, validate_entries
 from minigpt.losses import IGNORE_INDEX
-from minigpt.preference import (PreferenceDataset, collate_preferences, load_preference_data,
-                                split_preference_data)
+from minigpt.preference import PreferenceDataset, collate_preferences, load_preference_data
 from minigpt.tokenizer import EOT, byte_tokenizer, gpt2_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -45,12 +44,13 @@ def test_load_names_the_bad_entry(tmp_path, entry, message):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_load_keeps_a_valid_file_and_the_dataset_validates_entries_in_memory(tmp_path):
+def test_load_keeps_a_valid_file_and_entries_in_memory_are_validated_alike(tmp_path):
     assert load_preference_data(write(tmp_path, [PAIR])) == [PAIR]
     with pytest.raises(FileNotFoundError, match="preference data file not found"):
         load_preference_data(tmp_path / "absent.json")
     with pytest.raises(ValueError, match="preference data: entry 0 is missing the key 'chosen'"):
-        PreferenceDataset([{"instruction": "a", "input": "", "output": "b"}], byte_tokenizer())
+        validate_entries([{"instruction": "a", "input": "", "output": "b"}], preference.PREFERENCE_KEYS,
+                         source="preference data")
 
 
 def test_download_uses_the_cached_file_and_otherwise_the_public_url(tmp_path, monkeypatch):
@@ -68,11 +68,11 @@ def test_download_uses_the_cached_file_and_otherwise_the_public_url(tmp_path, mo
 
 def test_split_is_85_5_10_in_train_val_test_order():
     entries = synthetic_pairs(1100)
-    train, val, test = split_preference_data(entries)
+    train, val, test = split_data(entries)
     assert (len(train), len(val), len(test)) == (935, 55, 110)
     assert train == entries[:935] and test == entries[935:1045] and val == entries[1045:]  # as the reference
-    shuffled = split_preference_data(entries, shuffle_seed=3)
-    assert shuffled == split_preference_data(entries, shuffle_seed=3) and shuffled[0] != train
+    shuffled = split_data(entries, shuffle_seed=3)
+    assert shuffled == split_data(entries, shuffle_seed=3) and shuffled[0] != train
 
 
 def test_collate_keeps_exactly_the_responses_and_their_end_of_text():
@@ -102,7 +102,6 @@ def test_dataset_prompt_is_the_fine_tuning_prompt_and_batches_score_the_response
     assert dataset.prompt_lengths == as_instructions.prompt_lengths
     batch = dataset.batch([1, 0])
     assert batch.size == 2 and batch.inputs.shape == batch.targets.shape == (4, batch.inputs.shape[1])
-    np.testing.assert_array_equal(batch.chosen_inputs, batch.inputs[:2])
     for row, text in zip(batch.targets, ["Yes.", PAIR["chosen"], "", PAIR["rejected"]]):
         assert tokenizer.decode(row[row != I].tolist()) == text + EOT
     assert [b.indices.tolist() for b in dataset.batches(1)] == [[0], [1]]
@@ -130,10 +129,10 @@ def test_fingerprint_follows_the_content_and_allowed_length_cuts_or_refuses():
 def test_the_reference_file_loads_splits_and_masks_with_gpt2_tokens():
     entries = load_preference_data(PREFERENCE_FILE)
     assert len(entries) == 1100
-    assert [len(part) for part in split_preference_data(entries)] == [935, 55, 110]
+    assert [len(part) for part in split_data(entries)] == [935, 55, 110]
     tokenizer = gpt2_tokenizer(SHARED_DATA / "gpt2")
     batch = PreferenceDataset(entries[:2], tokenizer).batch([0, 1])
-    rejected_1 = batch.rejected_targets[1]
+    rejected_1 = batch.targets[batch.size + 1]
     assert tokenizer.decode(rejected_1[rejected_1 != I].tolist()) == entries[1]["rejected"] + EOT
     assert entries[1]["rejected"] == "He goes to the stupid park every single day."
 
@@ -143,5 +142,5 @@ def test_a_literal_end_of_text_in_a_response_is_refused_with_its_index(tmp_path)
     message = "entry 1: 'rejected' holds the literal text '<|endoftext|>'"
     with pytest.raises(ValueError, match=re.escape(message)):
         load_preference_data(write(tmp_path, [PAIR, entry]))
-    with pytest.raises(ValueError, match=re.escape("preference data: entry 0: 'rejected' holds the literal")):
-        PreferenceDataset([entry], byte_tokenizer())
+    with pytest.raises(ValueError, match=re.escape("holds the literal text '<|endoftext|>'")):
+        PreferenceDataset([entry], byte_tokenizer())  # made from Python, not a file: the tokenizer refuses

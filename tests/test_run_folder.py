@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import train
-from minigpt import finetune, runfolder
+from minigpt.files import runfolder
+from minigpt.pipeline import sft_run, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--emb-dim", "16", "--n-layers", "1", "--n-heads", "2", "--n-train", "24", "--n-val", "4",
@@ -68,11 +69,11 @@ def test_the_claim_is_taken_before_data_and_model_are_loaded(tmp_path, monkeypat
     run_dir = tmp_path / "run"
     seen = []
 
-    def load_splits(config):  # the first step of loading: the folder must be ours by now
+    def load_splits(*args):  # the first step of loading: the folder must be ours by now
         seen.append(json.loads((run_dir / runfolder.LOCK_NAME).read_text()))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune, "load_splits", load_splits)
+    monkeypatch.setattr(sft_run, "load_splits", load_splits)
     assert train.main(TINY + ["--out-dir", str(run_dir)]) == 130
     assert seen[0]["pid"] == os.getpid() and seen[0]["host"] == socket.gethostname()
     assert not run_dir.exists()  # released, and the folder it made is gone again
@@ -85,7 +86,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_releases_the_claim(tmp_path, cap
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune, "build_model", interrupted)
+    monkeypatch.setattr(steps, "set_dropout", interrupted)  # while the model is being made
     assert train.main(TINY + ["--out-dir", str(run_dir)]) == 130
     captured = capsys.readouterr()
     assert captured.err == "interrupted\n" and "Traceback" not in captured.out
@@ -157,11 +158,10 @@ def test_ctrl_c_during_imports_in_a_real_process_is_one_line(tmp_path):
     script = (f"import signal, sys, runpy; sys.argv = ['train.py', '--help']; "
               f"import builtins; real = builtins.__import__\n"
               f"def interrupting(name, *args, **kwargs):\n"
-              f"    if name == 'minigpt': raise KeyboardInterrupt\n"
+              f"    if name.split('.')[0] == 'minigpt': raise KeyboardInterrupt\n"
               f"    return real(name, *args, **kwargs)\n"
               f"builtins.__import__ = interrupting\n"
               f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                             timeout=60)
     assert (result.returncode, result.stderr, result.stdout) == (130, "interrupted\n", "")
-

@@ -5,8 +5,9 @@ import struct
 import numpy as np
 import pytest
 
-from minigpt.safetensors import (CheckpointError, bf16_bits_to_float32, float32_to_bf16_bits,
-                                 read_safetensors, write_safetensors)
+from minigpt.files.fileio import BadFileError
+from minigpt.files.safetensors import (bf16_bits_to_float32, float32_to_bf16_bits,
+                                       read_safetensors, write_safetensors)
 
 
 def raw_safetensors(path, header, data=b""):
@@ -160,7 +161,7 @@ def write_corrupt(path, content):
 def test_malformed_file_gives_one_line_error_naming_the_file(tmp_path, case):
     content, message = CORRUPT_FILES[case]
     path = write_corrupt(tmp_path / f"{case}.safetensors", content)
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(BadFileError) as info:
         read_safetensors(path)
     assert message in str(info.value)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
@@ -176,7 +177,7 @@ def test_header_length_one_byte_short_is_refused(tmp_path):
     assert raw[8 + n - 1:8 + n] == b" "  # the premise: the header ends in padding
     raw[:8] = struct.pack("<Q", n - 1)
     path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="1 byte belongs to no tensor after the last one"):
+    with pytest.raises(BadFileError, match="1 byte belongs to no tensor after the last one"):
         read_safetensors(path)
 
 
@@ -185,7 +186,7 @@ def test_header_larger_than_the_reference_limit_is_refused_before_reading_it(tmp
     with open(path, "wb") as f:  # a sparse file: no disk space used
         f.write(struct.pack("<Q", 200_000_000))
         f.truncate(8 + 200_000_000)
-    with pytest.raises(CheckpointError, match="header length 200000000 is over the 100000000 bytes"):
+    with pytest.raises(BadFileError, match="header length 200000000 is over the 100000000 bytes"):
         read_safetensors(path)
 
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import train
-from minigpt import GPTConfig, GPTModel, is_grad_enabled, weights
+from minigpt import GPTConfig, GPTModel, is_grad_enabled
+from minigpt.files import weights
 from minigpt.tokenizer import gpt2_tokenizer
-from minigpt.weights import save_hf_gpt2, save_npz
+from minigpt.files.weights import save_hf_gpt2, save_npz
 
 GPT2_VOCAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2"
 needs_gpt2_vocab = pytest.mark.skipif(not (GPT2_VOCAB / "vocab.bpe").is_file(), reason="GPT-2 vocab absent")

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 import train
-from minigpt import GPTConfig, GPTModel, finetune
+from minigpt import GPTConfig, GPTModel
+from minigpt.files.checkpoint import read_checkpoint
+from minigpt.pipeline.settings import RunConfig
 from minigpt.tasks import TASKS
-from minigpt.weights import save_npz
+from minigpt.files.weights import save_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--emb-dim", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "64",
@@ -175,7 +177,7 @@ def test_every_flag_has_help_and_every_setting_a_flag():
     parser = train.build_parser()
     flags = [action for action in parser._actions if action.option_strings and action.dest != "help"]
     assert all(action.help for action in flags)
-    settings = {field for field in finetune.RunConfig.__dataclass_fields__}
+    settings = {field for field in RunConfig.__dataclass_fields__}
     assert settings <= {action.dest for action in flags}
 
 
@@ -224,7 +226,7 @@ def test_divergence_stops_at_the_first_non_finite_loss_and_keeps_finite_files(tm
         with np.load(run_dir / name) as archive:
             assert all(np.isfinite(archive[key]).all() for key in archive.files
                        if archive[key].dtype.kind == "f"), name
-    state = finetune.read_checkpoint(run_dir / "checkpoint.npz")["train_state"]
+    state = read_checkpoint(run_dir / "checkpoint.npz")["train_state"]
     assert state["step"] < step and all(np.isfinite(state["history"]["val_loss"]))
 
     def refuse(constant):

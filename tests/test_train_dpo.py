@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 
 import train
-from minigpt import GPTConfig, GPTModel, dpo, dpo_finetune, finetune
+from minigpt import GPTConfig, GPTModel, dpo
+from minigpt.files.reference_logprobs import SPLITS
+from minigpt.pipeline import dpo_run
+from minigpt.pipeline.settings import RunConfig
 from minigpt.preference import PreferenceDataset
 from minigpt.tokenizer import get_tokenizer
-from minigpt.weights import load_weights, save_npz
+from minigpt.files.weights import load_weights, save_npz
 from test_train_cli import RUN_FILES, read
 
-DPO_FILES = RUN_FILES | {dpo_finetune.REFERENCE_NAME}
+DPO_FILES = RUN_FILES | {dpo_run.REFERENCE_NAME}
 BASE = GPTConfig(vocab_size=257, context_length=64, emb_dim=16, n_heads=2, n_layers=1)
 N_PAIRS = 40  # 34 train / 2 val / 4 test
 
@@ -77,10 +80,10 @@ def test_a_dpo_run_fills_the_run_folder_and_raises_the_margin(tmp_path, base_fil
 def test_the_reference_log_probabilities_are_the_starting_model_s(tmp_path, base_file, pairs_file):
     run_dir = tmp_path / "run"
     assert train.main(dpo_args(base_file, pairs_file, run_dir, "--max-steps", "2")) == 0
-    stored = arrays(run_dir / dpo_finetune.REFERENCE_NAME)
-    config = finetune.RunConfig(**read(run_dir / "config.json"))
+    stored = arrays(run_dir / dpo_run.REFERENCE_NAME)
+    config = RunConfig(**read(run_dir / "config.json"))
     tokenizer = get_tokenizer("byte")
-    for split, entries in zip(dpo_finetune.SPLITS, dpo_finetune.load_splits(config)):
+    for split, entries in zip(SPLITS, dpo_run.load_splits(config.data, config.data_dir, config.shuffle_seed)):
         dataset = PreferenceDataset(entries, tokenizer, "phi3", allowed_max_length=BASE.context_length)
         expected = dpo.reference_logprobs(load_weights(base_file), dataset, batch_size=3)  # other batches
         np.testing.assert_allclose(stored[f"{split}/chosen"], expected.chosen, rtol=1e-5, err_msg=split)
@@ -105,7 +108,7 @@ def test_an_interrupted_dpo_run_resumes_exactly(tmp_path, base_file, pairs_file,
 def test_resume_needs_the_run_s_own_reference_log_probabilities(tmp_path, base_file, pairs_file, capsys):
     run_dir = tmp_path / "run"
     assert train.main(dpo_args(base_file, pairs_file, run_dir, "--max-steps", "2")) == 0
-    path = run_dir / dpo_finetune.REFERENCE_NAME
+    path = run_dir / dpo_run.REFERENCE_NAME
     stored = arrays(path)
     meta = json.loads(str(stored["meta"][()]))
     meta["fingerprints"]["val"] = "0" * 16                              # as if made for other pairs
@@ -125,7 +128,7 @@ def test_scores_compare_the_responses_with_the_chosen_response(tmp_path, base_fi
     entries = [dict(entry, output="unused") for entry in pairs()]
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps(entries))
-    monkeypatch.setattr(finetune, "generate_responses",                 # a model that answers perfectly
+    monkeypatch.setattr(dpo_run, "generate_responses",                 # a model that answers perfectly
                         lambda model, tokenizer, entries, *args, **kwargs: [e["chosen"] for e in entries])
     run_dir = tmp_path / "run"
     assert train.main(dpo_args(base_file, data, run_dir, "--max-steps", "1")) == 0
@@ -144,7 +147,7 @@ def test_dpo_with_lora_trains_the_adapters_only(tmp_path, base_file, pairs_file)
 
 
 def test_show_batch_puts_each_pair_s_chosen_and_rejected_rows_together(tmp_path, base_file, pairs_file,
-                                                                      capsys):
+                                                                       capsys):
     assert train.main(dpo_args(base_file, pairs_file, tmp_path / "run", "--show-batch", "2")) == 0
     out = capsys.readouterr().out
     assert not (tmp_path / "run").exists()

@@ -8,7 +8,8 @@ import pytest
 
 import train
 from minigpt import GPTConfig, GPTModel, lora
-from minigpt.weights import CONFIG_KEY, load_npz, load_weights, save_npz
+from minigpt.files.weights import CONFIG_KEY, load_npz, load_weights, save_npz
+from minigpt.files.adapters import ADAPTERS_KEY, load_adapters
 from test_train_cli import RUN_FILES, TINY, read
 
 LORA_FILES = RUN_FILES | {"adapters-final.npz", "adapters-best.npz"}
@@ -34,7 +35,7 @@ def arrays(path):
 def merged(base_file, adapters):
     """The base with the adapters applied and merged, as an independent reader would make it."""
     model = load_weights(base_file)
-    lora.load_adapters(model, adapters)
+    load_adapters(model, adapters)
     return lora.merge_lora(model)
 
 
@@ -65,7 +66,7 @@ def test_a_lora_run_keeps_the_adapters_alone_and_merged_weights(tmp_path, base_f
                                   best.h[1].mlp.c_proj.weight.data)
     assert load_weights(run_dir / "model-best-hf").num_parameters() == best.num_parameters()
     with np.load(run_dir / "adapters-final.npz") as archive:
-        meta = json.loads(str(archive[lora.ADAPTERS_KEY][()]))
+        meta = json.loads(str(archive[ADAPTERS_KEY][()]))
     assert (meta["rank"], meta["alpha"], len(meta["layers"])) == (2, 4.0, 4 * BASE.n_layers)
 
     checkpoint = arrays(run_dir / "checkpoint.npz")                       # Adam's m and v: adapters only

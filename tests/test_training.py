@@ -8,9 +8,12 @@ import numpy.lib.format
 import pytest
 
 from minigpt import GPTConfig, GPTModel, is_grad_enabled, training
-from minigpt.checkpoint import TrainState, read_checkpoint, restore_checkpoint, save_checkpoint
-from minigpt.data import DataLoader, InstructionDataset
-from minigpt.fileio import write_json
+from minigpt.files.checkpoint import (BestWeightsFile, CheckpointFile, read_checkpoint, restore_checkpoint,
+                                      save_checkpoint)
+from minigpt.training import TrainState
+from minigpt.data import InstructionDataset
+from minigpt.loader import DataLoader
+from minigpt.files.fileio import write_json
 from minigpt.optim import AdamW
 from minigpt.tasks import make_task_splits
 from minigpt.tokenizer import byte_tokenizer
@@ -27,10 +30,9 @@ def setup(n_train=16, batch_size=4, drop_rate=0.1, lr=3e-3, seed=0):
     """A tiny model, its optimizer and loaders over the task dataset (byte tokenizer, phi3, masked)."""
     train_entries, val_entries, _ = make_task_splits(seed=0, n_train=n_train, n_val=4, n_test=1)
     tokenizer = byte_tokenizer()
-    loader = dict(batch_size=batch_size, mask_prompt=True, pad_token_id=tokenizer.eot_token)
-    train_loader = DataLoader(InstructionDataset(train_entries, tokenizer, "phi3"), shuffle=True,
-                              drop_last=True, seed=seed, **loader)
-    val_loader = DataLoader(InstructionDataset(val_entries, tokenizer, "phi3"), **loader)
+    train_set = InstructionDataset(train_entries, tokenizer, "phi3", mask_prompt=True)
+    train_loader = DataLoader(train_set, batch_size, shuffle=True, drop_last=True, seed=seed)
+    val_loader = DataLoader(InstructionDataset(val_entries, tokenizer, "phi3", mask_prompt=True), batch_size)
     model = GPTModel(GPTConfig(**{**TINY.__dict__, "drop_rate": drop_rate}), seed=seed)
     optimizer = AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     return model, optimizer, train_loader, val_loader
@@ -116,7 +118,8 @@ def test_early_stopping_stops_and_keeps_the_best_weights(monkeypatch, tmp_path, 
     weights_at = {}
     best_path = tmp_path / "best.npz" if on_disk else None
     state = train(model, optimizer, train_loader, val_loader,
-                  TrainConfig(epochs=5, lr=1e-2, eval_freq=1, patience=2), best_path=best_path, log=quiet,
+                  TrainConfig(epochs=5, lr=1e-2, eval_freq=1, patience=2), log=quiet,
+                  best=BestWeightsFile(best_path) if on_disk else None,
                   on_step=lambda s: weights_at.update({s.step: copy_weights(model)}))
     assert state.stopped_early and state.step == 4 and state.history["steps"] == [0, 1, 2, 3, 4]
     assert (state.best_step, state.best_val_loss) == (2, 3.0)
@@ -138,7 +141,7 @@ def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_pa
         state = None if stop_at else restore_checkpoint(checkpoint, model_b, optimizer_b, train_loader)
         state_b = train(model_b, optimizer_b, train_loader, val_loader,
                         TrainConfig(**RESUME_CONFIG, max_steps=stop_at), state=state,
-                        checkpoint_path=checkpoint, run_config={"note": "kept"}, log=quiet)
+                        checkpoint=CheckpointFile(checkpoint, {"note": "kept"}), log=quiet)
         if stop_at is not None:
             assert state_b.step == 5 and read_checkpoint(checkpoint)["train_state"]["step"] == 5
     assert read_checkpoint(checkpoint)["run_config"] == {"note": "kept"}
@@ -169,7 +172,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, w
         monkeypatch.setattr(model, "loss", interrupt_the_8th_step)
     with pytest.raises(KeyboardInterrupt):
         train(model, optimizer, train_loader, val_loader, TrainConfig(**RESUME_CONFIG),
-              checkpoint_path=checkpoint, log=messages.append,
+              checkpoint=CheckpointFile(checkpoint), log=messages.append,
               on_step=interrupt_after_step_7 if where == "after a step" else None)
     assert read_checkpoint(checkpoint)["train_state"]["step"] == 7  # the last complete step
     assert "interrupted" in messages[-1] and str(checkpoint) in messages[-1]
@@ -220,7 +223,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 def test_checkpoint_is_plain_arrays_and_json(tmp_path):
     model, optimizer, train_loader, val_loader = setup()
     state = train(model, optimizer, train_loader, val_loader, TrainConfig(max_steps=3, eval_freq=2),
-                  checkpoint_path=tmp_path / "c.npz", log=quiet)
+                  checkpoint=CheckpointFile(tmp_path / "c.npz"), log=quiet)
     with np.load(tmp_path / "c.npz", allow_pickle=False) as archive:  # no pickled objects inside
         names = set(archive.files)
         assert {f"model/{name}" for name in model.state_dict()} <= names
@@ -276,7 +279,7 @@ def test_a_nan_training_loss_stops_the_run_before_its_update(tmp_path, monkeypat
     message = r"the training loss of step 4 is nan; lower the learning rate \(--lr, now 0.003\) or clip"
     with pytest.raises(training.TrainingDiverged, match=message) as info:
         train(model, optimizer, train_loader, val_loader, TrainConfig(**{**RESUME_CONFIG, "grad_clip": None}),
-              checkpoint_path=path, log=quiet)
+              checkpoint=CheckpointFile(path), log=quiet)
     assert "--grad-clip, now off" in str(info.value) and f"{path} keeps step 2" in str(info.value)
     assert read_checkpoint(path)["train_state"]["step"] == 2 and optimizer.steps[0] == 3  # no 4th update
     assert all(np.isfinite(p.data).all() for p in model.parameters())
@@ -301,10 +304,10 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
             model.wpe.weight.data[-1] = np.nan
 
     path = tmp_path / "c.npz"
-    with pytest.raises(training.TrainingDiverged, match=r"the weights hold non-finite values after step 3 "
-                                                         r"\(wpe.weight\)"):
+    with pytest.raises(training.TrainingDiverged,
+                       match=r"the weights hold non-finite values after step 3 \(wpe.weight\)"):
         train(model, optimizer, train_loader, val_loader, TrainConfig(epochs=2, checkpoint_every=1),
-              checkpoint_path=path, on_step=poison_an_unused_position, log=quiet)
+              checkpoint=CheckpointFile(path), on_step=poison_an_unused_position, log=quiet)
     assert read_checkpoint(path)["train_state"]["step"] == 2
 
 
@@ -313,7 +316,7 @@ def test_an_empty_validation_loader_has_no_loss_rather_than_nan(tmp_path):
     empty = DataLoader(InstructionDataset([], byte_tokenizer(), "phi3"), batch_size=4)
     assert calc_loss_loader(model, empty) is None
     state = train(model, optimizer, train_loader, empty, TrainConfig(max_steps=2, eval_freq=1),
-                  checkpoint_path=tmp_path / "c.npz", log=quiet)
+                  checkpoint=CheckpointFile(tmp_path / "c.npz"), log=quiet)
     assert state.history["val_loss"] == [None, None, None] and state.best_step is None
     assert read_checkpoint(tmp_path / "c.npz")["train_state"]["history"] == state.history
 

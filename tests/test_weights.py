@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt import weights
+from minigpt.files import weights
 from minigpt.model import GPT2_PRESETS, GPTConfig, GPTModel
-from minigpt.safetensors import (CheckpointError, bf16_bits_to_float32, float32_to_bf16_bits,
-                                 read_safetensors, write_safetensors)
-from minigpt.weights import (check_float_parameter, load_hf_gpt2, load_npz, load_weights, save_hf_gpt2,
-                             save_npz, weights_format)
+from minigpt.files.fileio import BadFileError
+from minigpt.files.safetensors import (bf16_bits_to_float32, float32_to_bf16_bits,
+                                       read_safetensors, write_safetensors)
+from minigpt.files.weights import (check_float_parameter, load_hf_gpt2, load_npz, load_weights, save_hf_gpt2,
+                                   save_npz, weights_format)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=50, context_length=16, emb_dim=8, n_heads=2, n_layers=2)
@@ -100,7 +101,7 @@ def test_n_heads_from_config_json_or_a_matching_preset(tmp_path, monkeypatch):
     tensors = tiny_hf_tensors()
     assert load_hf_gpt2(write_hf_checkpoint(tmp_path / "a", tensors, config={"n_head": 4})).cfg.n_heads == 4
     write_hf_checkpoint(tmp_path / "b", tensors, config=False)
-    with pytest.raises(CheckpointError, match="number of attention heads.*config.json"):
+    with pytest.raises(BadFileError, match="number of attention heads.*config.json"):
         load_hf_gpt2(tmp_path / "b")
     monkeypatch.setitem(GPT2_PRESETS, "gpt2-small", dict(emb_dim=8, n_layers=2, n_heads=2))
     assert load_hf_gpt2(tmp_path / "b").cfg.n_heads == 2
@@ -118,7 +119,7 @@ def test_lm_head_must_be_tied(tmp_path):
     write_hf_checkpoint(tmp_path / "tied", {**tensors, "lm_head.weight": tensors["wte.weight"]})
     assert_state_equal(load_hf_gpt2(tmp_path / "tied"), tensors)
     write_hf_checkpoint(tmp_path / "untied", {**tensors, "lm_head.weight": tensors["wte.weight"] + 1})
-    with pytest.raises(CheckpointError, match="lm_head.weight differs from wte.weight"):
+    with pytest.raises(BadFileError, match="lm_head.weight differs from wte.weight"):
         load_hf_gpt2(tmp_path / "untied")
 
 
@@ -151,7 +152,7 @@ BAD_CHECKPOINTS = {
 def test_bad_hf_checkpoint_names_the_tensor(tmp_path, case):
     edit, message = BAD_CHECKPOINTS[case]
     write_hf_checkpoint(tmp_path, edit(tiny_hf_tensors()), config={"n_head": 2})
-    with pytest.raises(CheckpointError, match="model.safetensors") as info:
+    with pytest.raises(BadFileError, match="model.safetensors") as info:
         load_hf_gpt2(tmp_path)
     assert message in str(info.value)
 
@@ -165,7 +166,7 @@ def test_a_parameter_stored_as_integers_or_booleans_is_refused(tmp_path, dtype):
     write_hf_checkpoint(tmp_path, tensors)
     message = (f"model.safetensors: tensor h.1.attn.c_proj.weight has dtype {np.dtype(dtype).name}, "
                f"but a parameter must be floating point")
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(BadFileError, match=message):
         load_hf_gpt2(tmp_path)
 
 
@@ -176,7 +177,7 @@ def test_a_parameter_holding_nan_or_inf_is_refused(tmp_path, bad, float_dtype):
     tensors["h.0.mlp.c_fc.weight"][3, 5] = bad
     tensors["h.0.mlp.c_fc.weight"][7, 1] = bad
     write_hf_checkpoint(tmp_path, tensors, float_dtype=float_dtype)
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(BadFileError) as info:
         load_hf_gpt2(tmp_path)
     assert str(info.value) == (f"{tmp_path / 'model.safetensors'}: tensor h.0.mlp.c_fc.weight holds 2 "
                                f"non-finite values (NaN or inf; the first at index (3, 5))")
@@ -186,17 +187,17 @@ def test_check_float_parameter():
     """The check the loaders share: float dtypes only, every value finite."""
     check_float_parameter("f", "w", np.zeros((2, 3), np.float16))  # passes: nothing to raise
     check_float_parameter("f", "w", np.full(3, np.finfo(np.float64).max))  # sums to inf, yet finite
-    with pytest.raises(CheckpointError, match="^f: tensor w has dtype int8, but a parameter must be"):
+    with pytest.raises(BadFileError, match="^f: tensor w has dtype int8, but a parameter must be"):
         check_float_parameter("f", "w", np.zeros(3, np.int8))
-    with pytest.raises(CheckpointError, match=r"^f: tensor w holds 1 non-finite value \(NaN or inf; "
-                                              r"the first at index \(1,\)\)$"):
+    with pytest.raises(BadFileError, match=r"^f: tensor w holds 1 non-finite value \(NaN or inf; "
+                                           r"the first at index \(1,\)\)$"):
         check_float_parameter("f", "w", np.array([np.finfo(np.float64).max, np.nan, 1.0]))
 
 
 def test_config_json_nested_too_deeply_is_one_line(tmp_path):
     write_hf_checkpoint(tmp_path, tiny_hf_tensors())
     (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(CheckpointError, match=r"config.json: invalid JSON: nested too deeply"):
+    with pytest.raises(BadFileError, match=r"config.json: invalid JSON: nested too deeply"):
         load_hf_gpt2(tmp_path)
 
 
@@ -209,7 +210,7 @@ def test_config_json_nested_too_deeply_is_one_line(tmp_path):
 ])
 def test_config_json_that_disagrees_with_the_weights(tmp_path, config, message):
     write_hf_checkpoint(tmp_path, tiny_hf_tensors(), config=config)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(BadFileError, match=message):
         load_hf_gpt2(tmp_path)
 
 
@@ -278,7 +279,7 @@ def test_bad_npz_files(tmp_path):
                   **{**state, "wte.weight": np.array([None], dtype=object)}): "damaged .npz archive",
     }
     for path, message in cases.items():
-        with pytest.raises(CheckpointError, match=re.escape(message)):
+        with pytest.raises(BadFileError, match=re.escape(message)):
             load_npz(path)
 
 
@@ -289,7 +290,7 @@ def test_load_weights_dispatches_on_the_path(tmp_path):
     for path in (tmp_path / "m.npz", tmp_path / "hf", tmp_path / "hf" / "model.safetensors"):
         assert_state_equal(load_weights(path), model.state_dict())
     assert weights_format(tmp_path / "new_dir") == "hf"
-    with pytest.raises(CheckpointError, match="expected a .npz file, a .safetensors file or a directory"):
+    with pytest.raises(BadFileError, match="expected a .npz file, a .safetensors file or a directory"):
         load_weights(tmp_path / "weights.pt")
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         load_weights(tmp_path / "absent")
@@ -331,7 +332,7 @@ def test_pretrained_uses_the_cache_and_converts_once(tmp_path, monkeypatch):
 def start_convert(*args):
     """Start `python -m minigpt.convert args` in a fresh process, as a user would run it."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "minigpt.convert", *map(str, args)],
+    return subprocess.Popen([sys.executable, "-m", "minigpt.files.convert", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
 
 

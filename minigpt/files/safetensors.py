@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.fileio import atomic_write, parse_json
+from .fileio import BadFileError, atomic_write, parse_json
 
 # Storage dtype code -> how its bytes are laid out on disk. BF16 has no NumPy dtype: it is read
 # as raw uint16 bits and widened by hand (see bf16_bits_to_float32).
@@ -47,39 +47,35 @@ METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit: a longer header is refused unread
 
 
-class CheckpointError(ValueError):
-    """A weights file that cannot be used; the message is one line and names the file."""
-
-
 def read_safetensors(path):
     """Read a .safetensors file -> (dict name -> np.ndarray, metadata dict).
 
     F32 (and every other natively supported dtype) comes back as a read-only view of the memory
     map; F16 and BF16 are converted to float32 copies. Raises FileNotFoundError for a missing
-    file and CheckpointError for anything malformed.
+    file and BadFileError for anything malformed.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     file_size = path.stat().st_size
     if file_size == 0:
-        raise CheckpointError(f"{path}: file is empty")
+        raise BadFileError(f"{path}: file is empty")
     if file_size < 8:
-        raise CheckpointError(f"{path}: {file_size} bytes is too small to be a safetensors file")
+        raise BadFileError(f"{path}: {file_size} bytes is too small to be a safetensors file")
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if 8 + header_len > file_size:
-            raise CheckpointError(f"{path}: header length {header_len} is longer than the file "
-                                  f"({file_size} bytes); not a safetensors file or truncated")
+            raise BadFileError(f"{path}: header length {header_len} is longer than the file "
+                               f"({file_size} bytes); not a safetensors file or truncated")
         if header_len > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: header length {header_len} is over the {MAX_HEADER_BYTES} "
-                                  f"bytes the format allows; not a safetensors file")
+            raise BadFileError(f"{path}: header length {header_len} is over the {MAX_HEADER_BYTES} "
+                               f"bytes the format allows; not a safetensors file")
         header_bytes = f.read(header_len)
     header = _parse_header(path, header_bytes)
     metadata = header.pop(METADATA_KEY, None)
     metadata = {} if metadata is None else metadata  # null reads as no metadata, as in the reference
     if not (isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())):
-        raise CheckpointError(f"{path}: {METADATA_KEY} must map strings to strings")
+        raise BadFileError(f"{path}: {METADATA_KEY} must map strings to strings")
 
     data_start = 8 + header_len
     data_len = file_size - data_start
@@ -95,8 +91,8 @@ def read_safetensors(path):
         try:
             stored = np.ndarray(tuple(entry["shape"]), DTYPES[entry["dtype"]], buffer=buffer, offset=begin)
         except ValueError as e:  # more or larger dimensions (even beside a 0) than NumPy can index
-            raise CheckpointError(f"{path}: tensor {name!r} of shape {entry['shape']} cannot be a NumPy "
-                                  f"array ({e})") from None
+            raise BadFileError(f"{path}: tensor {name!r} of shape {entry['shape']} cannot be a NumPy "
+                               f"array ({e})") from None
         tensors[name] = _to_compute_dtype(stored, entry["dtype"])
     return tensors, metadata
 
@@ -149,37 +145,37 @@ def _parse_header(path, header_bytes):
         keys = [k for k, _ in pairs]
         duplicates = sorted({k for k in keys if keys.count(k) > 1})
         if duplicates:
-            raise CheckpointError(f"{path}: header names tensor {duplicates[0]!r} more than once")
+            raise BadFileError(f"{path}: header names tensor {duplicates[0]!r} more than once")
         return dict(pairs)
 
     if not header_bytes.startswith(b"{"):
-        raise CheckpointError(f"{path}: header is not a JSON object (it must start with '{{'); "
-                              f"not a safetensors file")
+        raise BadFileError(f"{path}: header is not a JSON object (it must start with '{{'); "
+                           f"not a safetensors file")
     # A header that starts with '{' and parses is a JSON object.
-    return parse_json(header_bytes, f"{path}: header", CheckpointError, object_pairs_hook=reject_duplicates)
+    return parse_json(header_bytes, f"{path}: header", BadFileError, object_pairs_hook=reject_duplicates)
 
 
 def _check_entry(path, name, entry, data_len):
     """Validate one header entry against the data buffer -> its (begin, end) byte span."""
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise CheckpointError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets")
+        raise BadFileError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets")
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(code, str) or code not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {code!r} "
-                              f"(supported: {', '.join(DTYPES)})")
+        raise BadFileError(f"{path}: tensor {name!r} has unknown dtype {code!r} "
+                           f"(supported: {', '.join(DTYPES)})")
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-        raise CheckpointError(f"{path}: tensor {name!r} has invalid shape {shape!r}")
+        raise BadFileError(f"{path}: tensor {name!r} has invalid shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
             and offsets[0] <= offsets[1]):
-        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise BadFileError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets
     needed = math.prod(shape) * DTYPES[code].itemsize
     if end - begin != needed:
-        raise CheckpointError(f"{path}: tensor {name!r} of dtype {code} and shape {shape} needs "
-                              f"{needed} bytes but data_offsets {offsets} span {end - begin}")
+        raise BadFileError(f"{path}: tensor {name!r} of dtype {code} and shape {shape} needs "
+                           f"{needed} bytes but data_offsets {offsets} span {end - begin}")
     if end > data_len:
-        raise CheckpointError(f"{path}: tensor {name!r} data_offsets {offsets} run past the end of "
-                              f"the file (data buffer is {data_len} bytes); truncated file?")
+        raise BadFileError(f"{path}: tensor {name!r} data_offsets {offsets} run past the end of "
+                           f"the file (data buffer is {data_len} bytes); truncated file?")
     return begin, end
 
 
@@ -193,17 +189,17 @@ def _check_coverage(path, spans, data_len):
     previous_name, covered = None, 0
     for name, (begin, end) in sorted(spans.items(), key=lambda item: item[1]):
         if begin < covered:
-            raise CheckpointError(f"{path}: tensors {previous_name!r} and {name!r} overlap in the data "
-                                  f"buffer")
+            raise BadFileError(f"{path}: tensors {previous_name!r} and {name!r} overlap in the data "
+                               f"buffer")
         if begin > covered:
-            raise CheckpointError(f"{path}: bytes {covered}..{begin} of the data buffer belong to no "
-                                  f"tensor (before {name!r}); the format allows no gaps")
+            raise BadFileError(f"{path}: bytes {covered}..{begin} of the data buffer belong to no "
+                               f"tensor (before {name!r}); the format allows no gaps")
         previous_name, covered = name, end
     if covered < data_len:
         extra = data_len - covered
         bytes_belong = "1 byte belongs" if extra == 1 else f"{extra} bytes belong"
-        raise CheckpointError(f"{path}: {bytes_belong} to no tensor after the last one (junk after the "
-                              f"data, or a wrong header length)")
+        raise BadFileError(f"{path}: {bytes_belong} to no tensor after the last one (junk after the "
+                           f"data, or a wrong header length)")
 
 
 def _to_compute_dtype(stored, code):

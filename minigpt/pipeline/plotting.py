@@ -7,7 +7,7 @@ GUI backend and no global state; PNG output goes through the Agg renderer. A DPO
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .fileio import atomic_write
+from ..files.fileio import atomic_write
 
 
 def plot_losses(history, path, title=None):

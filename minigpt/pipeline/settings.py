@@ -1,13 +1,14 @@
 """The settings of a run: RunConfig, the recipes that set its defaults, and their checks.
 
-    config = make_config()                                  # the offline recipe (RunConfig's defaults)
-    config = make_config(model="gpt2-small")                # rasbt's ch. 7 fine-tuning recipe
-    config = make_config(method="dpo", weights="sft.npz")   # preference tuning (DPO) of a fine-tuned model
+    config = make_config()                                   # the offline recipe (RunConfig's defaults)
+    config = make_config(model="gpt2-small")                 # rasbt's ch. 7 fine-tuning recipe
+    config = dpo_run.make_config(weights="sft.npz")          # a method's own recipe on top (DPO's)
 
 RunConfig's defaults are the offline recipe: a small GPT trained from scratch on the built-in dataset
 of checkable tasks (minigpt.tasks) with the byte tokenizer. REFERENCE_RECIPE replaces them when the
-run starts from pretrained GPT-2 (`model` or `weights`), and DPO_RECIPE on top for `method="dpo"`.
-`python train.py --help` shows each default. config.json of a run folder holds its RunConfig.
+run starts from pretrained GPT-2 (`model` or `weights`), and a method's recipe (its run module's
+RECIPE) goes on top. `python train.py --help` shows each default. config.json of a run folder holds
+its RunConfig. The checks here hold for every method; each run checks its own settings too.
 """
 import dataclasses
 import math
@@ -15,14 +16,16 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from . import lora_finetune, tasks, training, weights
-from .data import PROMPT_STYLES
-from .dpo import DEFAULT_BETA, check_beta, check_nll_weight
-from .evaluate import DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL
-from .tokenizer import TOKENIZERS
+from .. import tasks
+from ..dpo import DEFAULT_BETA
+from ..evaluate.judge import DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL
+from ..files.weights import HUB_REPOS
+from ..lora import check_hyperparameters
+from ..prompts import PROMPT_STYLES
+from ..tokenizer import TOKENIZERS
+from ..training import TrainConfig
 
 DATASETS = ("tasks", "reference")  # besides a path to a JSON file
-METHODS = ("sft", "dpo")           # instruction fine-tuning; preference tuning (minigpt.dpo_finetune)
 # Settings a resumed run may change: they bound the run or only affect what happens after training.
 RESUME_OVERRIDES = ("max_steps", "max_new_tokens", "judge_model", "ollama_url", "judge_timeout", "export_hf",
                     "vocab_dir", "data_dir")
@@ -30,7 +33,7 @@ RESUME_OVERRIDES = ("max_steps", "max_new_tokens", "judge_model", "ollama_url", 
 
 @dataclasses.dataclass
 class RunConfig:
-    method: str = "sft"                 # "sft": instruction fine-tuning; "dpo": preference tuning (DPO)
+    method: str = "sft"                 # the run: "sft" (pipeline/sft_run.py), "dpo" (pipeline/dpo_run.py)
     # Model: trained from scratch (the sizes below) unless `model` or `weights` is given.
     model: Optional[str] = None         # "gpt2-small" | "gpt2-medium" | "gpt2-large" | "gpt2-xl"
     weights: Optional[str] = None       # a .npz, a .safetensors file or a Hugging Face folder
@@ -41,9 +44,8 @@ class RunConfig:
     n_heads: int = 4
     context_length: int = 64            # the longest task example is ~50 bytes
     drop_rate: float = 0.0
-    # Data
-    data: str = "tasks"                 # "tasks" (built in; "tasks:KIND,..." a selection), "reference"
-                                        # (rasbt's, downloaded) or a path
+    # Data: "tasks" (built in; "tasks:KIND,..." a selection), "reference" (rasbt's, downloaded) or a path
+    data: str = "tasks"
     data_dir: str = "data"              # where downloads and converted weights are cached
     data_seed: int = 0                  # generates the task dataset
     n_train: int = 43200                # task dataset sizes: 2 epochs of 675 batches of 64 = 1,350 steps
@@ -91,9 +93,15 @@ class RunConfig:
     def pretrained(self):
         return self.model is not None or self.weights is not None
 
+    @property
+    def effective_lora_alpha(self):
+        """LoRA's alpha: --lora-alpha, else the rank (a scale alpha / r of 1, as the reference's rank 16,
+        alpha 16); None when LoRA is off."""
+        return self.lora_alpha if self.lora_alpha is not None else self.lora_rank
+
     def train_config(self):
         """The training loop's settings (validates them)."""
-        return training.TrainConfig(
+        return TrainConfig(
             epochs=self.epochs, lr=self.lr, schedule=self.schedule, warmup_steps=self.warmup_steps,
             min_lr=self.min_lr, grad_clip=self.grad_clip or None, eval_freq=self.eval_freq,
             eval_iter=self.eval_iter, patience=self.patience or None, max_steps=self.max_steps or None,
@@ -101,17 +109,10 @@ class RunConfig:
 
     def validate(self):
         """Raise ValueError naming the first setting that cannot work."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if self.method == "dpo":
-            self._validate_dpo()
-        elif self.nll_weight:
-            raise ValueError("nll_weight is a DPO setting (--method dpo); "
-                             "fine-tuning's loss is the NLL itself")
         if self.model is not None and self.weights is not None:
             raise ValueError("give either model (a GPT-2 name) or weights (a file), not both")
-        if self.model is not None and self.model not in weights.HUB_REPOS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(weights.HUB_REPOS)}")
+        if self.model is not None and self.model not in HUB_REPOS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(HUB_REPOS)}")
         for name, choices in (("tokenizer", TOKENIZERS), ("prompt_style", PROMPT_STYLES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; "
@@ -134,31 +135,20 @@ class RunConfig:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         tasks.selected_kinds(self.data)  # unknown task kinds
-        lora_finetune.check_settings(self)
+        if self.lora_rank is None and self.lora_alpha is not None:
+            raise ValueError("lora_alpha is set but LoRA is off: give lora_rank too")
+        if self.lora_rank is not None:
+            check_hyperparameters(self.lora_rank, self.effective_lora_alpha)
         name = self.name
         if name is not None and (name in ("", ".", "..") or "/" in name or os.sep in name):
             raise ValueError(f"name must be one folder name, which goes under runs/ (no '/', not '..'), got "
                              f"{self.name!r}; give a path with --out-dir")
         self.train_config()
 
-    def _validate_dpo(self):
-        if not self.pretrained:
-            raise ValueError("DPO tunes a model that was fine-tuned first: give its weights (--weights "
-                             "model-final.npz of a fine-tuning run, or --model)")
-        if self.data == "tasks" or tasks.selected_kinds(self.data):
-            raise ValueError("DPO trains on preference pairs: --data reference (rasbt's, downloaded) "
-                             "or a JSON list of {instruction, input, output, chosen, rejected}; "
-                             "benchmarks/dpo_demo.py makes one from the built-in tasks")
-        if self.group_by_length:
-            raise ValueError("group_by_length batches fine-tuning examples; DPO batches pairs in their order")
-        check_beta(self.beta)
-        check_nll_weight(self.nll_weight)
-
-    def check_files(self, weights=True):
+    def check_files(self, data_kind="instruction data", weights=True):
         """Raise FileNotFoundError for a missing --data or (with `weights`) --weights path, before any
         download starts."""
         data = None if tasks.selected_kinds(self.data) or self.data in DATASETS else self.data
-        data_kind = "preference data" if self.method == "dpo" else "instruction data"
         for what, path in (("weights", self.weights if weights else None), (data_kind, data)):
             if path is not None and not Path(path).exists():
                 raise FileNotFoundError(f"{what} file not found: {path}")
@@ -171,22 +161,12 @@ REFERENCE_RECIPE = dict(
     schedule="constant", warmup_steps=0, min_lr=0.0, grad_clip=None, eval_freq=5, eval_iter=5, seed=123,
     max_new_tokens=256)
 
-# rasbt's DPO settings (ch07/04_preference-tuning-with-dpo), on top of REFERENCE_RECIPE: "reference" data
-# is then his preference set, instruction-data-with-preference.json.
-DPO_RECIPE = dict(epochs=1, batch_size=8, lr=5e-6, weight_decay=0.01, beta=DEFAULT_BETA)
 
-
-def recipe(pretrained, method="sft"):
-    """The defaults that replace RunConfig's: REFERENCE_RECIPE from pretrained weights, DPO_RECIPE on top
-    for DPO (which always starts from weights; without, RunConfig.validate says so)."""
-    return {**(REFERENCE_RECIPE if pretrained or method == "dpo" else {}),
-            **(DPO_RECIPE if method == "dpo" else {})}
-
-
-def make_config(**settings):
-    """A RunConfig: the offline defaults, or recipe()'s, then `settings` on top."""
+def make_config(recipe=None, **settings):
+    """A RunConfig: the offline defaults, REFERENCE_RECIPE's from pretrained weights (`model` or `weights`),
+    then a method's `recipe` (a dict: its run module's RECIPE), then `settings`."""
     unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(RunConfig)})
     if unknown:
         raise TypeError(f"unknown setting(s): {', '.join(unknown)}")
     pretrained = settings.get("model") is not None or settings.get("weights") is not None
-    return RunConfig(**{**recipe(pretrained, settings.get("method", "sft")), **settings})
+    return RunConfig(**{**(REFERENCE_RECIPE if pretrained else {}), **(recipe or {}), **settings})

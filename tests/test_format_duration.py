@@ -1,5 +1,5 @@
 """Durations in progress lines."""
-from minigpt.progress import format_duration
+from minigpt.training import format_duration
 
 
 def test_durations_read_at_a_glance():

@@ -1,7 +1,8 @@
-"""The fused ops of minigpt/functional.py written plainly: each one's formula as a learner writes it.
+"""Every fused op of minigpt written plainly: read these formulas first, then the fast code.
 
-functional.py computes each op in in-place passes over row slices, with a hand-written backward:
-fast, and the formula is hard to see. Here every op is its formula in a few lines, twice:
+functional.py, losses.py, lora.py and dpo.py compute each op in in-place passes over row slices, with a
+hand-written backward: fast, and the formula is hard to see. Here every op is its formula in a few
+lines, twice:
 
 - `gelu`, `softmax`, `layer_norm`, `causal_self_attention`, `cross_entropy`, ...: the forward in
   plain NumPy, arrays in and an array out;
@@ -10,16 +11,18 @@ fast, and the formula is hard to see. Here every op is its formula in a few line
   gradient that the fused backward must reproduce. `linear`, `lm_head`, `embedding` and `dropout`
   use only Python's operators, which a Tensor maps to the basic ops, so one function serves as both.
 
-tests/test_reference_ops.py checks that each fused op equals its twin, in value and in gradient.
-The constants (0.044715, eps = 1e-5, 1/sqrt(hs)) are written out again rather than imported, so a
-wrong constant in functional.py shows up as a difference.
-Letters: B batch, T time, C channels, V vocabulary, NH heads, hs = C / NH, OC output channels.
+Each fused op's docstring names its twin here. The tests check that each fused op equals its twin, in
+value and in gradient (tests/test_reference_ops.py; LoRA's and DPO's in tests/test_lora.py and
+tests/test_dpo.py). The constants (0.044715, eps = 1e-5, 1/sqrt(hs)) are written out again rather than
+imported, so a wrong constant in functional.py shows up as a difference.
+Letters: B batch, T time, C channels, V vocabulary, NH heads, hs = C / NH, OC output channels, r LoRA's rank.
 """
 import math
 
 import numpy as np
 
-from minigpt import IGNORE_INDEX, ops
+from . import ops
+from .losses import IGNORE_INDEX
 
 
 # ----- ops that are one line of operators: the same function for arrays and for Tensors -----------------
@@ -111,6 +114,27 @@ def lm_head_cross_entropy(x, wte, targets, ignore_index=IGNORE_INDEX):
     return cross_entropy(lm_head(x, wte), targets, ignore_index)
 
 
+def lora_linear(x, w, b, A, B, scale):
+    """LoRA's layer: the frozen x @ w + b plus the low-rank update scale * (x @ A) @ B.
+
+    x (..., C), w (C, OC), b (OC,), A (C, r), B (r, OC) -> (..., OC). The same as one linear layer of weight
+    w + scale * A @ B. Operators only, so it serves Tensors too (w and b frozen: they get no gradient).
+    """
+    return linear(x, w, b) + scale * ((x @ A) @ B)
+
+
+def sequence_logprobs(x, wte, targets, reduction="mean", ignore_index=IGNORE_INDEX):
+    """DPO's log-probability of each sequence: sum (or mean) over its kept positions t of
+    log softmax(x_t @ wte^T)[target_t];  x (B, T, C), wte (V, C), targets (B, T) -> (B,)."""
+    log_probs = log_softmax(lm_head(x, wte))                               # (B, T, V)
+    kept = targets != ignore_index                                         # (B, T)
+    b, t = np.nonzero(kept)
+    per_token = np.zeros(targets.shape, dtype=x.dtype)                     # (B, T)
+    per_token[b, t] = log_probs[b, t, targets[b, t]]
+    total = per_token.sum(axis=1)                                          # (B,)
+    return total / kept.sum(axis=1) if reduction == "mean" else total
+
+
 # ----- the same formulas through minigpt's basic ops (Tensors in, a Tensor out) -------------------------
 def gelu_from_basic_ops(x):
     return 0.5 * x * (1 + ops.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
@@ -155,3 +179,15 @@ def cross_entropy_from_basic_ops(logits, targets, ignore_index=IGNORE_INDEX):
 
 def lm_head_cross_entropy_from_basic_ops(x, wte, targets, ignore_index=IGNORE_INDEX):
     return cross_entropy_from_basic_ops(lm_head(x, wte), targets, ignore_index)
+
+
+def sequence_logprobs_from_basic_ops(x, wte, targets, reduction="mean", ignore_index=IGNORE_INDEX):
+    # Selecting the kept targets is a product with a constant 0/1 array (divided by the count for "mean").
+    log_probs = log_softmax_from_basic_ops(lm_head(x, wte))               # (B, T, V)
+    kept = targets != ignore_index                                         # (B, T)
+    select = np.zeros(log_probs.shape, dtype=x.dtype)
+    b, t = np.nonzero(kept)
+    select[b, t, targets[b, t]] = 1.0
+    if reduction == "mean":
+        select /= kept.sum(axis=1)[:, None, None]
+    return (log_probs * select).sum(axis=(1, 2))                          # (B,)

@@ -12,10 +12,11 @@ import time
 
 import numpy as np
 
-from .data import build_prompt
-from .generation import generate
-from .progress import format_duration
-from .tokenizer import encode
+from ..generation import generate
+from ..nn import eval_mode
+from ..prompts import build_prompt
+from ..tokenizer import encode
+from ..training import format_duration
 
 MAX_BATCH = 64                 # prompts decoded together, at most
 KV_CACHE_BYTES = 512 << 20     # and at most this much KV cache (float32 keys and values of every layer)
@@ -42,10 +43,8 @@ def generate_responses(model, tokenizer, entries, style, max_new_tokens, batch_s
     prompts = [prompt_ids(tokenizer, entry, style) for entry in entries]
     batches = response_batches(model.cfg, prompts, max_new_tokens, batch_size)
     responses = [None] * len(entries)
-    was_training = model.training
-    model.eval()  # no dropout while generating
     start = last_print = time.monotonic()
-    try:
+    with eval_mode(model):  # no dropout while generating
         for batch in batches:
             # alone, a prompt may outgrow the context window (then the window slides): a (1, T) array
             batch_prompts = np.array([prompts[batch[0]]]) if len(batch) == 1 else [prompts[i] for i in batch]
@@ -56,8 +55,6 @@ def generate_responses(model, tokenizer, entries, style, max_new_tokens, batch_s
             if progress and (now - last_print > 0.5 or batch is batches[-1]):  # ~2 updates a second
                 last_print = now
                 _print_progress(sum(r is not None for r in responses), len(entries), time.monotonic() - start)
-    finally:
-        model.train(was_training)
     if progress and entries:
         print(file=sys.stderr)
     return responses

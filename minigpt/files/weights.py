@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.fileio import atomic_write, download_file, open_npz, parse_json, write_json
-from minigpt.model import GPT2_PRESETS, GPTConfig, GPTModel, parameter_shapes
-from minigpt.safetensors import CheckpointError, read_safetensors, write_safetensors
-from minigpt.tokenizer import GPT2_EOT_ID
+from ..model import GPT2_PRESETS, GPTConfig, GPTModel, parameter_shapes
+from ..nn import non_finite
+from ..tokenizer import GPT2_EOT_ID
+from .fileio import BadFileError, atomic_write, download_file, open_npz, parse_json, write_json
+from .safetensors import read_safetensors, write_safetensors
 
 # Preset name -> the Hugging Face hub repository holding its weights.
 HUB_REPOS = {
@@ -71,7 +72,7 @@ def load_hf_gpt2(path, dtype=np.float32):
     params = _hf_parameters(weights_file, tensors)
     cfg = _infer_config(weights_file, params, hf_config)
     model = GPTModel(cfg, dtype=dtype)
-    model.load_arrays(params.keys(), params.__getitem__, source=weights_file, error=CheckpointError)
+    model.load_arrays(params.keys(), params.__getitem__, source=weights_file, error=BadFileError)
     return model
 
 
@@ -125,21 +126,21 @@ def _read_hf_config(config_file):
     """config.json -> dict ({} when absent), refusing architectures minigpt computes differently."""
     if not config_file.is_file():
         return {}
-    hf_config = parse_json(config_file.read_bytes(), config_file, CheckpointError)
+    hf_config = parse_json(config_file.read_bytes(), config_file, BadFileError)
     if not isinstance(hf_config, dict):
-        raise CheckpointError(f"{config_file}: not a JSON object")
+        raise BadFileError(f"{config_file}: not a JSON object")
     activation = hf_config.get("activation_function", "gelu_new")
     if activation not in HF_ACTIVATIONS:
-        raise CheckpointError(f"{config_file}: activation_function {activation!r} is not supported; "
-                              f"minigpt implements GELU with the tanh approximation ({HF_ACTIVATIONS[0]})")
+        raise BadFileError(f"{config_file}: activation_function {activation!r} is not supported; "
+                           f"minigpt implements GELU with the tanh approximation ({HF_ACTIVATIONS[0]})")
     for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
         if hf_config.get(key, supported) != supported:
-            raise CheckpointError(f"{config_file}: {key}={hf_config[key]} is not supported; minigpt "
-                                  f"scales attention scores by 1/sqrt(head size) in every layer")
+            raise BadFileError(f"{config_file}: {key}={hf_config[key]} is not supported; minigpt "
+                               f"scales attention scores by 1/sqrt(head size) in every layer")
     eps = hf_config.get("layer_norm_epsilon", LAYER_NORM_EPS)
     if eps != LAYER_NORM_EPS:
-        raise CheckpointError(f"{config_file}: layer_norm_epsilon {eps} is not supported; "
-                              f"minigpt uses {LAYER_NORM_EPS}")
+        raise BadFileError(f"{config_file}: layer_norm_epsilon {eps} is not supported; "
+                           f"minigpt uses {LAYER_NORM_EPS}")
     return hf_config
 
 
@@ -152,14 +153,14 @@ def _hf_parameters(weights_file, tensors):
             continue
         check_float_parameter(weights_file, name, value)
         if short in params:
-            raise CheckpointError(f"{weights_file}: tensor {short} is stored twice "
-                                  f"(with and without the {HF_PREFIX!r} prefix)")
+            raise BadFileError(f"{weights_file}: tensor {short} is stored twice "
+                               f"(with and without the {HF_PREFIX!r} prefix)")
         params[short] = value
     head = params.pop("lm_head.weight", None)
     wte = params.get("wte.weight")
     if head is not None and not (wte is not None and head.shape == wte.shape and np.array_equal(head, wte)):
-        raise CheckpointError(f"{weights_file}: lm_head.weight differs from wte.weight; minigpt ties "
-                              f"the output head to the token embedding and cannot load a separate head")
+        raise BadFileError(f"{weights_file}: lm_head.weight differs from wte.weight; minigpt ties "
+                           f"the output head to the token embedding and cannot load a separate head")
     return params
 
 
@@ -167,62 +168,48 @@ def check_float_parameter(source, name, array):
     """`array`, unless it cannot be a parameter: an integer or bool dtype (same byte count, so it would
     be cast to floats without a word) or NaN or inf values (they would spread to every output)."""
     if not np.issubdtype(array.dtype, np.floating):
-        raise CheckpointError(f"{source}: tensor {name} has dtype {array.dtype}, but a parameter must be "
-                              f"floating point (F32, F16, BF16 or F64)")
+        raise BadFileError(f"{source}: tensor {name} has dtype {array.dtype}, but a parameter must be "
+                           f"floating point (F32, F16, BF16 or F64)")
     bad = non_finite(array)
     if bad is not None:
         count, first = bad
         values = "1 non-finite value" if count == 1 else f"{count} non-finite values"
-        raise CheckpointError(f"{source}: tensor {name} holds {values} (NaN or inf; the first at index "
-                              f"{first})")
+        raise BadFileError(f"{source}: tensor {name} holds {values} (NaN or inf; the first at index "
+                           f"{first})")
     return array
-
-
-def non_finite(array):
-    """None if every value of `array` is finite, else (how many are NaN or inf, the first one's index).
-
-    A NaN or inf makes the sum NaN or inf, so a finite sum clears the array at the cost of one pass
-    (0.03 s for gpt2-small's 124M values) and no temporary array; an infinite one may be an overflow
-    of large finite values, so the values themselves decide.
-    """
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(array.sum()):
-            return None
-    bad = np.argwhere(~np.isfinite(array))
-    return (len(bad), tuple(int(i) for i in bad[0])) if len(bad) else None
 
 
 def _infer_config(weights_file, params, hf_config):
     """Read the GPTConfig off the tensor shapes; n_heads from config.json or a matching preset."""
     for name in ("wte.weight", "wpe.weight"):
         if name not in params:
-            raise CheckpointError(f"{weights_file}: missing tensor {name}; not a GPT-2 checkpoint")
+            raise BadFileError(f"{weights_file}: missing tensor {name}; not a GPT-2 checkpoint")
         if params[name].ndim != 2:
-            raise CheckpointError(f"{weights_file}: tensor {name} has shape {params[name].shape}, "
-                                  f"expected 2 dimensions")
+            raise BadFileError(f"{weights_file}: tensor {name} has shape {params[name].shape}, "
+                               f"expected 2 dimensions")
     vocab_size, emb_dim = params["wte.weight"].shape  # (V, C)
     context_length = params["wpe.weight"].shape[0]
     # Counting distinct indices (not max + 1) keeps a gap, h.0 h.1 h.3, reported as a missing h.2.
     n_layers = len({int(m.group(1)) for name in params if (m := _LAYER_INDEX.match(name))})
     if n_layers == 0:
-        raise CheckpointError(f"{weights_file}: no transformer blocks (tensors h.0.*); "
-                              f"not a GPT-2 checkpoint")
+        raise BadFileError(f"{weights_file}: no transformer blocks (tensors h.0.*); "
+                           f"not a GPT-2 checkpoint")
     config_file = weights_file.parent / HF_CONFIG_NAME
     for key, value in (("vocab_size", vocab_size), ("n_positions", context_length),
                        ("n_embd", emb_dim), ("n_layer", n_layers)):
         if key in hf_config and hf_config[key] != value:
-            raise CheckpointError(f"{config_file}: {key} is {hf_config[key]} but the weights in "
-                                  f"{weights_file.name} have {value}")
+            raise BadFileError(f"{config_file}: {key} is {hf_config[key]} but the weights in "
+                               f"{weights_file.name} have {value}")
     n_heads = hf_config.get("n_head") or _preset_n_heads(emb_dim, n_layers)
     if n_heads is None:
-        raise CheckpointError(f"{weights_file}: cannot tell the number of attention heads (emb_dim "
-                              f"{emb_dim} with {n_layers} layers is no GPT-2 preset); put the checkpoint's "
-                              f"{HF_CONFIG_NAME}, which has n_head, next to it")
+        raise BadFileError(f"{weights_file}: cannot tell the number of attention heads (emb_dim "
+                           f"{emb_dim} with {n_layers} layers is no GPT-2 preset); put the checkpoint's "
+                           f"{HF_CONFIG_NAME}, which has n_head, next to it")
     try:
         return GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
                          n_heads=n_heads, n_layers=n_layers, qkv_bias="h.0.attn.c_attn.bias" in params)
     except ValueError as e:  # e.g. n_head does not divide n_embd
-        raise CheckpointError(f"{weights_file}: {e}") from None
+        raise BadFileError(f"{weights_file}: {e}") from None
 
 
 def _preset_n_heads(emb_dim, n_layers):
@@ -249,7 +236,7 @@ def load_npz(path, dtype=np.float32):
     The stored config is checked against the arrays' .npy headers before the model is built, so a
     config claiming a million layers costs nothing; see load_npz_arrays for the arrays themselves.
     """
-    with open_npz(path, error=CheckpointError, hint=NPZ_HINT) as archive:
+    with open_npz(path, error=BadFileError, hint=NPZ_HINT) as archive:
         cfg = _npz_config(path, archive)
         check_stored_shapes(path, archive.shapes(), cfg)
         model = GPTModel(cfg, dtype=dtype)
@@ -266,21 +253,21 @@ def load_npz_arrays(model, archive, prefix=""):
              if name.startswith(prefix) and name != CONFIG_KEY]
     shapes = {name: archive.header(prefix + name)[0] for name in names}
     model.load_arrays(names, lambda name: check_float_parameter(archive.path, name, archive[prefix + name]),
-                      source=archive.path, error=CheckpointError, shapes=shapes)
+                      source=archive.path, error=BadFileError, shapes=shapes)
 
 
 def check_stored_shapes(path, shapes, cfg):
-    """Raise CheckpointError unless every parameter of GPTModel(cfg) is among the stored `shapes`
+    """Raise BadFileError unless every parameter of GPTModel(cfg) is among the stored `shapes`
     ({name: shape}, from an .npz's headers: NpzArchive.shapes) with its shape, before the model is
     allocated. Entries the config does not imply are left to load_arrays to report."""
     for name, shape in parameter_shapes(cfg):
         stored = shapes.get(name)
         if stored is None:
-            raise CheckpointError(f"{path}: missing tensor {name}, which the stored config "
-                                  f"({_config_text(cfg)}) implies")
+            raise BadFileError(f"{path}: missing tensor {name}, which the stored config "
+                               f"({_config_text(cfg)}) implies")
         if stored != shape:
-            raise CheckpointError(f"{path}: tensor {name} has shape {stored}, but the stored config implies "
-                                  f"{shape} ({_config_text(cfg)})")
+            raise BadFileError(f"{path}: tensor {name} has shape {stored}, but the stored config implies "
+                               f"{shape} ({_config_text(cfg)})")
 
 
 def _config_text(cfg):
@@ -289,19 +276,19 @@ def _config_text(cfg):
 
 def read_npz_config(path):
     """The GPTConfig of a .npz written by `save_npz`, without reading its weights."""
-    with open_npz(path, error=CheckpointError, hint=NPZ_HINT) as archive:
+    with open_npz(path, error=BadFileError, hint=NPZ_HINT) as archive:
         return _npz_config(path, archive)
 
 
 def _npz_config(path, archive):
     if CONFIG_KEY not in archive.files:
-        raise CheckpointError(f"{path}: no {CONFIG_KEY} entry, so not written by minigpt's save_npz")
+        raise BadFileError(f"{path}: no {CONFIG_KEY} entry, so not written by minigpt's save_npz")
     stored = archive[CONFIG_KEY]  # a 0-d unicode array
-    fields = parse_json(str(stored[()]), f"{path}: {CONFIG_KEY}", CheckpointError)
+    fields = parse_json(str(stored[()]), f"{path}: {CONFIG_KEY}", BadFileError)
     try:
         return GPTConfig(**fields)
     except (TypeError, ValueError) as e:  # not an object, unknown fields, invalid values
-        raise CheckpointError(f"{path}: {CONFIG_KEY} is not a valid GPTConfig ({e})") from None
+        raise BadFileError(f"{path}: {CONFIG_KEY} is not a valid GPTConfig ({e})") from None
 
 
 # ----------------------------------------------------------------------------- by file name
@@ -313,8 +300,8 @@ def weights_format(path):
         return "npz"
     if path.suffix == ".safetensors" or path.is_dir() or not path.suffix:
         return "hf"
-    raise CheckpointError(f"{path}: expected a .npz file, a .safetensors file or a directory "
-                          f"holding {HF_WEIGHTS_NAME}")
+    raise BadFileError(f"{path}: expected a .npz file, a .safetensors file or a directory "
+                       f"holding {HF_WEIGHTS_NAME}")
 
 
 def load_weights(path, dtype=np.float32):

@@ -1,7 +1,7 @@
 """Checkpoints: everything a run needs to continue exactly, in ONE .npz; and the best weights so far.
 
-A checkpoint holds the weights, Adam's m and v and step counts, and a TrainState: where the run
-stands after its last completed step (step and token counts, the history, early stopping, the
+A checkpoint holds the weights, Adam's m and v and step counts, and a training.TrainState: where the
+run stands after its last completed step (step and token counts, the history, early stopping, the
 training loader's position and RNG, the dropout RNG). `restore_checkpoint` puts all of it back, so
 `minigpt.training.train` continues with the very losses an uninterrupted run would have had.
 Files are plain arrays plus JSON (no pickle) and are written atomically.
@@ -9,63 +9,47 @@ Files are plain arrays plus JSON (no pickle) and are written atomically.
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from .fileio import atomic_write, open_npz, parse_json
-from .model import GPTConfig
-from .safetensors import CheckpointError
+from ..model import GPTConfig
+from ..training import TrainState
+from .fileio import BadFileError, atomic_write, open_npz, parse_json
 from .weights import check_float_parameter, check_stored_shapes, load_npz_arrays, save_npz
 
 CHECKPOINT_FORMAT = "minigpt-checkpoint-1"
 STATE_KEY = "state"  # the checkpoint entry holding the JSON metadata (a 0-d unicode array)
 
 
-def new_history():
-    """One list per quantity, one entry per evaluation."""
-    return {"steps": [], "epochs": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "lr": []}
+class CheckpointFile:
+    """The checkpoint of one run at `path`: what training.train calls to save the run (with `run_config`,
+    any JSON-able dict, kept beside the state), and what restores it."""
+
+    def __init__(self, path, run_config=None):
+        self.path = Path(path)
+        self.run_config = run_config
+
+    def save(self, model, optimizer, state):
+        save_checkpoint(self.path, model, optimizer, state, self.run_config)
+
+    def read(self):
+        return read_checkpoint(self.path)
+
+    def restore(self, model, optimizer, train_loader):
+        return restore_checkpoint(self.path, model, optimizer, train_loader)
 
 
-@dataclasses.dataclass
-class TrainState:
-    """Where a run stands after its last completed step; all of it goes into the checkpoint."""
-    step: int = 0                                  # optimizer steps done
-    tokens_seen: int = 0
-    history: dict = dataclasses.field(default_factory=new_history)
-    best_val_loss: Optional[float] = None
-    best_step: Optional[int] = None
-    evals_since_best: int = 0
-    stopped_early: bool = False
-    loader_state: Optional[dict] = None            # training loader position after the last step
-    dropout_rng_state: Optional[dict] = None       # model.dropout_rng after the last step
-    data_fingerprint: Optional[dict] = None        # of the data trained on (data.data_fingerprint)
+class BestWeightsFile:
+    """Keeps the weights with the lowest validation loss so far in a .npz at `path`, so they survive a
+    resume and a large model needs no second copy in memory (training.train's `best`)."""
 
-    def remember_position(self, loader, model):
-        """Snapshot the loader and dropout RNG after a completed step. Checkpoints save the snapshot, so
-        one written mid-step (on Ctrl-C, with the next batch already drawn) still matches the weights."""
-        self.loader_state = loader.state_dict()
-        self.dropout_rng_state = model.dropout_rng.bit_generator.state
-
-
-class BestWeights:
-    """The weights with the lowest validation loss so far: in a .npz at `path` (so they survive a
-    resume and large models need no second copy in memory), or in memory without a path."""
-
-    def __init__(self, path=None):
-        self.path = None if path is None else Path(path)
-        self.arrays = None
+    def __init__(self, path):
+        self.path = Path(path)
 
     def save(self, model):
-        if self.path is not None:
-            save_npz(model, self.path)
-        else:
-            self.arrays = {name: value.copy() for name, value in model.state_dict().items()}
+        save_npz(model, self.path)
 
     def restore(self, model):
-        if self.path is None:
-            model.load_state_dict(self.arrays)
-            return
         with open_npz(self.path) as archive:
             load_npz_arrays(model, archive)
 
@@ -104,7 +88,7 @@ def read_checkpoint(path):
         try:
             cfg = GPTConfig(**meta["model_config"])
         except (TypeError, ValueError) as e:  # not an object, unknown fields, invalid values
-            raise CheckpointError(f"{path}: model_config is not a valid GPTConfig ({e})") from None
+            raise BadFileError(f"{path}: model_config is not a valid GPTConfig ({e})") from None
         check_stored_shapes(path, archive.shapes("model/"), cfg)
     return meta
 
@@ -127,15 +111,15 @@ def restore_checkpoint(path, model, optimizer, train_loader):
 def _adam_moment(archive, name, shape):
     stored = archive.header(name)[0]
     if stored != shape:
-        raise CheckpointError(f"{archive.path}: {name} has shape {stored}, expected {shape}")
+        raise BadFileError(f"{archive.path}: {name} has shape {stored}, expected {shape}")
     return check_float_parameter(archive.path, name, archive[name])
 
 
 def _metadata(path, archive):
     if STATE_KEY not in archive.files:
-        raise ValueError(f"{path}: not a minigpt checkpoint (no {STATE_KEY!r} entry)")
+        raise BadFileError(f"{path}: not a minigpt checkpoint (no {STATE_KEY!r} entry)")
     meta = parse_json(str(archive[STATE_KEY][()]), f"{path}: {STATE_KEY}")
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{path}: checkpoint format {found!r}, expected {CHECKPOINT_FORMAT!r}")
+        raise BadFileError(f"{path}: checkpoint format {found!r}, expected {CHECKPOINT_FORMAT!r}")
     return meta

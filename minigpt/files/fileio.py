@@ -22,6 +22,11 @@ from pathlib import Path
 import numpy as np
 
 
+class BadFileError(ValueError):
+    """A file minigpt cannot use (weights, a checkpoint, adapters, a cache): damaged, of another format, or
+    not fitting what it is meant for. The message is one line and names the file."""
+
+
 # atomic_write's temporary files: ".<target name>.<8 random characters from mkstemp>.tmp"
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
 TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
@@ -92,7 +97,7 @@ def write_json(path, obj):
 
 
 @contextlib.contextmanager
-def open_npz(path, error=ValueError, hint=""):
+def open_npz(path, error=BadFileError, hint=""):
     """Open an .npz for reading without pickle -> NpzArchive (`.files`, `archive[name]`).
 
     A missing file raises FileNotFoundError. A file that is not an .npz (np.load would try to unpickle

@@ -1,0 +1,81 @@
+"""Score model responses against the expected outputs: ROUGE-L, exact match, optional LLM judge.
+
+    python -m minigpt.evaluate RESPONSES.json [--judge-model llama3] [--out metrics.json]
+
+RESPONSES.json is a JSON list of entries with "output" (expected) and "model_response" (generated),
+plus "instruction" and "input" for the judge. The offline scores need nothing but this file; the
+judge (rasbt ch. 7, section 7.8) asks a model served by a local Ollama server for a 0-100 score.
+"""
+import argparse
+import math
+import sys
+
+from ..data import load_json_entries
+from ..files.fileio import write_json
+from .judge import DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL, JUDGE_KEYS, JudgeUnavailable, judge_responses
+from .scores import RESPONSE_KEYS, score_responses
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minigpt.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("responses", metavar="RESPONSES.json",
+                        help="JSON list of entries with 'output' (expected) and 'model_response'")
+    parser.add_argument("--judge-model", default=None, metavar="NAME",
+                        help="also score with this Ollama model as a judge, e.g. llama3 (default: off)")
+    parser.add_argument("--ollama-url", default=DEFAULT_OLLAMA_URL, metavar="URL",
+                        help=f"address of the Ollama server (default: {DEFAULT_OLLAMA_URL})")
+    parser.add_argument("--judge-timeout", default=DEFAULT_JUDGE_TIMEOUT, type=positive_seconds,
+                        metavar="SECONDS", help=f"longest wait for one judge reply, from connecting to "
+                                                f"its last byte (default: {DEFAULT_JUDGE_TIMEOUT:g})")
+    parser.add_argument("--out", default=None, metavar="PATH",
+                        help="write the metrics, with per-entry scores, to this JSON file")
+    return parser.parse_args(argv)
+
+
+def positive_seconds(text):
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
+def main(argv=None):
+    """Print the scores of a responses file; returns the exit code (2 for a bad file)."""
+    args = parse_args(argv)
+    try:  # the judge's prompt also needs each entry's instruction: check that up front
+        entries = load_json_entries(args.responses, JUDGE_KEYS if args.judge_model else RESPONSE_KEYS,
+                                    what="responses")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics = score_responses(entries)
+    print(f"{metrics['count']} responses in {args.responses}")
+    print(f"  ROUGE-L F1   {metrics['rouge_l_f1']:.3f}")
+    print(f"  exact match  {metrics['exact_match']:.1%}")
+    metrics["judge"] = None
+    if args.judge_model:
+        try:
+            metrics["judge"] = judge_responses(entries, model=args.judge_model, url=args.ollama_url,
+                                               timeout=args.judge_timeout)
+        except JudgeUnavailable as e:
+            print(f"skipping the LLM judge: {e}")
+    if metrics["judge"] is not None:
+        judge = metrics["judge"]
+        mean = "n/a" if judge["mean_score"] is None else f"{judge['mean_score']:.1f}"
+        print(f"  judge ({judge['model']})  {mean} / 100 over {judge['scored']} scored responses")
+    if args.out:
+        try:
+            write_json(args.out, metrics)
+        except OSError as e:
+            print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+            return 2
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""File formats and safe file handling: weights, checkpoints, adapters, caches, run folders."""

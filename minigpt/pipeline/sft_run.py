@@ -1,0 +1,184 @@
+"""Instruction fine-tuning from start to end: rasbt's chapter 7 as one run, what `python train.py` does.
+
+    from minigpt.pipeline import sft_run
+    run_dir = sft_run.run(sft_run.make_config())                    # the offline default
+    run_dir = sft_run.run(sft_run.make_config(model="gpt2-small"))  # the chapter's job
+    sft_run.show_batch(sft_run.make_config())                       # its first batch, and stop
+
+`run` reads top to bottom as the chapter's steps: the data and its split, the model, tokenize and
+batch, train, answer the test set, score; each step writes its files into the run folder. The settings are a
+RunConfig (pipeline/settings.py), unpacked here; what other runs do too is in pipeline/steps.py.
+
+A run folder holds: config.json (the RunConfig), checkpoint.npz (everything needed to continue
+exactly), history.json, loss-plot.png, model-final.npz (the weights at the end; after early stopping,
+the best ones), model-best.npz (the lowest validation loss), test-responses.json (each test entry
+plus "model_response") and metrics.json. With export_hf, also model-final-hf/ and model-best-hf/.
+With lora_rank, only LoRA adapters train, and the folder also keeps them alone (trained_weights).
+"""
+import dataclasses
+
+from .. import tasks, training
+from ..data import (InstructionDataset, check_responses_fit, check_same_data, data_fingerprint,
+                    download_instruction_data, load_instruction_data)
+from ..files.checkpoint import CheckpointFile
+from ..files.fileio import write_json
+from ..loader import DataLoader
+from ..model import GPTConfig, GPTModel
+from ..tokenizer import get_tokenizer
+from . import settings, steps, trained_weights
+from .plotting import plot_losses
+from .responses import generate_responses, with_responses
+
+METHOD = "sft"
+RECIPE = {}  # fine-tuning's defaults are RunConfig's, and settings.REFERENCE_RECIPE from pretrained weights
+
+
+def make_config(**given):
+    """The RunConfig of a fine-tuning run: the defaults (see settings.make_config), then `given`."""
+    return settings.make_config(RECIPE, method=METHOD, **given)
+
+
+def run(config, resume=False, log=print):
+    """Fine-tune as `config` (a RunConfig) says and return the run folder. With `resume`, continue the
+    run in config.out_dir from its checkpoint, exactly as if it had never stopped. Ctrl-C saves a
+    checkpoint, says how to resume, and re-raises."""
+    check_settings(config)
+    run_dir = steps.run_folder(config.out_dir, config.name, METHOD, config.model, config.weights, config.data)
+    config = dataclasses.replace(config, out_dir=str(run_dir))
+    config.check_files(weights=not resume)  # a resumed run's weights are in its checkpoint
+    with steps.claimed(run_dir, resume, log) as checkpoint_path:
+        checkpoint = CheckpointFile(checkpoint_path, run_config=dataclasses.asdict(config))
+        saved = checkpoint.read() if resume else None
+
+        # 1. The data: instruction entries, split into training, validation and test entries, and the
+        #    tokenizer that will read them
+        tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
+        train_entries, val_entries, test_entries = load_splits(
+            config.data, config.data_dir, config.shuffle_seed, config.data_seed, config.n_train, config.n_val,
+            config.n_test)
+        fingerprint = data_fingerprint(train_entries, val_entries, test_entries)
+        if resume:
+            check_same_data(saved["train_state"].get("data_fingerprint"), fingerprint, checkpoint_path)
+
+        # 2. The model: new, pretrained GPT-2 or a weights file; LoRA on top if asked
+        if resume:
+            model = steps.resumed_model(saved["model_config"], config.seed)
+        elif config.model is None and config.weights is None:
+            model = GPTModel(new_model_config(tokenizer.n_vocab, config.context_length, config.emb_dim,
+                                              config.n_heads, config.n_layers, config.drop_rate),
+                             seed=config.seed)
+        else:
+            model = steps.load_model(config.model, config.weights, config.data_dir)
+        steps.check_tokenizer_fits(config.tokenizer, tokenizer, model.cfg.vocab_size)
+        steps.set_dropout(model, config.drop_rate, config.seed)
+        weights = trained_weights.prepare(model, run_dir, config.lora_rank, config.effective_lora_alpha,
+                                          config.seed)
+
+        # 3. Tokenize once, and batch: padded, shifted by one, the prompt masked if asked, cut to the context
+        cut = min(config.allowed_max_length, model.cfg.context_length)
+        train_loader = training_loader(train_entries, tokenizer, config.prompt_style, config.mask_prompt, cut,
+                                       config.batch_size, config.seed, config.group_by_length)
+        val_set = InstructionDataset(val_entries, tokenizer, config.prompt_style, config.mask_prompt, cut)
+        val_loader = DataLoader(val_set, config.batch_size)
+        check_responses_fit(train_loader.dataset, "training", log)
+        check_responses_fit(val_set, "validation", log)
+
+        # 4. Train: AdamW, an evaluation every eval_freq steps, checkpoints, the best weights kept
+        optimizer = steps.make_optimizer(model, config.lr, config.beta2, config.weight_decay)
+        state = (checkpoint.restore(model, optimizer, train_loader) if resume
+                 else training.TrainState(data_fingerprint=fingerprint))
+        write_json(run_dir / "config.json", dataclasses.asdict(config))
+        log("\n".join(line for line in (
+            steps.model_line(config.model or config.weights or "new (random weights)", model,
+                             config.tokenizer),
+            f"data: {config.data}: {len(train_entries)} train / {len(val_entries)} val / {len(test_entries)} "
+            f"test, {config.prompt_style} prompts{', prompt masked' if config.mask_prompt else ''}",
+            steps.training_line(config.epochs, len(train_loader), config.batch_size, config.max_steps,
+                                config.lr, config.schedule, config.weight_decay),
+            f"run folder: {run_dir}",
+            weights.summary(model),
+            f"resuming at step {state.step}" if resume else None) if line))
+        sample = steps.sample_printer(model, tokenizer, val_entries[0], config.prompt_style,
+                                      config.max_new_tokens, val_entries[0]["output"], log)
+        state = training.train(model, optimizer, train_loader, val_loader, config.train_config(), state=state,
+                               checkpoint=checkpoint, best=weights.best, on_epoch_end=sample, log=log)
+        write_json(run_dir / "history.json", state.history)
+        plot_losses(state.history, run_dir / "loss-plot.png", title=run_dir.name)
+        lora_entry = weights.write_final(model, log)  # with LoRA, the model is merged from here on
+        if config.export_hf:
+            steps.export_hf(run_dir, model, run_dir / trained_weights.MODEL_BEST)
+
+        # 5. Answer the test set, greedily
+        log(f"generating responses to {len(test_entries)} test entries")
+        responses = generate_responses(model, tokenizer, test_entries, config.prompt_style,
+                                       config.max_new_tokens)
+        entries = with_responses(test_entries, responses)
+        write_json(run_dir / "test-responses.json", entries)
+
+        # 6. Score the answers
+        metrics = steps.score(entries, config.judge_model, config.ollama_url, config.judge_timeout, log)
+        metrics.update(steps.training_metrics(state), lora=lora_entry, dpo=None)
+        write_json(run_dir / "metrics.json", metrics)
+        log(f"run folder: {run_dir}")
+    return run_dir
+
+
+def check_settings(config):
+    """The settings every run needs (RunConfig.validate), and fine-tuning's own."""
+    config.validate()
+    if config.nll_weight:
+        raise ValueError("nll_weight is a DPO setting (--method dpo); fine-tuning's loss is the NLL itself")
+
+
+def load_splits(data, data_dir, shuffle_seed, data_seed, n_train, n_val, n_test):
+    """(train, val, test) lists of entries: the built-in tasks ('tasks', 'tasks:KIND,...'), rasbt's
+    instruction data ('reference', downloaded into data_dir once) or a JSON file, split 85/5/10."""
+    kinds = tasks.selected_kinds(data)
+    if kinds is not None:
+        return tasks.make_task_splits(seed=data_seed, n_train=n_train, n_val=n_val, n_test=n_test,
+                                      tasks=kinds)
+    path = download_instruction_data(data_dir) if data == "reference" else data
+    return steps.split_in_three(load_instruction_data(path), shuffle_seed, path)
+
+
+def new_model_config(vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate):
+    """The GPTConfig of a model trained from scratch: the run's sizes, the tokenizer's vocabulary."""
+    return GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim, n_heads=n_heads,
+                     n_layers=n_layers, drop_rate=drop_rate)
+
+
+def training_loader(entries, tokenizer, style, mask_prompt, cut, batch_size, seed, group_by_length):
+    """The run's training loader: the entries tokenized once, shuffled with `seed`, full batches only."""
+    dataset = InstructionDataset(entries, tokenizer, style, mask_prompt, cut)
+    loader = DataLoader(dataset, batch_size, shuffle=True, drop_last=True, seed=seed,
+                        group_by_length=group_by_length)
+    if len(loader) == 0:
+        raise ValueError(f"{len(entries)} training entries make no full batch of {batch_size}; "
+                         f"lower --batch-size")
+    return loader
+
+
+def show_batch(config, rows=4, log=print):
+    """Print the first training batch of the run `config` describes, as the model sees it (the first
+    `rows` rows, see data.format_batch), and return. Nothing is trained and no run folder is made;
+    the loader is the run's own (same data, batch size, seed, masking and cut)."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    check_settings(config)
+    config.check_files()
+    tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
+    if config.model is None and config.weights is None:
+        model_config = new_model_config(tokenizer.n_vocab, config.context_length, config.emb_dim,
+                                        config.n_heads, config.n_layers, config.drop_rate)
+    else:
+        model_config = steps.model_config_of(config.model, config.weights)
+    steps.check_tokenizer_fits(config.tokenizer, tokenizer, model_config.vocab_size)
+    cut = min(config.allowed_max_length, model_config.context_length)
+    train_entries = load_splits(config.data, config.data_dir, config.shuffle_seed, config.data_seed,
+                                config.n_train, config.n_val, config.n_test)[0]
+    loader = training_loader(train_entries, tokenizer, config.prompt_style, config.mask_prompt, cut,
+                             config.batch_size, config.seed, config.group_by_length)
+    inputs, targets = next(iter(loader))                                # (B, T), (B, T)
+    masking = "prompt masked" if config.mask_prompt else "no prompt masking"
+    steps.print_first_batch(inputs, targets, tokenizer, rows, f"{config.prompt_style} prompts, {masking}, "
+                            f"shuffled with seed {config.seed}, cut at {cut} tokens", log)
