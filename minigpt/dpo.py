@@ -11,11 +11,12 @@ by default) sets how far the policy may move from the reference. beta * (log pi 
 response's implicit reward, reported with its margin and accuracy (the reference notebook prints
 log pi - log ref without beta: its rewards and margins are ours divided by beta).
 
-log pi(y|x) here is the MEAN log-probability of the response's tokens (its closing <|endoftext|>
-included), as in the reference notebook (rasbt's dpo-from-scratch), not the paper's sum: with the
-sum, a response's log-probability ratios and their gradient grow with its length, so the reference's
-beta 0.1 and lr 5e-6 would act more strongly on a 60-token answer than on a 5-token one; the mean
-puts every pair on one scale. `reduction="sum"` gives the paper's sum.
+log pi(y|x) here is the MEAN log-probability of the response's tokens and its closing <|endoftext|>,
+not the paper's sum: with the sum, a response's log-probability ratios and their gradient grow with its
+length, so the reference's beta 0.1 and lr 5e-6 would act more strongly on a 60-token answer than on a
+5-token one; the mean puts every pair on one scale. The reference notebook (rasbt's dpo-from-scratch)
+takes a mean too, over other positions: the response header's tokens and the response, without the
+end-of-text (docs/reading-guide.md, "Conventions"). `reduction="sum"` gives the paper's sum.
 
 Ops (in the gradient-check registry of tests/test_gradcheck.py):
     sequence_logprobs   hidden states + tied head -> per-sequence log-probability (B,)
@@ -112,17 +113,28 @@ def _constant_logprobs(op, name, values, B, dtype):
     return values
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # log-probabilities are float32: a larger factor makes them inf
+
+
 def check_beta(beta):
-    """Raise ValueError unless beta (the DPO loss's, a run's --beta) is a finite positive number."""
+    """Raise ValueError unless beta (the DPO loss's, a run's --beta) is a finite positive number that float32
+    log-probabilities can be multiplied by."""
     if isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and np.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a positive number, got {beta!r}")
+    if beta > FLOAT32_MAX:
+        raise ValueError(f"beta {beta:g} is too large to train: beta times a log-probability overflows "
+                         f"float32 (at most {FLOAT32_MAX:.3g})")
 
 
 def check_nll_weight(nll_weight):
-    """Raise ValueError unless nll_weight (dpo_batch_loss's, a run's --nll-weight) is a finite number >= 0."""
+    """Raise ValueError unless nll_weight (dpo_batch_loss's, a run's --nll-weight) is a finite number >= 0
+    that float32 log-probabilities can be multiplied by."""
     if isinstance(nll_weight, bool) or not (isinstance(nll_weight, numbers.Real) and np.isfinite(nll_weight)
                                             and nll_weight >= 0):
         raise ValueError(f"nll_weight must be a finite number >= 0 (0: plain DPO), got {nll_weight!r}")
+    if nll_weight > FLOAT32_MAX:
+        raise ValueError(f"nll_weight {nll_weight:g} is too large to train: it times a log-probability "
+                         f"overflows float32 (at most {FLOAT32_MAX:.3g})")
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=DEFAULT_BETA):

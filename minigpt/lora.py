@@ -146,12 +146,21 @@ def apply_lora(model, rank, alpha, targets=DEFAULT_TARGETS, rng=None):
     return LoRAConfig(rank, alpha, tuple(path for path, *_ in chosen))
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # weights are float32: a larger scale is inf in them
+
+
 def check_hyperparameters(rank, alpha):
-    """A ValueError naming the problem unless rank is a positive integer and alpha a positive number."""
+    """A ValueError naming the problem unless rank is a positive integer and alpha a positive number whose
+    scale alpha / rank a float32 can hold (True and False are refused as numbers, as JSON's true would
+    otherwise count as 1)."""
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-    if not isinstance(alpha, (int, float, np.integer, np.floating)) or not math.isfinite(alpha) or alpha <= 0:
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating))
+            or not math.isfinite(alpha) or alpha <= 0):
         raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    if alpha / rank > FLOAT32_MAX:
+        raise ValueError(f"LoRA alpha {alpha:g} is too large to train: its scale alpha / rank overflows "
+                         f"float32, the weights' type (at most {FLOAT32_MAX:.3g})")
 
 
 def lora_config(model):

@@ -1,11 +1,12 @@
-"""Preference data for DPO: load and validate, split, tokenize chosen/rejected pairs, collate.
+"""Preference data for DPO: load and validate, tokenize chosen/rejected pairs, collate, and the checks.
 
 An entry is {"instruction", "input", "output", "chosen", "rejected"} (rasbt's
-instruction-data-with-preference.json: "chosen" is the preferred response, "rejected" the other).
-Both responses follow the same prompt, built exactly as in fine-tuning and generation (prompts.build_prompt:
-prompt and response header of the prompt style), and each ends with <|endoftext|>. A batch of B pairs is one
-(2B, T) array: the B chosen sequences, then the B rejected ones, padded together so that one forward
-pass scores both. The targets keep only the response and its closing <|endoftext|>:
+instruction-data-with-preference.json: "chosen" is the preferred response, "rejected" the other); the
+entries split 85/5/10 as fine-tuning's do (data.split_data). Both responses follow the same prompt,
+built exactly as in fine-tuning and generation (prompts.build_prompt: prompt and response header of the
+prompt style), and each ends with <|endoftext|>. A batch of B pairs is one (2B, T) array: the B chosen
+sequences, then the B rejected ones, padded together so that one forward pass scores both. The targets
+keep only the response and its closing <|endoftext|>:
 
     prompt P P P (P = 3 tokens, response header included), chosen c1 c2, rejected r1 (E = <|endoftext|>)
     chosen    inputs  P P P c1 c2           targets  I I c1 c2 E
@@ -13,9 +14,12 @@ pass scores both. The targets keep only the response and its closing <|endoftext
 
 The closing <|endoftext|> counts: a response is preferred as a whole, stopping included (the same
 target the fine-tuning collate keeps, and TRL's choice). The reference notebook differs in two ways:
-it appends no <|endoftext|>, and its mask keeps the "### Response:" header tokens, which are the same
-in both responses. Entries whose chosen and rejected responses are equal (6 of the reference's 1,100)
-have no preference: they add log 2 to the loss and nothing to the gradient.
+it masks every <|endoftext|>, the first included, so stopping is not scored; and it scores the four
+tokens of the "### Response:\n" header, which are the same in both responses (measured on all 2,200
+of its sequences: both score the same 32,291 response tokens, and its rows differ from ours by exactly
+those five positions). Entries whose chosen and rejected responses are equal (6 of the reference's
+1,100) have no preference: they add log 2 to the loss and nothing to the gradient; a run counts them
+(check_pairs_differ).
 """
 import hashlib
 import json
@@ -85,27 +89,28 @@ class PreferenceDataset:
     prompt_lengths[i]:      tokens of the prompt, response header included; encoded on its own, as
                             in data.InstructionDataset, so it is exactly the prompt the model gets
                             at generation time
-    allowed_max_length:     sequences are cut to this many input positions (the model's context);
-                            an entry whose prompt alone is longer is an error, as none of its
-                            response would be scored
+    allowed_max_length:     sequences are cut to this many input positions (the model's context)
+    entries, left_out:      the entries kept, and how many were left out: those whose prompt alone is
+                            longer than allowed_max_length, since none of their response would be scored
+                            (as data.check_responses_fit counts them in fine-tuning; check_pairs_fit says how
+                            many, and refuses when it is more than half)
     fingerprint:            a hash of all of the above, which ties reference log-probabilities to it
     """
 
     def __init__(self, entries, tokenizer, style="alpaca", allowed_max_length=None):
-        self.entries = entries
         self.style = style
         self.pad_token_id = tokenizer.eot_token
         self.allowed_max_length = allowed_max_length
-        self.chosen, self.rejected, self.prompt_lengths = [], [], []
-        for i, entry in enumerate(entries):
+        self.entries, self.chosen, self.rejected, self.prompt_lengths = [], [], [], []
+        for entry in entries:
             prompt_ids = encode(tokenizer, build_prompt(entry, style))
             if allowed_max_length is not None and len(prompt_ids) > allowed_max_length:
-                raise ValueError(f"preference data: entry {i}: the prompt is {len(prompt_ids)} tokens, more "
-                                 f"than allowed_max_length {allowed_max_length}, so no response token would "
-                                 f"remain")
+                continue
+            self.entries.append(entry)
             self.chosen.append(prompt_ids + encode(tokenizer, entry["chosen"]))
             self.rejected.append(prompt_ids + encode(tokenizer, entry["rejected"]))
             self.prompt_lengths.append(len(prompt_ids))
+        self.left_out = len(entries) - len(self.entries)
         content = [self.chosen, self.rejected, self.prompt_lengths, self.pad_token_id, allowed_max_length]
         self.fingerprint = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
@@ -126,3 +131,30 @@ class PreferenceDataset:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
             yield self.batch(np.arange(start, min(start + batch_size, len(self))))
+
+
+def check_pairs_fit(dataset, what="training", log=print):
+    """Fine-tuning's rule for prompts that fill the context (data.check_responses_fit), for pairs: the pairs
+    a PreferenceDataset left out are counted in a warning through `log`; more than half is a ValueError."""
+    lost, n = dataset.left_out, dataset.left_out + len(dataset)
+    if lost == 0:
+        return
+    message = (f"{lost} of {n} {what} pairs lose their whole responses to the cut at "
+               f"{dataset.allowed_max_length} tokens (their prompt alone is longer), so they are left out")
+    if 2 * lost > n:
+        raise ValueError(f"{message}: more than half; use a model with a longer context, "
+                         f"--allowed-max-length, or shorter prompts")
+    log(f"warning: {message}")
+
+
+def check_pairs_differ(entries, what="training", log=print):
+    """Pairs whose chosen and rejected responses are the same text express no preference: DPO's loss is
+    log 2 for them, whatever the model, and their gradient is zero. Some: a warning through `log`; all:
+    a ValueError, since the run would train at a constant loss of 0.693 and learn nothing."""
+    same = sum(entry["chosen"] == entry["rejected"] for entry in entries)
+    if same == len(entries):
+        raise ValueError(f"every one of the {len(entries)} {what} pairs has the same chosen and rejected "
+                         f"response: there is no preference to learn (the loss would stay at log 2 = 0.693)")
+    if same:
+        log(f"warning: {same} of {len(entries)} {what} pairs have the same chosen and rejected response; "
+            f"they teach nothing (their loss stays at log 2)")

@@ -243,7 +243,7 @@ def deferred_interrupt():
 # Overflow on the way to a non-finite loss is reported once, as TrainingDiverged, not as NumPy warnings.
 @np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def train(model, optimizer, train_loader, val_loader, config, state=None, checkpoint=None, best=None,
-          on_step=None, on_epoch_end=None, log=print, objective=lm_loss):
+          on_step=None, on_epoch_end=None, log=print, objective=lm_loss, suspects=()):
     """Train until config.epochs epochs, config.max_steps steps or early stopping; return the TrainState
     (its `.history` holds the evaluations).
 
@@ -256,6 +256,8 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
         When early stopping ends the run, the model is left holding them.
     on_step(state), on_epoch_end(state): called after every step and after every epoch.
     objective: objective(model, batch) -> (loss, metrics), see the module docstring; default lm_loss.
+    suspects: settings besides the learning rate that can make the loss diverge, as a user would change
+        them ("--beta (now 0.1)"): a divergence names them with the learning rate and clipping.
     """
     if len(train_loader) == 0:
         raise ValueError("the training loader yields no batches: fewer training examples than one batch")
@@ -315,9 +317,11 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
             kept += f"; {checkpoint.path} keeps step {kept_step}"
         if getattr(best, "path", None) is not None and state.best_step is not None:
             kept += f"; {best.path} keeps the best weights (step {state.best_step})"
-        raise TrainingDiverged(f"training diverged: {e}; lower the learning rate (--lr, now {config.lr:g}) "
-                               f"or clip the gradient norm (--grad-clip, now {config.grad_clip or 'off'})"
-                               f"{kept}") from None
+        remedies = [f"lower the learning rate (--lr, now {config.lr:g})",
+                    f"clip the gradient norm (--grad-clip, now {config.grad_clip or 'off'})",
+                    *(f"lower {suspect}" for suspect in suspects)]
+        advice = ", ".join(remedies[:-1]) + f" or {remedies[-1]}"
+        raise TrainingDiverged(f"training diverged: {e}; {advice}{kept}") from None
     if state.stopped_early:
         evaluator.best.restore(model)
         log(f"early stopping: no lower validation loss in {config.patience} evaluations; "

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minigpt.evaluate.__main__ import main
@@ -28,9 +29,50 @@ ENTRIES = [
 # ---------------------------------------------------------------------------------------------
 # ROUGE-L and exact match
 
+def plain_lcs_length(a, b):
+    """The dynamic programme lcs_length replaces, as it was: L[i][j] = L[i-1][j-1] + 1 if a[i] == b[j],
+    else max(L[i-1][j], L[i][j-1]), one row at a time."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
 def test_lcs_length():
     assert lcs_length("abcbdab", "bdcaba") == 4  # the textbook example (CLRS): "bcba"
-    assert lcs_length([], ["a"]) == 0 and lcs_length(["a"], ["a"]) == 1
+    assert lcs_length([], ["a"]) == 0 and lcs_length(["a"], ["a"]) == 1 and lcs_length(["a"], []) == 0
+
+
+def test_lcs_length_equals_the_plain_dynamic_programme():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        vocabulary = int(rng.integers(1, 8))                       # few words: many matches and ties
+        a, b = (rng.integers(0, vocabulary, size=int(rng.integers(0, 90))).tolist() for _ in range(2))
+        assert lcs_length(a, b) == plain_lcs_length(a, b), (a, b)
+    words = "the cat sat on a mat and it was very happy indeed".split()
+    a, b = (rng.choice(words, size=700).tolist() for _ in range(2))   # rows longer than 64 bits
+    assert lcs_length(a, b) == plain_lcs_length(a, b)
+
+
+def test_lcs_length_compares_words_a_number_of_times_linear_in_their_count():
+    """The plain table compares every word of one text with every word of the other: 9 s for two 8,000-word
+    responses. Counted, not timed: the words are looked up, so comparisons grow with len(a) + len(b)."""
+    comparisons = 0
+
+    class Word(str):
+        def __eq__(self, other):
+            nonlocal comparisons
+            comparisons += 1
+            return str.__eq__(self, other)
+        __hash__ = str.__hash__
+
+    rng = np.random.default_rng(1)
+    a, b = ([Word(f"w{i}") for i in rng.integers(0, 50, size=400)] for _ in range(2))
+    assert lcs_length(a, b) == plain_lcs_length(list(map(str, a)), list(map(str, b)))
+    assert comparisons <= 2 * (len(a) + len(b))        # the table would make 400 x 400 = 160,000
 
 
 @pytest.mark.parametrize("prediction, reference, expected", [
@@ -250,10 +292,18 @@ def test_cli_judge_timeout_flag_and_replies_that_are_not_text(responses_file, ol
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
 def test_cli_judge_timeout_must_be_positive_seconds(responses_file, capsys, value):
-    with pytest.raises(SystemExit) as info:
-        main([str(responses_file), "--judge-timeout", value])
-    assert info.value.code == 2
-    assert f"--judge-timeout: {value!r} is not a positive number of seconds" in capsys.readouterr().err
+    assert main([str(responses_file), "--judge-timeout", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --judge-timeout: ") and err.count("\n") == 1
+    assert f"--judge-timeout: {value!r} is not a positive number of seconds" in err
+
+
+@pytest.mark.parametrize("argv", [[], ["a.json", "--no-such-flag"], ["a.json", "b.json"]])
+def test_cli_usage_errors_are_one_line(capsys, argv):
+    """As in train.py and generate.py: one 'error:' line and exit code 2, not argparse's usage lines."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "usage:" not in err
 
 
 def test_training_runs_keep_their_metrics_when_the_judge_replies_badly(ollama):

@@ -283,8 +283,10 @@ def refused(match, fn, *args, error=ValueError):
 def test_bad_arguments_get_one_clear_line():
     for rank in (0, -1, 1.5, True):
         refused("LoRA rank must be a positive integer", lora.apply_lora, tiny_model(), rank, 16)
-    for alpha in (0, -2.0, float("nan"), "16"):
+    for alpha in (0, -2.0, float("nan"), "16", True):
         refused("LoRA alpha must be a positive number", lora.apply_lora, tiny_model(), 4, alpha)
+    refused(r"LoRA alpha 1e\+300 is too large to train: its scale alpha / rank overflows float32",
+            lora.apply_lora, tiny_model(), 4, 1e300)
     refused(r"LoRA rank 9 is larger than layer h.0.attn.c_attn \(8 -> 24\): at most 8",
             lora.apply_lora, tiny_model(), 9, 16)
     refused("LoRA target 'attn.c_q' matches no linear layer", lora.apply_lora, tiny_model(),
@@ -321,10 +323,19 @@ def test_adapters_that_do_not_fit_are_refused_and_the_model_is_untouched(tmp_pat
     refused_file("damaged .npz archive", data=bytes(damaged))
     refused_file("LoRA rank must be a positive integer, got 0", rank=0)
     refused_file("LoRA alpha must be a positive number, got -1", alpha=-1)
+    refused_file("LoRA alpha must be a positive number, got True", alpha=True)      # as "rank": true is
+    refused_file(r"LoRA alpha 1e\+300 is too large to train", alpha=1e300)
     refused_file(r"LoRA rank 9 is larger than layer h.0.attn.c_attn \(8 -> 24\): at most 8", rank=9)
     refused_file(r"damaged adapters file \(metadata", format="something else")
     refused_file(r"damaged adapters file \(h.1.mlp.c_proj.lora_B is missing\)",
                  drop=["h.1.mlp.c_proj.lora_B"])
+    huge = tmp_path / "huge.npz"                             # finite A and B whose merge overflows float32
+    lora.apply_lora(overflowing := tiny_model(dtype=np.float32), 2, 4)
+    for p in overflowing.parameters(trainable_only=True):
+        p.data[...] = 1e20
+    save_adapters(overflowing, huge)
+    refused(r"merging the adapters of layer h.0.attn.c_attn \(alpha 4, rank 2\) gives non-finite weights",
+            load_adapters, tiny_model(dtype=np.float32), huge, error=BadFileError)
     refused("no such file", load_adapters, untouched, tmp_path / "missing.npz", error=FileNotFoundError)
     assert all(p.requires_grad for p in untouched.parameters()) and not any("lora" in name for name, _ in
                                                                             untouched.named_parameters())

@@ -107,7 +107,7 @@ def test_dataset_prompt_is_the_fine_tuning_prompt_and_batches_score_the_response
     assert [b.indices.tolist() for b in dataset.batches(1)] == [[0], [1]]
 
 
-def test_fingerprint_follows_the_content_and_allowed_length_cuts_or_refuses():
+def test_fingerprint_follows_the_content_and_allowed_length_cuts_or_leaves_out():
     tokenizer = byte_tokenizer()
     base = PreferenceDataset([PAIR], tokenizer)
     assert PreferenceDataset([dict(PAIR)], tokenizer).fingerprint == base.fingerprint
@@ -120,9 +120,38 @@ def test_fingerprint_follows_the_content_and_allowed_length_cuts_or_refuses():
     assert cut.inputs.shape == (2, prompt_length + 2)
     kept = cut.targets[0][cut.targets[0] != I]
     assert tokenizer.decode(kept.tolist()) == PAIR["chosen"][:3]   # response cut, no fake end of text
-    with pytest.raises(ValueError, match=f"entry 0: the prompt is {prompt_length} tokens, more than "
-                                         f"allowed_max_length {prompt_length - 1}"):
-        PreferenceDataset([PAIR], tokenizer, allowed_max_length=prompt_length - 1)
+    short = dict(PAIR, instruction="Hi")                           # a prompt that still fits
+    both = PreferenceDataset([PAIR, short], tokenizer, allowed_max_length=prompt_length - 1)
+    assert (both.entries, both.left_out, len(both)) == ([short], 1, 1)   # the long prompt is left out
+
+
+def test_pairs_that_fill_the_context_follow_fine_tuning_s_rule():
+    """Fine-tuning's rule (data.check_responses_fit): some left out is a warning with the count, more
+    than half an error, so one long prompt no longer refuses a whole file."""
+    tokenizer = byte_tokenizer()
+    long, short = PAIR, dict(PAIR, instruction="Hi")
+    cut = PreferenceDataset([long], tokenizer).prompt_lengths[0] - 1
+    logged = []
+    preference.check_pairs_fit(PreferenceDataset([long, short, short], tokenizer, allowed_max_length=cut),
+                               "training", log=logged.append)
+    assert logged == [f"warning: 1 of 3 training pairs lose their whole responses to the cut at {cut} tokens "
+                      f"(their prompt alone is longer), so they are left out"]
+    with pytest.raises(ValueError, match="2 of 3 validation pairs lose .* more than half"):
+        preference.check_pairs_fit(PreferenceDataset([long, long, short], tokenizer, allowed_max_length=cut),
+                                   "validation")
+    logged.clear()
+    preference.check_pairs_fit(PreferenceDataset([long], tokenizer), "test", log=logged.append)  # no cut
+    assert logged == []
+
+
+def test_pairs_with_the_same_responses_are_counted_and_all_of_them_refused():
+    same = dict(PAIR, rejected=PAIR["chosen"])
+    logged = []
+    preference.check_pairs_differ([PAIR, same, PAIR], "training", log=logged.append)
+    assert logged == ["warning: 1 of 3 training pairs have the same chosen and rejected response; they teach "
+                      "nothing (their loss stays at log 2)"]
+    with pytest.raises(ValueError, match="every one of the 2 training pairs has the same chosen and"):
+        preference.check_pairs_differ([same, same], "training")
 
 
 @pytest.mark.skipif(not PREFERENCE_FILE.is_file(), reason="shared preference data absent")

@@ -148,6 +148,8 @@ def test_ctrl_c_saves_the_run_and_says_how_to_resume(tmp_path, capsys, monkeypat
     (["--lora-rank", "4", "--lora-alpha", "-1"], "LoRA alpha must be a positive number, got -1.0"),
     (["--lora-alpha", "8"], "lora_alpha is set but LoRA is off: give lora_rank too"),
     (["--lora-rank", "two"], "invalid int value"),
+    (["--lora-rank", "4", "--lora-alpha", "1e300"], "LoRA alpha 1e+300 is too large to train: its scale alpha "
+                                                   "/ rank overflows float32"),
     (["--data", "tasks:swapcase,divide"], "unknown task kind 'divide' in --data tasks:swapcase,divide"),
 ])
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
@@ -250,3 +252,38 @@ def test_prompts_longer_than_the_context_are_counted_before_training(tmp_path, c
     err = capsys.readouterr().err
     assert re.search(r"error: \d+ of 34 training examples lose their whole response to the cut at 40 tokens",
                      err) and "--context-length" in err
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_tokenizer_smaller_than_the_model_is_refused_before_training(tmp_path, capsys, method):
+    """A 257-id byte tokenizer with a 50,257-row model trained, then failed to decode the test responses
+    (a KeyError at the very end, on every --resume too): the pair is refused before anything trains."""
+    weights = tmp_path / "gpt2-vocab.npz"
+    save_npz(GPTModel(GPTConfig(vocab_size=50257, context_length=64, emb_dim=8, n_heads=2, n_layers=1)),
+             weights)
+    data = instruction_file(tmp_path)
+    if method == "dpo":
+        entries = [dict(entry, chosen=entry["output"], rejected="x") for entry in read(data)]
+        data.write_text(json.dumps(entries))
+    run_dir = tmp_path / "run"
+    assert train.main(["--method", method, "--weights", str(weights), "--tokenizer", "byte", "--data", str(data),
+                       "--prompt-style", "phi3", "--max-steps", "2", "--out-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: the byte tokenizer has 257 tokens but the model's vocabulary has 50257; use the "
+                   "tokenizer the model was trained with (--tokenizer)\n")
+    assert not (run_dir / "checkpoint.npz").exists() and not (run_dir / "model-best.npz").exists()
+
+
+def test_a_checkpoint_from_before_beta_was_dpo_s_alone_still_resumes(tmp_path, capsys):
+    """Fine-tuning runs used to record DPO's defaults (beta 0.1, nll_weight 0); their checkpoints resume."""
+    run_dir = tmp_path / "run"
+    assert train.main(TINY + ["--max-steps", "2", "--out-dir", str(run_dir)]) == 0
+    path = run_dir / "checkpoint.npz"
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    state = json.loads(str(arrays["state"][()]))
+    state["run_config"].update(beta=0.1, nll_weight=0.0)
+    arrays["state"] = np.array(json.dumps(state))
+    np.savez(path, **arrays)
+    assert train.main(["--resume", str(run_dir), "--max-steps", "3"]) == 0
+    assert read(run_dir / "metrics.json")["steps"] == 3 and read(run_dir / "config.json")["beta"] is None

@@ -201,7 +201,16 @@ def test_the_nll_weight_is_kept_in_the_run_and_refused_for_fine_tuning(tmp_path,
     assert "chosen NLL weight 1" in out and f"test pairs (4): DPO loss {test['dpo_loss']:.3f}," in out
     assert train.main(["--nll-weight", "1", "--out-dir", str(tmp_path / "sft")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: nll_weight is a DPO setting") and err.count("\n") == 1
+    assert err.startswith("error: --nll-weight is a DPO setting") and err.count("\n") == 1
+    assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("value", ["0.5", "nan"])
+def test_beta_with_fine_tuning_is_refused_naming_it(tmp_path, capsys, value):
+    """--beta is DPO's: fine-tuning would record it in config.json and ignore it without a word."""
+    assert train.main(["--beta", value, "--out-dir", str(tmp_path / "sft")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --beta is a DPO setting (--method dpo)") and err.count("\n") == 1
     assert not (tmp_path / "sft").exists()
 
 
@@ -213,3 +222,73 @@ def test_a_pair_without_a_rejected_response_is_named(tmp_path, base_file, capsys
     assert train.main(dpo_args(base_file, data, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "7" in err and "rejected" in err and err.count("\n") == 1
+
+
+def test_resume_refuses_a_reference_cache_of_another_reference_model(tmp_path, base_file, pairs_file, capsys):
+    """The same pairs scored by another model: the fingerprints of the pairs match, the DPO loss would not."""
+    other_base = tmp_path / "other.npz"
+    save_npz(GPTModel(BASE, seed=6), other_base)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    assert train.main(dpo_args(base_file, pairs_file, ours, "--max-steps", "2")) == 0
+    assert train.main(dpo_args(other_base, pairs_file, theirs, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    (ours / dpo_run.REFERENCE_NAME).write_bytes((theirs / dpo_run.REFERENCE_NAME).read_bytes())
+    assert train.main(["--resume", str(ours), "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "computed with another reference model" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--beta", "1e300", "beta 1e+300 is too large to train"),
+    ("--nll-weight", "1e300", "nll_weight 1e+300 is too large to train"),
+    ("--beta", "nan", "beta must be a positive number, got nan"),
+])
+def test_settings_that_cannot_train_are_refused_before_the_run(tmp_path, base_file, pairs_file, capsys, flag,
+                                                              value, message):
+    assert train.main(dpo_args(base_file, pairs_file, tmp_path / "run", flag, value)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_divergence_names_the_dpo_settings_that_can_cause_it(tmp_path, base_file, pairs_file, capsys):
+    """Not only the learning rate: DPO's beta and NLL weight scale its gradient too."""
+    assert train.main(dpo_args(base_file, pairs_file, tmp_path / "run", "--lr", "1e30", "--lora-rank", "2")) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: training diverged: ") and err.count("\n") == 1
+    assert ("lower the learning rate (--lr, now 1e+30), clip the gradient norm (--grad-clip, now off), lower "
+            "--beta (now 0.1), lower --nll-weight (now 0) or lower --lora-alpha (now 2)") in err
+
+
+def test_a_prompt_that_fills_the_context_leaves_its_pair_out_with_a_count(tmp_path, base_file, capsys):
+    """DPO follows fine-tuning's rule: one long prompt (of 1,100 of rasbt's, one is 283 tokens) no longer
+    refuses the whole file; the pair is left out and counted, and more than half is an error."""
+    entries = pairs()
+    entries[3]["instruction"] = "Repeat the word, please. " * 4                 # > 64 bytes: fills the context
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(entries))
+    run_dir = tmp_path / "run"
+    assert train.main(dpo_args(base_file, data, run_dir, "--max-steps", "1")) == 0
+    out = capsys.readouterr().out
+    assert ("warning: 1 of 34 training pairs lose their whole responses to the cut at 64 tokens (their prompt "
+            "alone is longer), so they are left out") in out
+    assert "33 / 2 / 4 train / val / test pairs" in out
+    for entry in entries[:20]:
+        entry["instruction"] = "Repeat the word, please. " * 4
+    data.write_text(json.dumps(entries))
+    assert train.main(dpo_args(base_file, data, tmp_path / "more", "--max-steps", "1")) == 2
+    assert "20 of 34 training pairs lose" in capsys.readouterr().err
+
+
+def test_pairs_without_a_preference_are_counted_and_all_of_them_refused(tmp_path, base_file, capsys):
+    entries = pairs()
+    entries[5]["rejected"] = entries[5]["chosen"]
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(entries))
+    assert train.main(dpo_args(base_file, data, tmp_path / "run", "--max-steps", "1")) == 0
+    assert ("warning: 1 of 34 training pairs have the same chosen and rejected response; they teach nothing"
+            in capsys.readouterr().out)
+    data.write_text(json.dumps([dict(entry, rejected=entry["chosen"]) for entry in entries]))
+    assert train.main(dpo_args(base_file, data, tmp_path / "all", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: every one of the 34 training pairs has the same chosen and rejected response")

@@ -16,8 +16,17 @@ from .judge import DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL, JUDGE_KEYS, JudgeU
 from .scores import RESPONSE_KEYS, score_responses
 
 
+class UsageError(Exception):
+    """A bad command line; main prints it as one `error: ...` line (argparse would add its usage)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minigpt.evaluate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m minigpt.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("responses", metavar="RESPONSES.json",
                         help="JSON list of entries with 'output' (expected) and 'model_response'")
     parser.add_argument("--judge-model", default=None, metavar="NAME",
@@ -44,8 +53,14 @@ def positive_seconds(text):
 
 
 def main(argv=None):
-    """Print the scores of a responses file; returns the exit code (2 for a bad file)."""
-    args = parse_args(argv)
+    """Print the scores of a responses file; returns the exit code (2 for a bad file or command line)."""
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e} (see python -m minigpt.evaluate --help)", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return e.code
     try:  # the judge's prompt also needs each entry's instruction: check that up front
         entries = load_json_entries(args.responses, JUDGE_KEYS if args.judge_model else RESPONSE_KEYS,
                                     what="responses")

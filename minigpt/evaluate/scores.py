@@ -18,16 +18,25 @@ def words(text):
 def lcs_length(a, b):
     """Length of the longest common subsequence of sequences a and b.
 
-    Dynamic programming over prefixes: L[i][j] = L[i-1][j-1] + 1 if a[i] == b[j], else
-    max(L[i-1][j], L[i][j-1]); kept one row at a time, O(len(a) * len(b)) time, O(len(b)) memory.
+    The dynamic programme over prefixes, L[i][j] = L[i-1][j-1] + 1 if a[i] == b[j], else
+    max(L[i-1][j], L[i][j-1]), takes len(a) * len(b) Python steps: 9 s for two 8,000-word texts. Here
+    each row of L is the bits of one integer (Crochemore et al. 2001, "A fast and practical bit-vector
+    algorithm for the longest common subsequence problem"): bit j of V is 0 where the row steps up by one
+    at column j, so the row's last value, the LCS so far, is the number of zero bits. A row costs a few
+    operations on len(b)-bit integers, which Python does in C, 64 columns at a time: 0.01 s for those
+    texts. tests/test_evaluate.py checks it against the plain table on random sequences.
     """
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
+    if not a or not b:
+        return 0
+    matches = {}                                       # token -> bits j where b[j] is that token
+    for j, token in enumerate(b):
+        matches[token] = matches.get(token, 0) | (1 << j)
+    all_columns = (1 << len(b)) - 1
+    V = all_columns                                    # row 0: no step anywhere
+    for token in a:
+        U = V & matches.get(token, 0)                  # matches in columns that are not yet steps
+        V = ((V + U) | (V - U)) & all_columns          # the paper's row update: new steps at those matches
+    return len(b) - V.bit_count()
 
 
 def rouge_l_f1(prediction, reference):

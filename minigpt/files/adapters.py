@@ -10,16 +10,15 @@ adapters never silently meet a different base.
 """
 import dataclasses
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ..lora import (LoRAConfig, apply_lora, check_hyperparameters, check_plain, check_rank_fits, is_adapter,
                     layers_of, lora_config, lora_layers)
-from ..nn import Linear
+from ..nn import Linear, non_finite
 from .fileio import BadFileError, atomic_write, open_npz, parse_json
-from .weights import check_float_parameter
+from .weights import check_float_parameter, weights_fingerprint
 
 ADAPTERS_KEY = "__lora__"            # the .npz entry holding the JSON metadata
 ADAPTERS_FORMAT = "minigpt-lora-1"
@@ -53,6 +52,7 @@ def load_adapters(model, path):
     try:
         check_plain(model)
         _check_base(model, meta)
+        _check_merge_is_finite(model, meta, arrays)
     except ValueError as e:
         raise BadFileError(f"{path}: {e}") from None
     apply_lora(model, meta["rank"], meta["alpha"], targets=meta["layers"])
@@ -78,6 +78,22 @@ def copy_adapters(model, path):
         if array.shape != params[name].shape:
             raise BadFileError(f"{path}: {name} has shape {array.shape}, expected {params[name].shape}")
     _copy_adapters(model, arrays)
+
+
+def _check_merge_is_finite(model, meta, arrays):
+    """A ValueError unless every merged weight W + (alpha / r) A B is finite in the model's dtype: finite A,
+    B and alpha can still overflow (alpha 1e300, or A and B of 1e20), and a model merged to inf would
+    generate nothing but one token."""
+    linears = {path: layer for path, _, _, layer in layers_of(model, Linear)}
+    scale = meta["alpha"] / meta["rank"]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for layer in meta["layers"]:
+            weight = linears[layer].weight.data                                  # (C, OC)
+            A, B = (arrays[f"{layer}.{name}"].astype(weight.dtype) for name in ("lora_A", "lora_B"))
+            merged = weight + weight.dtype.type(scale) * (A @ B)                # as LoRALinear.merged_weight
+            if non_finite(merged) is not None:
+                raise ValueError(f"merging the adapters of layer {layer} (alpha {meta['alpha']:g}, rank "
+                                 f"{meta['rank']}) gives non-finite weights; the adapters cannot be used")
 
 
 def _copy_adapters(model, arrays):
@@ -132,7 +148,7 @@ def _base_identity(model):
     cfg = getattr(model, "cfg", None)
     shapes = {path: list(layer.weight.shape) for path, _, _, layer in lora_layers(model)}
     return {"shapes": shapes, "config": None if cfg is None else dataclasses.asdict(cfg),
-            "fingerprint": _base_fingerprint(model)}
+            "fingerprint": weights_fingerprint(model)}
 
 
 def _check_base(model, meta):
@@ -152,22 +168,9 @@ def _check_base(model, meta):
         if list(linears[layer].weight.shape) != shape:
             raise ValueError(f"adapters for a different base: layer {layer} is {tuple(shape)} in theirs, "
                              f"{linears[layer].weight.shape} here")
-    if _base_fingerprint(model) != base["fingerprint"]:
+    if weights_fingerprint(model) != base["fingerprint"]:
         raise ValueError("adapters for a different base: same shapes, but not the weights they were "
                          "trained on")
-
-
-def _base_fingerprint(model):
-    """CRC-32 over the names and float32 values of every base (non-adapter) parameter.
-
-    float32 because checkpoints are: the same base loaded in float64 has the same fingerprint.
-    """
-    crc = 0
-    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if not is_adapter(name):
-            crc = zlib.crc32(name.encode(), crc)
-            crc = zlib.crc32(np.ascontiguousarray(p.data, dtype=np.float32), crc)
-    return crc
 
 
 def _is_shape(value):

@@ -3,8 +3,9 @@
     reference-logprobs.npz   arrays <split>/chosen and <split>/rejected (N,) for train, val and test, and
                              "meta" (JSON: format, reduction, each split's dataset fingerprint)
 
-The fingerprints tie the file to the pairs it was computed for (entries, tokenizer, prompt style, cut):
-a run on other pairs is refused, since the DPO loss would be wrong without a word.
+The fingerprints tie the file to the pairs it was computed for (entries, tokenizer, prompt style, cut) and
+to the reference model's weights: other pairs, or another reference, are refused, since the DPO loss would
+be wrong without a word.
 """
 import json
 from pathlib import Path
@@ -18,22 +19,25 @@ REFERENCE_FORMAT = "minigpt-dpo-reference-1"
 SPLITS = ("train", "val", "test")
 
 
-def write_references(path, references):
+def write_references(path, references, reference_weights):
     """The reference log-probabilities of each split, atomically: arrays <split>/chosen and
-    <split>/rejected (N,), and "meta" (JSON: format, reduction, each split's dataset fingerprint)."""
+    <split>/rejected (N,), and "meta" (JSON: format, reduction, each split's dataset fingerprint, and
+    `reference_weights`, the reference model's files.weights.weights_fingerprint)."""
     arrays = {}
     for split, reference in zip(SPLITS, references):
         arrays[f"{split}/chosen"], arrays[f"{split}/rejected"] = reference.chosen, reference.rejected
     meta = {"format": REFERENCE_FORMAT, "reduction": references[0].reduction,
-            "fingerprints": {split: reference.fingerprint for split, reference in zip(SPLITS, references)}}
+            "fingerprints": {split: reference.fingerprint for split, reference in zip(SPLITS, references)},
+            "reference_weights": reference_weights}
     arrays["meta"] = np.array(json.dumps(meta))
     with atomic_write(path) as f:
         np.savez(f, **arrays)
 
 
-def read_references(path, datasets):
+def read_references(path, datasets, reference_weights=None):
     """The ReferenceLogprobs of `datasets` (train, val, test) from `path`; one clear error when the file
-    is missing, damaged, or was computed for other pairs."""
+    is missing, damaged, computed for other pairs, or (given `reference_weights`, the fingerprint the run
+    recorded) computed with another reference model."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} is missing: a DPO run needs its reference model's log-probabilities "
                                 f"to resume; start a new run")
@@ -41,6 +45,11 @@ def read_references(path, datasets):
         meta = parse_json(str(archive["meta"][()]), f"{path}: meta")
         if not isinstance(meta, dict) or meta.get("format") != REFERENCE_FORMAT:
             raise BadFileError(f"{path}: not minigpt's reference log-probabilities ({REFERENCE_FORMAT})")
+        if reference_weights is not None and meta.get("reference_weights") != reference_weights:
+            theirs = meta.get("reference_weights")
+            raise BadFileError(f"{path}: the reference log-probabilities were computed with another "
+                               f"reference model (weights fingerprint {theirs}, the run's is "
+                               f"{reference_weights}); resume with the run's own file, or start a new run")
         references = []
         for split, dataset in zip(SPLITS, datasets):
             if meta["fingerprints"].get(split) != dataset.fingerprint:

@@ -17,10 +17,12 @@ import dataclasses
 import json
 import re
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from ..lora import is_adapter
 from ..model import GPT2_PRESETS, GPTConfig, GPTModel, parameter_shapes
 from ..nn import non_finite
 from ..tokenizer import GPT2_EOT_ID
@@ -177,6 +179,20 @@ def check_float_parameter(source, name, array):
         raise BadFileError(f"{source}: tensor {name} holds {values} (NaN or inf; the first at index "
                            f"{first})")
     return array
+
+
+def weights_fingerprint(model):
+    """CRC-32 over the names and float32 values of every parameter but LoRA's adapters: what identifies a
+    model's weights (the base of adapters, the reference model of a DPO run).
+
+    float32 because checkpoints are: the same weights loaded in float64 have the same fingerprint.
+    """
+    crc = 0
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if not is_adapter(name):
+            crc = zlib.crc32(name.encode(), crc)
+            crc = zlib.crc32(np.ascontiguousarray(p.data, dtype=np.float32), crc)
+    return crc
 
 
 def _infer_config(weights_file, params, hf_config):

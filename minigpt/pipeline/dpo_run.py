@@ -33,9 +33,11 @@ from ..data import check_same_data, data_fingerprint
 from ..files.checkpoint import CheckpointFile
 from ..files.fileio import write_json
 from ..files.reference_logprobs import read_references, write_references
+from ..files.weights import weights_fingerprint
 from ..loader import DataLoader
 from ..nn import eval_mode
-from ..preference import PreferenceDataset, download_preference_data, load_preference_data
+from ..preference import (PreferenceDataset, check_pairs_differ, check_pairs_fit, download_preference_data,
+                          load_preference_data)
 from ..tokenizer import get_tokenizer
 from . import settings, steps, trained_weights
 from .plotting import plot_dpo
@@ -45,7 +47,7 @@ METHOD = "dpo"
 # rasbt's DPO settings (ch07/04_preference-tuning-with-dpo), on top of settings.REFERENCE_RECIPE (DPO
 # always starts from a fine-tuned model): "reference" data is then his instruction-data-with-preference.json.
 RECIPE = dict(settings.REFERENCE_RECIPE, epochs=1, batch_size=8, lr=5e-6, weight_decay=0.01,
-              beta=dpo.DEFAULT_BETA)
+              beta=dpo.DEFAULT_BETA, nll_weight=0.0)
 REFERENCE_NAME = "reference-logprobs.npz"
 
 
@@ -82,16 +84,22 @@ def run(config, resume=False, log=print):
         weights = trained_weights.prepare(model, run_dir, config.lora_rank, config.effective_lora_alpha,
                                           config.seed)
 
-        # 3. Tokenize the pairs, and the reference's log-probabilities of them: computed once from the
+        # 3. Tokenize the pairs (one whose prompt fills the context has no response left to score: it is left
+        #    out, and counted), and the reference's log-probabilities of them: computed once from the
         #    starting weights, which the model still holds, or read back on resume
         cut = min(config.allowed_max_length, model.cfg.context_length)
         datasets = [PreferenceDataset(entries, tokenizer, config.prompt_style, cut) for entries in splits]
+        for dataset, what in zip(datasets, ("training", "validation", "test")):
+            check_pairs_fit(dataset, what, log)
+        check_pairs_differ(train_entries, "training", log)
         references_path = run_dir / REFERENCE_NAME
         if resume:
-            references = read_references(references_path, datasets)
+            reference_weights = (saved["train_state"].get("data_fingerprint") or {}).get("reference_weights")
+            references = read_references(references_path, datasets, reference_weights)
         else:
+            reference_weights = weights_fingerprint(model)  # what identifies the reference model
             references = [dpo.reference_logprobs(model, dataset, config.batch_size) for dataset in datasets]
-            write_references(references_path, references)
+            write_references(references_path, references, reference_weights)
             log(f"reference log-probabilities of {' / '.join(str(len(d)) for d in datasets)} train / val / "
                 f"test pairs: {references_path}")
         train_loader = training_loader(datasets[0], config.batch_size, config.seed)
@@ -100,8 +108,10 @@ def run(config, resume=False, log=print):
 
         # 4. Train: the policy's DPO loss against the cached reference
         optimizer = steps.make_optimizer(model, config.lr, config.beta2, config.weight_decay)
+        # The reference's log-probabilities are the other half of DPO's data: the checkpoint records which.
+        data_and_reference = {**fingerprint, "reference_weights": reference_weights}
         state = (checkpoint.restore(model, optimizer, train_loader) if resume
-                 else training.TrainState(data_fingerprint=fingerprint))
+                 else training.TrainState(data_fingerprint=data_and_reference))
         write_json(run_dir / "config.json", dataclasses.asdict(config))
         nll = f", chosen NLL weight {config.nll_weight:g}" if config.nll_weight else ""
         log("\n".join(line for line in (
@@ -118,7 +128,9 @@ def run(config, resume=False, log=print):
                                       config.max_new_tokens, val_entries[0]["chosen"], log)
         state = training.train(model, optimizer, train_loader, val_loader, config.train_config(), state=state,
                                checkpoint=checkpoint, best=weights.best, on_epoch_end=sample, log=log,
-                               objective=objective)
+                               objective=objective, suspects=(f"--beta (now {config.beta:g})",
+                                                              f"--nll-weight (now {config.nll_weight:g})",
+                                                              *weights.suspects))
         write_json(run_dir / "history.json", state.history)
         plot_dpo(state.history, run_dir / "loss-plot.png", title=run_dir.name)
 

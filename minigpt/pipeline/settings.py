@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Optional
 
 from .. import tasks
-from ..dpo import DEFAULT_BETA
 from ..evaluate.judge import DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL
 from ..files.weights import HUB_REPOS
 from ..lora import check_hyperparameters
@@ -72,10 +71,10 @@ class RunConfig:
     max_steps: Optional[int] = None     # 0 or None: no bound
     checkpoint_every: Optional[int] = None  # None: at every evaluation
     seed: int = 123
-    # DPO (minigpt.dpo): the policy's log-probability margins are scaled by beta against the reference's
-    beta: float = DEFAULT_BETA
-    # > 0: add the chosen responses' NLL to the DPO loss (RPO); 0: plain DPO
-    nll_weight: float = 0.0
+    # DPO (minigpt.dpo; None for other methods): the policy's log-probability margins are scaled by beta
+    # against the reference's; nll_weight > 0 adds the chosen responses' NLL to the loss (RPO), 0: plain DPO
+    beta: Optional[float] = None
+    nll_weight: Optional[float] = None
     # LoRA (minigpt.lora): train low-rank adapters of the block linears only; None: every weight trains
     lora_rank: Optional[int] = None
     lora_alpha: Optional[float] = None  # None: the rank (scale alpha / rank = 1)

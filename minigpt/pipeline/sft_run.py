@@ -101,7 +101,8 @@ def run(config, resume=False, log=print):
         sample = steps.sample_printer(model, tokenizer, val_entries[0], config.prompt_style,
                                       config.max_new_tokens, val_entries[0]["output"], log)
         state = training.train(model, optimizer, train_loader, val_loader, config.train_config(), state=state,
-                               checkpoint=checkpoint, best=weights.best, on_epoch_end=sample, log=log)
+                               checkpoint=checkpoint, best=weights.best, on_epoch_end=sample, log=log,
+                               suspects=weights.suspects)
         write_json(run_dir / "history.json", state.history)
         plot_losses(state.history, run_dir / "loss-plot.png", title=run_dir.name)
         lora_entry = weights.write_final(model, log)  # with LoRA, the model is merged from here on
@@ -126,8 +127,11 @@ def run(config, resume=False, log=print):
 def check_settings(config):
     """The settings every run needs (RunConfig.validate), and fine-tuning's own."""
     config.validate()
-    if config.nll_weight:
-        raise ValueError("nll_weight is a DPO setting (--method dpo); fine-tuning's loss is the NLL itself")
+    for name, why in (("beta", "it scales DPO's log-probability margins"),
+                      ("nll_weight", "fine-tuning's loss is the NLL itself")):
+        if getattr(config, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} is a DPO setting (--method dpo), not fine-tuning's: {why}")
 
 
 def load_splits(data, data_dir, shuffle_seed, data_seed, n_train, n_val, n_test):

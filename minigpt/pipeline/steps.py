@@ -69,8 +69,10 @@ def resumed_config(run_dir, **overrides):
     if fixed:
         raise ValueError(f"a resumed run keeps its settings ({run_dir / 'config.json'}); it cannot change "
                          f"{', '.join(fixed)} (only {', '.join(RESUME_OVERRIDES)})")
-    config = RunConfig(**read_checkpoint(run_dir / CHECKPOINT_NAME)["run_config"])
-    return dataclasses.replace(config, out_dir=str(run_dir), **overrides)
+    saved = read_checkpoint(run_dir / CHECKPOINT_NAME)["run_config"]
+    if saved.get("method") == "sft" and (saved.get("beta"), saved.get("nll_weight")) == (0.1, 0.0):
+        saved.update(beta=None, nll_weight=None)  # a run from before these were DPO's alone: their defaults
+    return dataclasses.replace(RunConfig(**saved), out_dir=str(run_dir), **overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +107,13 @@ def model_config_of(model_name, weights_path):
 
 
 def check_tokenizer_fits(tokenizer_name, tokenizer, vocab_size):
-    if tokenizer.n_vocab > vocab_size:
-        raise ValueError(f"the {tokenizer_name} tokenizer has {tokenizer.n_vocab} tokens but the model "
-                         f"only {vocab_size}; use the tokenizer the model was trained with (--tokenizer)")
+    """The tokenizer's ids must be the model's embedding rows, one for one. A bigger tokenizer makes ids the
+    model has no row for; a smaller one leaves rows the model may generate and the tokenizer cannot
+    decode (the test responses would fail at the end of the run)."""
+    if tokenizer.n_vocab != vocab_size:
+        raise ValueError(f"the {tokenizer_name} tokenizer has {tokenizer.n_vocab} tokens but the model's "
+                         f"vocabulary has {vocab_size}; use the tokenizer the model was trained with "
+                         f"(--tokenizer)")
 
 
 def set_dropout(model, drop_rate, seed):

@@ -41,11 +41,12 @@ def prepare(model, run_dir, lora_rank=None, lora_alpha=None, seed=0):
     if lora_rank is None:
         return AllWeights(run_dir)
     lora.apply_lora(model, lora_rank, lora_alpha, rng=np.random.default_rng(seed + LORA_SEED_OFFSET))
-    return LoRAAdapters(run_dir)
+    return LoRAAdapters(run_dir, lora_alpha)
 
 
 class AllWeights:
     """Full fine-tuning: every weight trains, and the run keeps model-best.npz and model-final.npz."""
+    suspects = ()  # settings of its own that can make training diverge (training.train's suspects)
 
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
@@ -64,9 +65,10 @@ class AllWeights:
 class LoRAAdapters:
     """A LoRA run: only the adapters train, and the run keeps them alone besides the merged model."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, alpha):
         self.run_dir = Path(run_dir)
         self.best = BestAdapters(self.run_dir / ADAPTERS_BEST)
+        self.suspects = (f"--lora-alpha (now {alpha:g})",)  # a large scale can make training diverge
 
     def summary(self, model):
         """The run summary's LoRA line: 'LoRA: rank 16, alpha 16 (scale 1) on 48 layers (attn.c_attn, ...),
