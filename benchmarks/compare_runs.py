@@ -29,7 +29,8 @@ def compare_arrays(a_path, b_path):
             if x.dtype != y.dtype or x.shape != y.shape:
                 return f"{name}: {x.dtype} {x.shape} against {y.dtype} {y.shape}"
             if not np.array_equal(x, y):
-                diff = np.abs(x.astype(np.float64) - y.astype(np.float64)).max() if x.dtype.kind == "f" else "?"
+                floats = x.dtype.kind == "f"
+                diff = np.abs(x.astype(np.float64) - y.astype(np.float64)).max() if floats else "?"
                 return f"{name} differs (largest difference {diff})"
     return "same"
 

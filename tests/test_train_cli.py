@@ -148,8 +148,8 @@ def test_ctrl_c_saves_the_run_and_says_how_to_resume(tmp_path, capsys, monkeypat
     (["--lora-rank", "4", "--lora-alpha", "-1"], "LoRA alpha must be a positive number, got -1.0"),
     (["--lora-alpha", "8"], "lora_alpha is set but LoRA is off: give lora_rank too"),
     (["--lora-rank", "two"], "invalid int value"),
-    (["--lora-rank", "4", "--lora-alpha", "1e300"], "LoRA alpha 1e+300 is too large to train: its scale alpha "
-                                                   "/ rank overflows float32"),
+    (["--lora-rank", "4", "--lora-alpha", "1e300"],
+     "LoRA alpha 1e+300 is too large to train: its scale alpha / rank overflows float32"),
     (["--data", "tasks:swapcase,divide"], "unknown task kind 'divide' in --data tasks:swapcase,divide"),
 ])
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
@@ -266,8 +266,8 @@ def test_a_tokenizer_smaller_than_the_model_is_refused_before_training(tmp_path,
         entries = [dict(entry, chosen=entry["output"], rejected="x") for entry in read(data)]
         data.write_text(json.dumps(entries))
     run_dir = tmp_path / "run"
-    assert train.main(["--method", method, "--weights", str(weights), "--tokenizer", "byte", "--data", str(data),
-                       "--prompt-style", "phi3", "--max-steps", "2", "--out-dir", str(run_dir)]) == 2
+    assert train.main(["--method", method, "--weights", str(weights), "--tokenizer", "byte", "--data",
+                       str(data), "--prompt-style", "phi3", "--max-steps", "2", "--out-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert err == ("error: the byte tokenizer has 257 tokens but the model's vocabulary has 50257; use the "
                    "tokenizer the model was trained with (--tokenizer)\n")

@@ -235,7 +235,8 @@ def test_resume_refuses_a_reference_cache_of_another_reference_model(tmp_path, b
     (ours / dpo_run.REFERENCE_NAME).write_bytes((theirs / dpo_run.REFERENCE_NAME).read_bytes())
     assert train.main(["--resume", str(ours), "--max-steps", "3"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "computed with another reference model" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "computed with another reference model" in err
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -243,8 +244,8 @@ def test_resume_refuses_a_reference_cache_of_another_reference_model(tmp_path, b
     ("--nll-weight", "1e300", "nll_weight 1e+300 is too large to train"),
     ("--beta", "nan", "beta must be a positive number, got nan"),
 ])
-def test_settings_that_cannot_train_are_refused_before_the_run(tmp_path, base_file, pairs_file, capsys, flag,
-                                                              value, message):
+def test_settings_that_cannot_train_are_refused_before_the_run(tmp_path, base_file, pairs_file, capsys,
+                                                               flag, value, message):
     assert train.main(dpo_args(base_file, pairs_file, tmp_path / "run", flag, value)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
@@ -253,7 +254,8 @@ def test_settings_that_cannot_train_are_refused_before_the_run(tmp_path, base_fi
 
 def test_a_divergence_names_the_dpo_settings_that_can_cause_it(tmp_path, base_file, pairs_file, capsys):
     """Not only the learning rate: DPO's beta and NLL weight scale its gradient too."""
-    assert train.main(dpo_args(base_file, pairs_file, tmp_path / "run", "--lr", "1e30", "--lora-rank", "2")) == 3
+    args = dpo_args(base_file, pairs_file, tmp_path / "run", "--lr", "1e30", "--lora-rank", "2")
+    assert train.main(args) == 3
     err = capsys.readouterr().err
     assert err.startswith("error: training diverged: ") and err.count("\n") == 1
     assert ("lower the learning rate (--lr, now 1e+30), clip the gradient norm (--grad-clip, now off), lower "
@@ -264,14 +266,14 @@ def test_a_prompt_that_fills_the_context_leaves_its_pair_out_with_a_count(tmp_pa
     """DPO follows fine-tuning's rule: one long prompt (of 1,100 of rasbt's, one is 283 tokens) no longer
     refuses the whole file; the pair is left out and counted, and more than half is an error."""
     entries = pairs()
-    entries[3]["instruction"] = "Repeat the word, please. " * 4                 # > 64 bytes: fills the context
+    entries[3]["instruction"] = "Repeat the word, please. " * 4   # > 64 bytes: fills the context
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps(entries))
     run_dir = tmp_path / "run"
     assert train.main(dpo_args(base_file, data, run_dir, "--max-steps", "1")) == 0
     out = capsys.readouterr().out
-    assert ("warning: 1 of 34 training pairs lose their whole responses to the cut at 64 tokens (their prompt "
-            "alone is longer), so they are left out") in out
+    assert ("warning: 1 of 34 training pairs lose their whole responses to the cut at 64 tokens (their "
+            "prompt alone is longer), so they are left out") in out
     assert "33 / 2 / 4 train / val / test pairs" in out
     for entry in entries[:20]:
         entry["instruction"] = "Repeat the word, please. " * 4
@@ -291,4 +293,4 @@ def test_pairs_without_a_preference_are_counted_and_all_of_them_refused(tmp_path
     data.write_text(json.dumps([dict(entry, rejected=entry["chosen"]) for entry in entries]))
     assert train.main(dpo_args(base_file, data, tmp_path / "all", "--max-steps", "1")) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: every one of the 34 training pairs has the same chosen and rejected response")
+    assert err.startswith("error: every one of the 34 training pairs has the same chosen and rejected")
