@@ -266,8 +266,9 @@ def test_a_tokenizer_smaller_than_the_model_is_refused_before_training(tmp_path,
         entries = [dict(entry, chosen=entry["output"], rejected="x") for entry in read(data)]
         data.write_text(json.dumps(entries))
     run_dir = tmp_path / "run"
-    assert train.main(["--method", method, "--weights", str(weights), "--tokenizer", "byte", "--data",
-                       str(data), "--prompt-style", "phi3", "--max-steps", "2", "--out-dir", str(run_dir)]) == 2
+    args = ["--method", method, "--weights", str(weights), "--tokenizer", "byte", "--data", str(data),
+            "--prompt-style", "phi3", "--max-steps", "2", "--out-dir", str(run_dir)]
+    assert train.main(args) == 2
     err = capsys.readouterr().err
     assert err == ("error: the byte tokenizer has 257 tokens but the model's vocabulary has 50257; use the "
                    "tokenizer the model was trained with (--tokenizer)\n")
