@@ -2,7 +2,7 @@
 Prints figures; not a test.
 
     python train.py --out-dir runs/default           # once: the default run, five task kinds (~4 min)
-    python benchmarks/dpo_demo.py runs/default       # the demonstration of README, "DPO"
+    python benchmarks/dpo_demo.py runs/default       # the demonstration of docs/dpo.md
 
 Offline there is no preference data to download, so this makes it, as issue 11 asks, from the tasks
 whose answers can be checked. Each pair is a prompt, its right answer as "chosen", and a wrong answer
@@ -32,7 +32,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEAKEST_GAIN_POINTS = 10.0   # issue 11: the weakest kind gains >= 10 points of exact match ...
 REWARD_ACCURACY_GOAL = 0.9   # ... held-out reward accuracy > 0.9, and overall exact match not lower
-# The DPO recipe (README, "DPO": how it was chosen). The pairs: 8.5 training prompts per test prompt,
+# The DPO recipe (docs/dpo.md: how it was chosen). The pairs: 8.5 training prompts per test prompt,
 # and half as many validation prompts (the default run's 500 and 250: 4,250 / 500 / 250, 85/10/5%).
 BATCH_SIZE = 32              # pairs: 64 sequences per step, as many as the fine-tuning run's batch
 EPOCHS = 2

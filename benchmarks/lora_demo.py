@@ -1,7 +1,7 @@
 """Teach a trained model a new task kind with LoRA alone, and show what it cost. Prints figures; not a test.
 
     python train.py --out-dir runs/default           # once: the default run, five task kinds (~4 min)
-    python benchmarks/lora_demo.py runs/default      # the demonstration of README, "LoRA"
+    python benchmarks/lora_demo.py runs/default      # the demonstration of docs/lora.md
 
 The default run's model-final.npz has never seen the task kind `swapcase` (minigpt/tasks.py). One LoRA
 run, the pipeline of `train.py --lora-rank` (minigpt/pipeline/sft_run.py), trains adapters alone on it, with
@@ -20,7 +20,7 @@ the default recipe wherever that goes. Its test prompts of the old kinds are the
 held-out ones (tasks.make_task_splits), so "before" is the default run's own per-kind score.
 
 Replay: taught swapcase alone, the adapters change how the model answers the old instructions too:
-they collapse (measured: README, "LoRA"). So the training mix replays the five old kinds, with the
+they collapse (measured: docs/lora.md). So the training mix replays the five old kinds, with the
 new kind drawn 5 times as often as each (--weight), half of the data (--no-replay: swapcase alone).
 """
 import argparse
@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NEW_KIND = "swapcase"
 MAX_DROP_POINTS = 3.0        # issue 10: no old kind may lose more than 3 points of exact match ...
 NEW_KIND_GOAL = 0.90         # ... and the new kind must reach 90%
-# The LoRA recipe (README, "LoRA": how it was chosen)
+# The LoRA recipe (docs/lora.md: how it was chosen)
 RANK, ALPHA = 16, 32
 LR, MIN_LR, WARMUP_STEPS = 5e-3, 3e-4, 20
 STEPS = 600                  # one epoch of STEPS batches: n_train = STEPS * the default run's batch size

@@ -16,7 +16,7 @@ one-digit number (two two-digit numbers needed several times the training). The 
 short because every prompt token costs compute in every layer, while only the answer is learned.
 
 One more kind is never in the default mix; it is there to teach a trained model something new
-(README, "LoRA": a default run's model learns it through adapters alone, `--data tasks:swapcase,...`):
+(docs/lora.md: a default run's model learns it through adapters alone, `--data tasks:swapcase,...`):
 
     swapcase   "Swap case"    "kQzT"           -> "KqZt"     maps each letter by its case
 
