@@ -151,8 +151,8 @@ def run(config, resume=False, log=print):
         write_json(run_dir / "test-responses.json", entries)
         metrics = steps.score([dict(entry, output=entry["chosen"]) for entry in entries], config.judge_model,
                               config.ollama_url, config.judge_timeout, log)
-        metrics.update(steps.training_metrics(state), lora=lora_entry,
-                       dpo={"beta": config.beta, "nll_weight": config.nll_weight, "test": test_pairs})
+        metrics.update(steps.training_metrics(state, lora=lora_entry, dpo={
+            "beta": config.beta, "nll_weight": config.nll_weight, "test": test_pairs}))
         write_json(run_dir / "metrics.json", metrics)
         log(f"run folder: {run_dir}")
     return run_dir

@@ -25,6 +25,8 @@ from ..tokenizer import TOKENIZERS
 from ..training import TrainConfig
 
 DATASETS = ("tasks", "reference")  # besides a path to a JSON file
+# Settings that belong to one method's run (None for every other method, which refuses them).
+METHOD_SETTINGS = {"beta": "dpo", "nll_weight": "dpo"}
 # Settings a resumed run may change: they bound the run or only affect what happens after training.
 RESUME_OVERRIDES = ("max_steps", "max_new_tokens", "judge_model", "ollama_url", "judge_timeout", "export_hf",
                     "vocab_dir", "data_dir")
@@ -108,6 +110,10 @@ class RunConfig:
 
     def validate(self):
         """Raise ValueError naming the first setting that cannot work."""
+        for name, method in METHOD_SETTINGS.items():
+            if getattr(self, name) is not None and self.method != method:
+                raise ValueError(f"--{name.replace('_', '-')} is a setting of --method {method}, not of "
+                                 f"--method {self.method} (it would be recorded and ignored)")
         if self.model is not None and self.weights is not None:
             raise ValueError("give either model (a GPT-2 name) or weights (a file), not both")
         if self.model is not None and self.model not in HUB_REPOS:

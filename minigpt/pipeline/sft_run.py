@@ -118,20 +118,15 @@ def run(config, resume=False, log=print):
 
         # 6. Score the answers
         metrics = steps.score(entries, config.judge_model, config.ollama_url, config.judge_timeout, log)
-        metrics.update(steps.training_metrics(state), lora=lora_entry, dpo=None)
+        metrics.update(steps.training_metrics(state, lora=lora_entry))
         write_json(run_dir / "metrics.json", metrics)
         log(f"run folder: {run_dir}")
     return run_dir
 
 
 def check_settings(config):
-    """The settings every run needs (RunConfig.validate), and fine-tuning's own."""
+    """The settings every run needs (RunConfig.validate); fine-tuning has none of its own to check."""
     config.validate()
-    for name, why in (("beta", "it scales DPO's log-probability margins"),
-                      ("nll_weight", "fine-tuning's loss is the NLL itself")):
-        if getattr(config, name) is not None:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} is a DPO setting (--method dpo), not fine-tuning's: {why}")
 
 
 def load_splits(data, data_dir, shuffle_seed, data_seed, n_train, n_val, n_test):

@@ -202,9 +202,10 @@ def score(entries, judge_model=None, ollama_url=None, judge_timeout=None, log=pr
     return metrics
 
 
-def training_metrics(state):
-    """metrics.json's account of the training: steps, tokens, the best and the final validation loss."""
+def training_metrics(state, lora=None, dpo=None):
+    """metrics.json's account of the training: steps, tokens, the best and the final validation loss, and
+    the method's entries: "lora" (trained_weights' write_final), "dpo" (the test pairs), None without."""
     val_losses = state.history["val_loss"]
     return dict(steps=state.step, tokens_seen=state.tokens_seen, best_step=state.best_step,
                 best_val_loss=state.best_val_loss, stopped_early=state.stopped_early,
-                final_val_loss=val_losses[-1] if val_losses else None)
+                final_val_loss=val_losses[-1] if val_losses else None, lora=lora, dpo=dpo)
