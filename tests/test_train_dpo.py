@@ -8,7 +8,7 @@ import pytest
 import train
 from minigpt import GPTConfig, GPTModel, dpo
 from minigpt.files.reference_logprobs import SPLITS
-from minigpt.pipeline import dpo_run
+from minigpt.pipeline import dpo_run, steps
 from minigpt.pipeline.settings import RunConfig
 from minigpt.preference import PreferenceDataset
 from minigpt.tokenizer import get_tokenizer
@@ -128,7 +128,7 @@ def test_scores_compare_the_responses_with_the_chosen_response(tmp_path, base_fi
     entries = [dict(entry, output="unused") for entry in pairs()]
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps(entries))
-    monkeypatch.setattr(dpo_run, "generate_responses",                 # a model that answers perfectly
+    monkeypatch.setattr(steps, "generate_responses",                 # a model that answers perfectly
                         lambda model, tokenizer, entries, *args, **kwargs: [e["chosen"] for e in entries])
     run_dir = tmp_path / "run"
     assert train.main(dpo_args(base_file, data, run_dir, "--max-steps", "1")) == 0

@@ -41,7 +41,6 @@ from ..preference import (PreferenceDataset, check_pairs_differ, check_pairs_fit
 from ..tokenizer import get_tokenizer
 from . import settings, steps, trained_weights
 from .plotting import plot_dpo
-from .responses import generate_responses, with_responses
 
 METHOD = "dpo"
 # rasbt's DPO settings (ch07/04_preference-tuning-with-dpo), on top of settings.REFERENCE_RECIPE (DPO
@@ -144,11 +143,8 @@ def run(config, resume=False, log=print):
             steps.export_hf(run_dir, model, run_dir / trained_weights.MODEL_BEST)
 
         # 6. Answer the test prompts, greedily, and score the answers against the chosen responses
-        log(f"generating responses to {len(test_entries)} test entries")
-        responses = generate_responses(model, tokenizer, test_entries, config.prompt_style,
-                                       config.max_new_tokens)
-        entries = with_responses(test_entries, responses)
-        write_json(run_dir / "test-responses.json", entries)
+        entries = steps.answer_test_set(model, tokenizer, test_entries, config.prompt_style,
+                                        config.max_new_tokens, run_dir, log)
         metrics = steps.score([dict(entry, output=entry["chosen"]) for entry in entries], config.judge_model,
                               config.ollama_url, config.judge_timeout, log)
         metrics.update(steps.training_metrics(state, lora=lora_entry, dpo={

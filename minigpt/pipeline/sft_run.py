@@ -27,7 +27,6 @@ from ..model import GPTConfig, GPTModel
 from ..tokenizer import get_tokenizer
 from . import settings, steps, trained_weights
 from .plotting import plot_losses
-from .responses import generate_responses, with_responses
 
 METHOD = "sft"
 RECIPE = {}  # fine-tuning's defaults are RunConfig's, and settings.REFERENCE_RECIPE from pretrained weights
@@ -109,12 +108,9 @@ def run(config, resume=False, log=print):
         if config.export_hf:
             steps.export_hf(run_dir, model, run_dir / trained_weights.MODEL_BEST)
 
-        # 5. Answer the test set, greedily
-        log(f"generating responses to {len(test_entries)} test entries")
-        responses = generate_responses(model, tokenizer, test_entries, config.prompt_style,
-                                       config.max_new_tokens)
-        entries = with_responses(test_entries, responses)
-        write_json(run_dir / "test-responses.json", entries)
+        # 5. Answer the test set, greedily: test-responses.json
+        entries = steps.answer_test_set(model, tokenizer, test_entries, config.prompt_style,
+                                        config.max_new_tokens, run_dir, log)
 
         # 6. Score the answers
         metrics = steps.score(entries, config.judge_model, config.ollama_url, config.judge_timeout, log)

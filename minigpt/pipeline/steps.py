@@ -17,13 +17,14 @@ from ..evaluate.judge import JudgeUnavailable, judge_responses
 from ..evaluate.scores import score_responses
 from ..files import runfolder
 from ..files.checkpoint import read_checkpoint
+from ..files.fileio import write_json
 from ..files.weights import (load_npz, load_weights, pretrained_gpt2, read_npz_config, save_hf_gpt2,
                              weights_format)
 from ..losses import IGNORE_INDEX
 from ..model import GPTConfig, GPTModel
 from ..nn import Dropout
 from ..optim import AdamW
-from .responses import generate_responses
+from .responses import generate_responses, with_responses
 from .settings import DATASETS, RESUME_OVERRIDES, RunConfig
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -177,6 +178,15 @@ def export_hf(run_dir, model, best_model_path):
     """--export-hf: the final and the best weights as Hugging Face GPT-2 folders."""
     save_hf_gpt2(model, run_dir / "model-final-hf")
     save_hf_gpt2(load_npz(best_model_path), run_dir / "model-best-hf")
+
+
+def answer_test_set(model, tokenizer, entries, style, max_new_tokens, run_dir, log=print):
+    """Greedy responses to the test entries, written with them to run_dir/test-responses.json (each entry
+    plus "model_response", as rasbt's instruction-data-with-response.json) -> those entries."""
+    log(f"generating responses to {len(entries)} test entries")
+    answered = with_responses(entries, generate_responses(model, tokenizer, entries, style, max_new_tokens))
+    write_json(run_dir / "test-responses.json", answered)
+    return answered
 
 
 def score(entries, judge_model=None, ollama_url=None, judge_timeout=None, log=print):
