@@ -12,15 +12,10 @@ from minigpt.loader import DataLoader
 from minigpt.prompts import build_prompt, format_example, format_input, response_header
 from minigpt.losses import IGNORE_INDEX
 from minigpt.tokenizer import byte_tokenizer, encode, gpt2_tokenizer
+from test_prompts import NO_INPUT, WITH_INPUT
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 I, E = IGNORE_INDEX, 50256  # short names for the target matrices below
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that "
-                   "appropriately completes the request.")
-WITH_INPUT = {"instruction": "Edit the following sentence for grammar.",
-              "input": "He go to the park every day.", "output": "He goes to the park every day."}
-NO_INPUT = {"instruction": "Convert 45 kilometers to meters.", "input": "",
-            "output": "45 kilometers is 45000 meters."}
 
 
 def write(tmp_path, content, name="data.json"):
