@@ -302,7 +302,7 @@ BAD_INPUTS = {
     "unknown tokenizer": (OK + ["--tokenizer", "bpe"], "--tokenizer"),
     "tokenizer/model vocab mismatch": (OK + ["--tokenizer", "gpt2"], "257"),
     "vocab matching no tokenizer": (["--weights", "{bad}/v100.npz", "--prompt", "x"], "100"),
-    "unknown prompt style": (["--weights", "{npz}", "--instruction", "x", "--prompt-style", "chat"], "chat"),
+    "unknown prompt style": (["--weights", "{npz}", "--instruction", "x", "--prompt-style", "chat2"], "chat2"),
     "end of text in the prompt": (["--weights", "{npz}", "--prompt", f"a{EOT}b"], f"{EOT!r}"),
     "end of text in an instruction": (["--weights", "{npz}", "--instruction", EOT], "literal text"),
     "missing adapters file": (OK + ["--lora", "{bad}/missing.npz"], "adapters file not found"),

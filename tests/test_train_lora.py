@@ -8,7 +8,7 @@ import pytest
 
 import train
 from minigpt import GPTConfig, GPTModel, lora
-from minigpt.files.weights import CONFIG_KEY, load_npz, load_weights, save_npz
+from minigpt.files.weights import CARD_KEY, CONFIG_KEY, load_npz, load_weights, save_npz
 from minigpt.files.adapters import ADAPTERS_KEY, load_adapters
 from test_train_cli import RUN_FILES, TINY, read
 
@@ -53,7 +53,7 @@ def test_a_lora_run_keeps_the_adapters_alone_and_merged_weights(tmp_path, base_f
 
     final = arrays(run_dir / "model-final.npz")                           # a plain GPT-2 .npz ...
     expected = merged(base_file, run_dir / "adapters-final.npz").state_dict()
-    assert set(final) == {*expected, CONFIG_KEY}
+    assert set(final) == {*expected, CONFIG_KEY, CARD_KEY}  # GPT-2 names, the config, the card
     for name, value in expected.items():
         np.testing.assert_array_equal(final[name], value, err_msg=name)   # ... = base + final adapters
     base = load_weights(base_file).state_dict()

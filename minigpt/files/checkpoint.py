@@ -41,13 +41,15 @@ class CheckpointFile:
 
 class BestWeightsFile:
     """Keeps the weights with the lowest validation loss so far in a .npz at `path`, so they survive a
-    resume and a large model needs no second copy in memory (training.train's `best`)."""
+    resume and a large model needs no second copy in memory (training.train's `best`); with `card`
+    (files.model_card), the file says how to talk to the model."""
 
-    def __init__(self, path):
+    def __init__(self, path, card=None):
         self.path = Path(path)
+        self.card = card
 
     def save(self, model):
-        save_npz(model, self.path)
+        save_npz(model, self.path, self.card)
 
     def restore(self, model):
         with open_npz(self.path) as archive:

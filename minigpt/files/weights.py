@@ -40,6 +40,7 @@ HUB_REPOS = {
 HF_URL = "https://huggingface.co/{repo}/resolve/main/{filename}"
 DOWNLOAD_TIMEOUT = 10  # seconds: without network, fail fast instead of hanging
 CONFIG_KEY = "__config__"  # the .npz entry holding the GPTConfig as a JSON string
+CARD_KEY = "__card__"      # ... and the model card as a JSON string (files.model_card), when there is one
 HF_PREFIX = "transformer."  # save_pretrained nests GPT2Model inside GPT2LMHeadModel.transformer
 HF_WEIGHTS_NAME = "model.safetensors"
 HF_CONFIG_NAME = "config.json"
@@ -237,10 +238,13 @@ def _preset_n_heads(emb_dim, n_layers):
 
 # ----------------------------------------------------------------------------- minigpt's .npz
 
-def save_npz(model, path):
-    """Write every parameter plus the config (JSON under `__config__`) to one .npz, atomically."""
+def save_npz(model, path, card=None):
+    """Write every parameter plus the config (JSON under `__config__`) to one .npz, atomically; with
+    `card` (files.model_card.make_card), also how to talk to the model (JSON under `__card__`)."""
     arrays = dict(model.state_dict())
     arrays[CONFIG_KEY] = np.array(json.dumps(dataclasses.asdict(model.cfg)))  # 0-d unicode: no pickle
+    if card is not None:
+        arrays[CARD_KEY] = np.array(json.dumps(card))
     with atomic_write(path) as f:
         np.savez(f, **arrays)
     return Path(path)
@@ -266,7 +270,7 @@ def load_npz_arrays(model, archive, prefix=""):
     before any array is read, and each array must be floating point and finite (check_float_parameter).
     """
     names = [name.removeprefix(prefix) for name in archive.files
-             if name.startswith(prefix) and name != CONFIG_KEY]
+             if name.startswith(prefix) and name not in (CONFIG_KEY, CARD_KEY)]
     shapes = {name: archive.header(prefix + name)[0] for name in names}
     model.load_arrays(names, lambda name: check_float_parameter(archive.path, name, archive[prefix + name]),
                       source=archive.path, error=BadFileError, shapes=shapes)
@@ -294,6 +298,15 @@ def read_npz_config(path):
     """The GPTConfig of a .npz written by `save_npz`, without reading its weights."""
     with open_npz(path, error=BadFileError, hint=NPZ_HINT) as archive:
         return _npz_config(path, archive)
+
+
+def read_npz_card(path):
+    """The model card of a .npz written by `save_npz` (a dict, unchecked), without reading its weights;
+    None when it has none (written before cards, or without one)."""
+    with open_npz(path, error=BadFileError, hint=NPZ_HINT) as archive:
+        if CARD_KEY not in archive.files:
+            return None
+        return parse_json(str(archive[CARD_KEY][()]), f"{path}: {CARD_KEY}", BadFileError)
 
 
 def _npz_config(path, archive):

@@ -32,6 +32,7 @@ from .. import dpo, tasks, training
 from ..data import check_same_data, data_fingerprint
 from ..files.checkpoint import CheckpointFile
 from ..files.fileio import write_json
+from ..files.model_card import make_card
 from ..files.reference_logprobs import read_references, write_references
 from ..files.weights import weights_fingerprint
 from ..loader import DataLoader
@@ -80,7 +81,8 @@ def run(config, resume=False, log=print):
                  else steps.load_model(config.model, config.weights, config.data_dir))
         steps.check_tokenizer_fits(config.tokenizer, tokenizer, model.cfg.vocab_size)
         steps.set_dropout(model, config.drop_rate, config.seed)
-        weights = trained_weights.prepare(model, run_dir, config.lora_rank, config.effective_lora_alpha,
+        card = make_card(config.tokenizer, config.prompt_style)  # how to talk to it, in every model file
+        weights = trained_weights.prepare(model, run_dir, card, config.lora_rank, config.effective_lora_alpha,
                                           config.seed)
 
         # 3. Tokenize the pairs (one whose prompt fills the context has no response left to score: it is left

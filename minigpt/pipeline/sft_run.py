@@ -22,6 +22,7 @@ from ..data import (InstructionDataset, check_responses_fit, check_same_data, da
                     download_instruction_data, load_instruction_data)
 from ..files.checkpoint import CheckpointFile
 from ..files.fileio import write_json
+from ..files.model_card import make_card
 from ..loader import DataLoader
 from ..model import GPTConfig, GPTModel
 from ..tokenizer import get_tokenizer
@@ -70,7 +71,8 @@ def run(config, resume=False, log=print):
             model = steps.load_model(config.model, config.weights, config.data_dir)
         steps.check_tokenizer_fits(config.tokenizer, tokenizer, model.cfg.vocab_size)
         steps.set_dropout(model, config.drop_rate, config.seed)
-        weights = trained_weights.prepare(model, run_dir, config.lora_rank, config.effective_lora_alpha,
+        card = make_card(config.tokenizer, config.prompt_style)  # how to talk to it, in every model file
+        weights = trained_weights.prepare(model, run_dir, card, config.lora_rank, config.effective_lora_alpha,
                                           config.seed)
 
         # 3. Tokenize once, and batch: padded, shifted by one, the prompt masked if asked, cut to the context

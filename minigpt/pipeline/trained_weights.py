@@ -35,22 +35,23 @@ MODEL_BEST = "model-best.npz"
 LORA_SEED_OFFSET = 2  # A is drawn with seed + 2 (the weights use the seed, dropout seed + 1)
 
 
-def prepare(model, run_dir, lora_rank=None, lora_alpha=None, seed=0):
+def prepare(model, run_dir, card, lora_rank=None, lora_alpha=None, seed=0):
     """What trains in `model`: AllWeights, or with `lora_rank` LoRA adapters of rank lora_rank and
-    `lora_alpha`, applied to the model here (A drawn with seed + LORA_SEED_OFFSET)."""
+    `lora_alpha`, applied to the model here (A drawn with seed + LORA_SEED_OFFSET). Every model file
+    written carries `card` (files.model_card: the tokenizer and the template)."""
     if lora_rank is None:
-        return AllWeights(run_dir)
+        return AllWeights(run_dir, card)
     lora.apply_lora(model, lora_rank, lora_alpha, rng=np.random.default_rng(seed + LORA_SEED_OFFSET))
-    return LoRAAdapters(run_dir, lora_alpha)
+    return LoRAAdapters(run_dir, card, lora_alpha)
 
 
 class AllWeights:
     """Full fine-tuning: every weight trains, and the run keeps model-best.npz and model-final.npz."""
     suspects = ()  # settings of its own that can make training diverge (training.train's suspects)
 
-    def __init__(self, run_dir):
-        self.run_dir = Path(run_dir)
-        self.best = BestWeightsFile(self.run_dir / MODEL_BEST)
+    def __init__(self, run_dir, card):
+        self.run_dir, self.card = Path(run_dir), card
+        self.best = BestWeightsFile(self.run_dir / MODEL_BEST, card)
 
     def summary(self, model):
         """The run summary's line on what trains (None: nothing to add, every weight trains)."""
@@ -58,15 +59,15 @@ class AllWeights:
 
     def write_final(self, model, log=print):
         """Write model-final.npz; returns metrics.json's "lora" entry, None."""
-        save_npz(model, self.run_dir / MODEL_FINAL)
+        save_npz(model, self.run_dir / MODEL_FINAL, self.card)
         return None
 
 
 class LoRAAdapters:
     """A LoRA run: only the adapters train, and the run keeps them alone besides the merged model."""
 
-    def __init__(self, run_dir, alpha):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir, card, alpha):
+        self.run_dir, self.card = Path(run_dir), card
         self.best = BestAdapters(self.run_dir / ADAPTERS_BEST)
         self.suspects = (f"--lora-alpha (now {alpha:g})",)  # a large scale can make training diverge
 
@@ -91,9 +92,9 @@ class LoRAAdapters:
                  "parameters": sum(p.size for p in model.parameters())}
         adapters.save_adapters(model, run_dir / ADAPTERS_FINAL)
         adapters.copy_adapters(model, run_dir / ADAPTERS_BEST)
-        save_npz(lora.merge_lora(model), run_dir / MODEL_BEST)
+        save_npz(lora.merge_lora(model), run_dir / MODEL_BEST, self.card)
         adapters.copy_adapters(lora.unmerge_lora(model), run_dir / ADAPTERS_FINAL)
-        save_npz(lora.merge_lora(model), run_dir / MODEL_FINAL)
+        save_npz(lora.merge_lora(model), run_dir / MODEL_FINAL, self.card)
         entry.update(adapters_bytes=(run_dir / ADAPTERS_FINAL).stat().st_size,
                      model_bytes=(run_dir / MODEL_FINAL).stat().st_size)
         log(f"{ADAPTERS_FINAL}: {entry['adapters_bytes'] / 1e6:.2f} MB, against "
