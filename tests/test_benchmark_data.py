@@ -1,6 +1,6 @@
 """The benchmarks' data: MMLU's CSV layout and HellaSwag's JSON lines, written here; each format rendered to
 the exact documented text; k-shot examples that never include the question itself; the built-in tasks'
-near misses; downloads that fail with one line, and MMLU's archive unpacked safely."""
+near misses; downloads that fail with one line, and MMLU's archive unpacked safely; the command."""
 import csv
 import io
 import json
@@ -9,11 +9,15 @@ import tarfile
 import numpy as np
 import pytest
 
-from minigpt import tasks
+from minigpt import GPTConfig, GPTModel, tasks
 from minigpt.evaluate import hellaswag, mmlu, task_choices
+from minigpt.evaluate.__main__ import main
 from minigpt.evaluate.hellaswag import hellaswag_questions, preprocess
 from minigpt.evaluate.mmlu import mmlu_questions
+from minigpt.evaluate.multiple_choice import CONVENTIONS, score_questions, summarize
 from minigpt.evaluate.task_choices import near_misses, task_questions
+from minigpt.files.weights import load_weights, save_npz
+from minigpt.tokenizer import byte_tokenizer
 
 PHYSICS_DEV = [["What is measured in newtons?", "Force", "Mass", "Time", "Speed", "A"],
                ["Which is a vector?", "Mass", "Velocity", "Time", "Energy", "B"],
@@ -229,3 +233,57 @@ def test_task_questions_hold_the_right_answer_where_they_say_and_shots_skip_the_
     assert shots.context.count("Answer:") == 3
     assert shots.context.index(f"{own['instruction']}\n{own['input']}\n") == shots.context.rindex(
         f"{own['instruction']}\n{own['input']}\n")          # the question appears once: as the question
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    path = tmp_path / "tiny.npz"
+    save_npz(GPTModel(GPTConfig(vocab_size=257, context_length=256, emb_dim=16, n_heads=2, n_layers=1)), path)
+    return path
+
+
+def test_the_command_scores_mmlu_and_hellaswag_files_in_every_format(tiny_weights, mmlu_dir, hellaswag_path,
+                                                                     tmp_path, capsys):
+    out = tmp_path / "mmlu.json"
+    assert main(["benchmark", "mmlu", str(tiny_weights), "--data", str(mmlu_dir), "--format", "letter,cloze",
+                 "--shots", "1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    model = load_weights(tiny_weights)
+    for form in ("letter", "cloze"):
+        questions = mmlu_questions(mmlu_dir, form, k=1)
+        expected = summarize(questions, score_questions(model, byte_tokenizer(), questions, progress=False))
+        result = record["formats"][form]
+        assert [result[c] for c in CONVENTIONS] == [expected[c] for c in CONVENTIONS]
+        assert set(result["groups"]) == {"abstract_algebra", "high_school_physics"}
+        assert result["questions"] == 3
+    printed = capsys.readouterr().out
+    assert "mmlu, letter, 1-shot: 3 questions" in printed and "high_school_physics" in printed
+    out = tmp_path / "hellaswag.json"
+    assert main(["benchmark", "hellaswag", str(tiny_weights), "--data", str(hellaswag_path), "--format",
+                 "harness,llmc", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["formats"]) == {"harness", "llmc"} and record["conventions"] == CONVENTIONS
+    assert set(record["formats"]["llmc"]["groups"]) == {"activitynet", "wikihow"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["benchmark", "mmlu"], "give a run folder or weights file, or --model NAME"),
+    (["benchmark", "mmlu", "WEIGHTS", "--format", "essay"], "mmlu has no format essay; choose from letter"),
+    (["benchmark", "mmlu", "WEIGHTS", "--before"], "--before needs a run folder"),
+    (["benchmark", "mmlu", "WEIGHTS", "--shots", "9"], "--shots must be 0 to 5, got 9"),
+    (["benchmark", "mmlu", "WEIGHTS", "--data", "nowhere"], "nowhere: no test/ folder of MMLU CSV files"),
+    (["benchmark", "hellaswag", "WEIGHTS", "--data", "DATA", "--shots", "1"], "HellaSwag is scored 0-shot"),
+    (["benchmark", "mmlu", "WEIGHTS", "--data-dir", "DIR"], "cannot download http://127.0.0.1:9/nothing"),
+    (["benchmark", "hellaswag", "missing.npz"], "missing.npz"),
+    (["benchmark", "trivia", "WEIGHTS"], "argument benchmark: invalid choice: 'trivia'"),
+])
+def test_command_errors_are_one_line(argv, message, tiny_weights, hellaswag_path, tmp_path, monkeypatch,
+                                     capsys):
+    monkeypatch.setattr(mmlu, "MMLU_URL", "http://127.0.0.1:9/nothing")
+    swap = {"WEIGHTS": str(tiny_weights), "DATA": str(hellaswag_path), "DIR": str(tmp_path / "data")}
+    assert main([swap.get(arg, arg) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
