@@ -1,15 +1,22 @@
 """Two models judged side by side, against a fake Ollama server (tests/conftest.py): each decision path, the
-order swap, the win rate and its bootstrap interval, position bias, a server that dies midway, the CLI."""
+order swap, the win rate and its bootstrap interval, position bias, a server that dies midway, the CLI, and
+the offline demonstration (benchmarks/compare_demo.py)."""
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import train
 from minigpt.evaluate.__main__ import main
 from minigpt.evaluate.compare import (BOOTSTRAP_SAMPLES, compare_responses, load_pairs, pair_prompt,
                                       parse_verdict, summarize)
 from minigpt.evaluate.judge import JudgeUnavailable
 from minigpt.prompts import format_input
+from test_train_cli import TINY
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def pair(i, one, two):
@@ -162,3 +169,24 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_the_offline_demo_judges_a_tiny_run_against_its_start(tmp_path, capsys):
+    """benchmarks/compare_demo.py: its stand-in judge picks the one right response, else the first shown;
+    asked in both orders, that is a win for the right one and a tie where neither or both are right."""
+    spec = importlib.util.spec_from_file_location("demo", REPO_ROOT / "benchmarks" / "compare_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    run_dir = tmp_path / "run"
+    assert train.main(TINY + ["--max-steps", "3", "--out-dir", str(run_dir)]) == 0
+    assert demo.main([str(run_dir)]) == 0
+    one = json.loads((run_dir / "test-responses.json").read_text())
+    two = json.loads((run_dir / "test-responses-before-training.json").read_text())
+    expected = []
+    for a, b in zip(one, two):
+        right = (a["model_response"].strip() == a["output"], b["model_response"].strip() == b["output"])
+        same = a["model_response"].strip() == b["model_response"].strip()
+        expected.append("tie" if same or right[0] == right[1] else "model 1" if right[0] else "model 2")
+    result = json.loads((run_dir / "comparison-test-responses-before-training.json").read_text())
+    assert [r["outcome"] for r in result["per_pair"]] == expected and result["pairs"] == 5
+    assert "## Side by side" in (run_dir / "report.md").read_text()

@@ -70,7 +70,7 @@ def run(args, log=print):
     result = compare_responses(entries, args.judge_model, args.ollama_url, args.judge_timeout, args.seed)
     result.update(model_1=names[0], model_2=names[1], date=time.strftime("%Y-%m-%d %H:%M"))
     log(format_result(result))
-    out = args.out or (run_dir / f"comparison-{Path(names[1]).name}.json" if run_dir else None)
+    out = args.out or (run_dir / f"comparison-{Path(names[1]).stem}.json" if run_dir else None)
     if out is not None:
         write_json(out, result)
         log(f"results written to {out}")
