@@ -60,6 +60,7 @@ def test_the_data_table_counts_what_the_cut_took(run_dir):
         lost = sum(p > CONTEXT for p in prompts)
         assert f"| {name} | {len(entries)} | {shortened} ({shortened / len(entries):.1%}) | {lost} |" in text
     assert "| test | 5 | answered in full |  |" in text
+    assert f"| shortened by the cut at {CONTEXT} tokens |" in text
     assert "| training | 24 | 0 (0.0%)" not in text                    # the cut did take something
 
 

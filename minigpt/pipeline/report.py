@@ -105,7 +105,8 @@ def _settings(config):
     training = ("{epochs} epoch(s), batch {batch_size}, AdamW lr {lr} ({schedule}, warm-up {warmup_steps} "
                 "steps), weight decay {weight_decay}, grad clip {grad_clip}")
     rows += [("training", training.format_map(value)),
-             ("cut", "sequences cut at {allowed_max_length} tokens (and the context)".format_map(value)),
+             ("allowed max length", "{allowed_max_length} tokens (or the model's context, if shorter)"
+                                    .format_map(value)),
              ("seed", "{seed} (data seed {data_seed})".format_map(value))]
     if config.get("lora_rank"):
         rows.append(("LoRA", "rank {lora_rank}, alpha {lora_alpha}".format_map(value)))
@@ -120,8 +121,9 @@ def _data(datasets, responses):
         rows.append(("test", len(responses), "answered in full", ""))
     if not rows:
         return None
-    return "## Data\n\n" + _table(("split", "examples", "cut shorter by the context", "of them, left with no "
-                                  "response"), rows)
+    cut = next(iter(datasets.values())).allowed_max_length if datasets else None
+    header = ("split", "examples", f"shortened by the cut at {cut} tokens", "of them, left with no response")
+    return "## Data\n\n" + _table(header, rows)
 
 
 def _cut_counts(dataset):
