@@ -27,6 +27,7 @@ from minigpt.evaluate import benchmark  # noqa: E402
 from minigpt.evaluate.__main__ import main as evaluate_main  # noqa: E402
 from minigpt.files.fileio import parse_json, write_json  # noqa: E402
 from minigpt.pipeline.responses import generate_responses, with_responses  # noqa: E402
+from minigpt.tokenizer import tokenizer_for  # noqa: E402
 
 PROMPT = re.compile(r"correct output `(.*)`, which of two responses is better\?\nResponse A: `(.*)`\n"
                     r"Response B: `(.*)`\nRespond", re.S)
@@ -62,7 +63,7 @@ def main(argv=None):
     entries = parse_json((run_dir / "test-responses.json").read_bytes(), run_dir / "test-responses.json")
     before, label = benchmark.load_model(argparse.Namespace(model=None, source=str(run_dir), before=True),
                                          run_dir, settings)
-    tokenizer = benchmark.tokenizer_for(before.cfg.vocab_size, settings["tokenizer"], settings["vocab_dir"])
+    tokenizer = tokenizer_for(before.cfg.vocab_size, settings["tokenizer"], settings["vocab_dir"])
     print(f"model 2: {label}, answering the {len(entries)} test prompts")
     responses = generate_responses(before, tokenizer, entries, settings["prompt_style"],
                                    settings["max_new_tokens"])

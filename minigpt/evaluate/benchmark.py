@@ -26,7 +26,7 @@ from ..model import GPTModel
 from ..pipeline import report, steps
 from ..pipeline.sft_run import new_model_config
 from ..prompts import PROMPT_STYLES
-from ..tokenizer import TOKENIZERS, VOCAB_SIZES, get_tokenizer
+from ..tokenizer import TOKENIZERS, VOCAB_SIZES, tokenizer_for
 from . import hellaswag, mmlu, task_choices
 from .multiple_choice import CONVENTIONS, score_questions, summarize
 
@@ -148,18 +148,6 @@ def load_model(args, run_dir, settings):
                               settings["n_heads"], settings["n_layers"], settings["drop_rate"])
     seed = settings["seed"]
     return GPTModel(config, seed=seed), f"{run_dir} before training (random weights, seed {seed})"
-
-
-def tokenizer_for(vocab_size, name=None, vocab_dir=None):
-    """The tokenizer `name`, else the one whose vocabulary is the model's; it must match the model's."""
-    name = name or {size: known for known, size in VOCAB_SIZES.items()}.get(vocab_size)
-    if name is None:
-        raise ValueError(f"the model's vocabulary has {vocab_size} tokens, which matches no tokenizer "
-                         f"(gpt2 has {VOCAB_SIZES['gpt2']}, byte {VOCAB_SIZES['byte']})")
-    if VOCAB_SIZES[name] != vocab_size:
-        raise ValueError(f"tokenizer {name} has {VOCAB_SIZES[name]} tokens but the model's vocabulary has "
-                         f"{vocab_size}; choose another --tokenizer")
-    return get_tokenizer(name, vocab_dir)
 
 
 def load_questions(benchmark, form, k, data, data_dir, style, settings):
