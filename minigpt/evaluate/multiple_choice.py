@@ -48,7 +48,7 @@ from ..dpo import sequence_logprobs
 from ..losses import IGNORE_INDEX
 from ..model import KVCache
 from ..nn import eval_mode
-from ..tensor import Tensor, no_grad
+from ..tensor import no_grad
 from ..tokenizer import encode
 from ..training import format_duration
 
@@ -91,42 +91,39 @@ def choice_logprobs(model, contexts, continuations, share_context=True):
     """
     counts = [len(question) for question in continuations]
     rows = [ids for question in continuations for ids in question]
-    n = max(len(ids) for ids in rows)
-    targets = np.full((len(rows), n), IGNORE_INDEX, dtype=np.int64)  # (R, n): continuation j at column j
-    for r, ids in enumerate(rows):
-        targets[r, :len(ids)] = ids
-    if share_context:
-        x = _shared_context_states(model, contexts, rows, counts, n)     # (R, n, C)
-    else:
-        x, targets = _separate_row_states(model, contexts, rows, counts, targets)
+    states = _shared_context_states if share_context else _separate_row_states
+    x, targets = states(model, contexts, rows, counts)                   # (R, T, C), (R, T)
     return sequence_logprobs(x, model.wte.weight, targets, reduction="sum").data   # (R,)
 
 
-def _shared_context_states(model, contexts, rows, counts, n):
-    """The hidden states that predict each continuation token, (R, n, C): column 0 from the context's
-    last position (computed once per question), column j from continuation token j - 1 (after the cache)."""
-    L = max(len(ids) for ids in contexts)
+def _shared_context_states(model, contexts, rows, counts):
+    """The hidden states that predict each continuation token, (R, n, C), and those tokens, (R, n):
+    column 0 from the context's last position (computed once per question), column j from continuation
+    token j - 1, read after the context's KV cache; n is the longest continuation."""
+    L, n = max(len(ids) for ids in contexts), max(len(ids) for ids in rows)
     pad = np.array([L - len(ids) for ids in contexts])                   # (Q,) left padding
     idx = np.zeros((len(contexts), L), dtype=np.int64)                   # (Q, L)
     for q, ids in enumerate(contexts):
         idx[q, pad[q]:] = ids
+    targets = np.full((len(rows), n), IGNORE_INDEX, dtype=np.int64)      # (R, n): token j at column j
+    read = np.zeros((len(rows), n - 1), dtype=np.int64)                  # (R, n-1): all but the last token,
+    for r, ids in enumerate(rows):                                       # right-padded: padding is never
+        targets[r, :len(ids)] = ids                                      # read by a real position (causal)
+        read[r, :len(ids) - 1] = ids[:-1]
     cache = KVCache(model.cfg, len(contexts), L + n - 1, model.dtype, pad)
     last_positions = np.arange(len(contexts)) * L + L - 1                # (Q,) flat q*L + L-1
     context_states = model.hidden_states(idx, kv_cache=cache, rows=last_positions).data   # (Q, C)
     last = np.repeat(context_states[:, None], counts, axis=0)            # (R, 1, C)
     if n == 1:                                                           # one-token continuations: done
-        return Tensor(last)
+        return last, targets
     cache.repeat_rows(counts)                                            # Q -> R rows
-    read = np.zeros((len(rows), n - 1), dtype=np.int64)                  # (R, n-1): all but the last token
-    for r, ids in enumerate(rows):
-        read[r, :len(ids) - 1] = ids[:-1]                                # right padding: never read by
-    continued = model.hidden_states(read, kv_cache=cache).data           # a real position (causal)
-    return Tensor(np.concatenate([last, continued], axis=1))             # (R, n, C)
+    continued = model.hidden_states(read, kv_cache=cache).data           # (R, n-1, C)
+    return np.concatenate([last, continued], axis=1), targets            # (R, n, C)
 
 
-def _separate_row_states(model, contexts, rows, counts, continuation_targets):
-    """Each choice as its own row, context + continuation but its last token, right-padded: (R, T, C)
-    hidden states and (R, T) targets, the continuation's tokens at the positions that predict them."""
+def _separate_row_states(model, contexts, rows, counts):
+    """Each choice as its own row, context + continuation but its last token, right-padded: the hidden
+    states (R, T, C), and (R, T) targets, the continuation's tokens at the positions that predict them."""
     row_contexts = [ids for ids, count in zip(contexts, counts) for _ in range(count)]
     T = max(len(c) + len(ids) - 1 for c, ids in zip(row_contexts, rows))
     idx = np.zeros((len(rows), T), dtype=np.int64)                       # (R, T)
@@ -134,8 +131,8 @@ def _separate_row_states(model, contexts, rows, counts, continuation_targets):
     for r, (context, ids) in enumerate(zip(row_contexts, rows)):
         sequence = context + ids[:-1]
         idx[r, :len(sequence)] = sequence
-        targets[r, len(context) - 1:len(context) - 1 + len(ids)] = continuation_targets[r, :len(ids)]
-    return model.hidden_states(idx), targets                             # (R, T, C), (R, T)
+        targets[r, len(context) - 1:len(sequence)] = ids                 # position t predicts token t + 1
+    return model.hidden_states(idx).data, targets                        # (R, T, C), (R, T)
 
 
 def question_batches(encoded, cfg, share_context=True):
