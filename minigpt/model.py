@@ -152,6 +152,14 @@ class KVCache:
             return positions
         return np.maximum(positions[None, :] - self.pad[:, None], 0)        # (B, T); padding sits at 0
 
+    def repeat_rows(self, repeats):
+        """Repeat row b repeats[b] times ((B,) counts; B -> sum(repeats) rows), its padding with it: several
+        continuations of one prompt then share the prompt's keys and values, computed once
+        (multiple-choice scoring, minigpt/evaluate/multiple_choice.py)."""
+        self.keys = np.repeat(self.keys, repeats, axis=1)
+        self.values = np.repeat(self.values, repeats, axis=1)
+        self.pad = np.repeat(self.pad, repeats)
+
     def attend(self, layer, qkv, n_heads):
         """Causal attention of the t newest positions, with the cache: an array (B, t, C), inference only.
 

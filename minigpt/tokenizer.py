@@ -97,6 +97,20 @@ def get_tokenizer(name, vocab_dir=None):
     raise ValueError(f"unknown tokenizer {name!r}; choose one of: {', '.join(TOKENIZERS)}")
 
 
+def tokenizer_for(vocab_size, name=None, vocab_dir=None):
+    """The tokenizer `name`, else the one whose vocabulary has `vocab_size` tokens (a model's): either way
+    its ids must be the model's embedding rows, one for one. Checked against the known sizes before a
+    tokenizer is built, so a mismatch never waits for a download."""
+    name = name or {size: known for known, size in VOCAB_SIZES.items()}.get(vocab_size)
+    if name is None:
+        raise ValueError(f"the model's vocabulary has {vocab_size} tokens, which matches no tokenizer "
+                         f"(gpt2 has {VOCAB_SIZES['gpt2']}, byte {VOCAB_SIZES['byte']})")
+    if VOCAB_SIZES[name] != vocab_size:
+        raise ValueError(f"tokenizer {name} has {VOCAB_SIZES[name]} tokens but the model's vocabulary has "
+                         f"{vocab_size}; choose another --tokenizer")
+    return get_tokenizer(name, vocab_dir)
+
+
 def encode(tokenizer, text):
     """Token ids of `text`; a literal "<|endoftext|>" in it is refused (ValueError), as the reference's
     tiktoken default refuses it. Read as the end-of-text token it would end a training text in the

@@ -8,7 +8,7 @@ import pytest
 import tiktoken
 
 from minigpt import tokenizer as tok
-from minigpt.tokenizer import EOT, byte_tokenizer, encode, get_tokenizer, gpt2_tokenizer
+from minigpt.tokenizer import EOT, byte_tokenizer, encode, get_tokenizer, gpt2_tokenizer, tokenizer_for
 
 GPT2_VOCAB_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2"
 needs_vocab = pytest.mark.skipif(not (GPT2_VOCAB_DIR / "vocab.bpe").is_file(),
@@ -122,3 +122,11 @@ def test_a_literal_end_of_text_in_text_is_refused(name):
     with pytest.raises(ValueError, match=r"the text holds the literal text '<\|endoftext\|>' \(GPT-2's end"):
         encode(tokenizer, "Hello<|endoftext|> again")
     assert encode(tokenizer, "Hello <|endoftext| >") == tokenizer.encode("Hello <|endoftext| >")
+
+
+def test_tokenizer_for_a_model_is_the_one_of_its_vocabulary():
+    assert tokenizer_for(257).name == "byte"
+    with pytest.raises(ValueError, match="vocabulary has 100 tokens, which matches no tokenizer"):
+        tokenizer_for(100)
+    with pytest.raises(ValueError, match="tokenizer gpt2 has 50257 tokens but the model.s vocabulary has"):
+        tokenizer_for(257, "gpt2")           # refused before anything is downloaded

@@ -20,7 +20,7 @@ TINY = ["--emb-dim", "16", "--n-layers", "1", "--n-heads", "2", "--context-lengt
         "--n-train", "24", "--n-val", "4", "--n-test", "5", "--batch-size", "4", "--eval-freq", "2",
         "--eval-iter", "1", "--max-new-tokens", "4"]
 RUN_FILES = {"config.json", "checkpoint.npz", "history.json", "loss-plot.png", "model-final.npz",
-             "model-best.npz", "test-responses.json", "metrics.json"}
+             "model-best.npz", "test-responses.json", "metrics.json", "report.md"}
 
 
 def read(path):

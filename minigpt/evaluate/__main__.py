@@ -1,18 +1,23 @@
 """Score model responses against the expected outputs: ROUGE-L, exact match, optional LLM judge.
 
     python -m minigpt.evaluate RESPONSES.json [--judge-model llama3] [--out metrics.json]
+    python -m minigpt.evaluate benchmark tasks|mmlu|hellaswag RUN_OR_WEIGHTS ...   (evaluate/benchmark.py)
+    python -m minigpt.evaluate compare A B --judge-model llama3 ...             (evaluate/compare.py)
 
 RESPONSES.json is a JSON list of entries with "output" (expected) and "model_response" (generated),
 plus "instruction" and "input" for the judge. The offline scores need nothing but this file; the
 judge (rasbt ch. 7, section 7.8) asks a model served by a local Ollama server for a 0-100 score.
+`benchmark` scores a model on multiple-choice questions by log-likelihood; `compare` asks the judge
+which of two models' responses is better. Every error is one `error: ...` line, exit code 2.
 """
 import argparse
-import math
 import sys
 
 from ..data import load_json_entries
 from ..files.fileio import write_json
-from .judge import DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL, JUDGE_KEYS, JudgeUnavailable, judge_responses
+from . import benchmark, compare
+from .judge import (DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL, JUDGE_KEYS, JudgeUnavailable, judge_responses,
+                    positive_seconds)
 from .scores import RESPONSE_KEYS, score_responses
 
 
@@ -26,7 +31,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(prog="python -m minigpt.evaluate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m minigpt.evaluate", description=__doc__.split("\n")[0],
+                            epilog="Commands: python -m minigpt.evaluate benchmark --help, "
+                                   "python -m minigpt.evaluate compare --help")
     parser.add_argument("responses", metavar="RESPONSES.json",
                         help="JSON list of entries with 'output' (expected) and 'model_response'")
     parser.add_argument("--judge-model", default=None, metavar="NAME",
@@ -41,19 +48,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def positive_seconds(text):
-    """argparse type: a finite number of seconds > 0."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return seconds
+COMMANDS = {"benchmark": benchmark, "compare": compare}  # each: add_arguments(parser), run(args) -> exit code
 
 
 def main(argv=None):
-    """Print the scores of a responses file; returns the exit code (2 for a bad file or command line)."""
+    """Print the scores of a responses file, or run a COMMAND; returns the exit code (2 for a bad file or
+    command line)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return run_command(argv[0], argv[1:])
     try:
         args = parse_args(argv)
     except UsageError as e:
@@ -90,6 +93,24 @@ def main(argv=None):
             return 2
         print(f"metrics written to {args.out}")
     return 0
+
+
+def run_command(name, argv):
+    """`python -m minigpt.evaluate NAME ...`: parse, run, and turn every failure into one error line."""
+    module = COMMANDS[name]
+    parser = ArgumentParser(prog=f"python -m minigpt.evaluate {name}",
+                            description=module.__doc__.split("\n")[0])
+    module.add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+        return module.run(args)
+    except UsageError as e:
+        print(f"error: {e} (see python -m minigpt.evaluate {name} --help)", file=sys.stderr)
+    except SystemExit as e:  # --help
+        return e.code
+    except (OSError, ValueError, JudgeUnavailable) as e:  # missing files, bad data, no network or no judge
+        print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ The judge is asked for a 0-100 score of a response against the expected output, 
 so the same responses get the same scores. Every request has one deadline, from connecting to the
 reply's last byte; a reply without an integer leaves that response unscored, with a warning.
 """
+import argparse
 import http.client
 import io
 import json
+import math
 import re
 import sys
 import time
@@ -21,6 +23,17 @@ DEFAULT_JUDGE_TIMEOUT = 120.0  # seconds for one reply, from connecting to its l
 JUDGE_PROMPT = ("Given the input `{prompt}` and correct output `{output}`, score the model response "
                 "`{response}` on a scale from 0 to 100, where 100 is the best score. "
                 "Respond with the integer number only.")
+
+
+def positive_seconds(text):
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
 
 
 class JudgeUnavailable(Exception):

@@ -25,6 +25,7 @@ reward accuracy of the training and validation pairs; metrics.json adds them for
 Test responses are greedy answers to the test prompts, scored against the chosen response.
 """
 import dataclasses
+import time
 
 import numpy as np
 
@@ -40,6 +41,7 @@ from ..nn import eval_mode
 from ..preference import (PreferenceDataset, check_pairs_differ, check_pairs_fit, download_preference_data,
                           load_preference_data)
 from ..tokenizer import get_tokenizer
+from . import report
 from . import settings, steps, trained_weights
 from .plotting import plot_dpo
 
@@ -60,6 +62,7 @@ def run(config, resume=False, log=print):
     """Tune the model of config.weights (or config.model) on preference pairs with DPO, as `config` (a
     RunConfig) says, and return the run folder. With `resume`, continue the run in config.out_dir from
     its checkpoint. Ctrl-C saves a checkpoint, says how to resume, and re-raises."""
+    started = time.monotonic()
     check_settings(config)
     run_dir = steps.run_folder(config.out_dir, config.name, METHOD, config.model, config.weights, config.data)
     config = dataclasses.replace(config, out_dir=str(run_dir))
@@ -152,6 +155,8 @@ def run(config, resume=False, log=print):
         metrics.update(steps.training_metrics(state, lora=lora_entry, dpo={
             "beta": config.beta, "nll_weight": config.nll_weight, "test": test_pairs}))
         write_json(run_dir / "metrics.json", metrics)
+        report.write_report(run_dir, dict(zip(("training", "validation", "test"), datasets)),
+                            time.monotonic() - started)
         log(f"run folder: {run_dir}")
     return run_dir
 

@@ -16,6 +16,7 @@ plus "model_response") and metrics.json. With export_hf, also model-final-hf/ an
 With lora_rank, only LoRA adapters train, and the folder also keeps them alone (trained_weights).
 """
 import dataclasses
+import time
 
 from .. import tasks, training
 from ..data import (InstructionDataset, check_responses_fit, check_same_data, data_fingerprint,
@@ -26,6 +27,7 @@ from ..files.model_card import make_card
 from ..loader import DataLoader
 from ..model import GPTConfig, GPTModel
 from ..tokenizer import get_tokenizer
+from . import report
 from . import settings, steps, trained_weights
 from .plotting import plot_losses
 
@@ -42,6 +44,7 @@ def run(config, resume=False, log=print):
     """Fine-tune as `config` (a RunConfig) says and return the run folder. With `resume`, continue the
     run in config.out_dir from its checkpoint, exactly as if it had never stopped. Ctrl-C saves a
     checkpoint, says how to resume, and re-raises."""
+    started = time.monotonic()
     check_settings(config)
     run_dir = steps.run_folder(config.out_dir, config.name, METHOD, config.model, config.weights, config.data)
     config = dataclasses.replace(config, out_dir=str(run_dir))
@@ -118,6 +121,8 @@ def run(config, resume=False, log=print):
         metrics = steps.score(entries, config.judge_model, config.ollama_url, config.judge_timeout, log)
         metrics.update(steps.training_metrics(state, lora=lora_entry))
         write_json(run_dir / "metrics.json", metrics)
+        report.write_report(run_dir, {"training": train_loader.dataset, "validation": val_set},
+                            time.monotonic() - started)
         log(f"run folder: {run_dir}")
     return run_dir
 
