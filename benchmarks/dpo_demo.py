@@ -72,7 +72,7 @@ def finished_sft_run(run_dir, sft_run, tasks):
     if tasks.selected_kinds(config.data) != tasks.TASKS:
         raise ValueError(f"{run_dir} was not trained on the default task mix (its data: {config.data})")
     return config, sft_run.load_splits(config.data, config.data_dir, config.shuffle_seed, config.data_seed,
-                                       config.n_train, config.n_val, config.n_test)
+                                       config.n_train, config.n_val, config.n_test, config.prompt_style)
 
 
 def pair_prompts(train, val, test):

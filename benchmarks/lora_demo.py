@@ -91,7 +91,7 @@ def exact_match(weights_file, config, sft_run, tasks):
     from minigpt.tokenizer import get_tokenizer
     every_kind = tasks.DATA_PREFIX + ",".join((NEW_KIND, *tasks.TASKS))
     test = sft_run.load_splits(every_kind, config.data_dir, config.shuffle_seed, config.data_seed,
-                               config.n_train, config.n_val, config.n_test)[2]
+                               config.n_train, config.n_val, config.n_test, config.prompt_style)[2]
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
     responses = generate_responses(load_weights(weights_file), tokenizer, test, config.prompt_style,
                                    config.max_new_tokens, batch_size=config.batch_size, progress=False)

@@ -42,6 +42,7 @@ def test_a_card_naming_what_this_minigpt_does_not_know_is_refused(tmp_path):
 def test_every_model_file_of_a_run_carries_the_run_s_card(tmp_path):
     run_dir = tmp_path / "run"
     assert train.main(TINY + ["--max-steps", "2", "--out-dir", str(run_dir)]) == 0
-    expected = make_card("byte", "phi3")                                  # the offline recipe's
+    data = {"data": "tasks", "data_seed": 0, "n_train": 24, "n_val": 4, "n_test": 5, "shuffle_seed": None}
+    expected = make_card("byte", "phi3", data)                            # the offline recipe's
     assert read_card(run_dir / "model-final.npz") == read_card(run_dir / "model-best.npz") == expected
     assert read_card(run_dir) == expected                                 # a run folder: its final model
