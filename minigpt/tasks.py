@@ -66,6 +66,7 @@ FOLLOW_UPS = {                                              # chat: a request ab
     "Uppercase it": str.upper,
     "How many letters?": lambda answer: str(len(answer)),   # a number: only as the last request
 }
+COUNT_REQUEST = "How many letters?"
 TASKS = ("reverse", "sort", "uppercase", "count", "add")   # the default mix
 CONVERSATION_KINDS = ("chat",)                              # kinds that are conversations (chat template)
 KINDS = (*INSTRUCTIONS, *CONVERSATION_KINDS)                # every kind
@@ -108,18 +109,22 @@ def make_example(task, rng):
 
 
 def make_conversation(rng):
-    """A `chat` entry drawn from `rng`: a first request on a word, then one or two about the answer before."""
+    """A `chat` entry drawn from `rng`: a first request on a word, then one or two about the answer before,
+    each of which changes it; counting its letters ends the conversation, as the answer is then a number."""
     first = make_example(FIRST_TURNS[int(rng.integers(len(FIRST_TURNS)))], rng)
     answer = first["output"]
     messages = [{"role": "user", "content": f"{first['instruction']}\n{first['input']}"},
                 {"role": "assistant", "content": answer}]
     n_follow_ups = int(rng.integers(1, 3))
     for k in range(n_follow_ups):
-        requests = [request for request in list(FOLLOW_UPS)[:None if k == n_follow_ups - 1 else -1]  # count last
-                    if FOLLOW_UPS[request](answer) != answer]     # never "Uppercase it" of an uppercase word
+        requests = [request for request, change in FOLLOW_UPS.items() if change(answer) != answer]
+        if k < n_follow_ups - 1 and requests != [COUNT_REQUEST]:   # only an upper-case palindrome has no other
+            requests.remove(COUNT_REQUEST)
         request = requests[int(rng.integers(len(requests)))]
         answer = FOLLOW_UPS[request](answer)
         messages += [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
+        if request == COUNT_REQUEST:
+            break
     return {"messages": messages, "task": "chat", "follow_up": request}
 
 
