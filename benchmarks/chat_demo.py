@@ -45,8 +45,8 @@ def parse_args(argv):
     parser.add_argument("--chat-weight", type=int, default=CHAT_WEIGHT,
                         help=f"conversations are drawn this many times as often as each single-turn kind "
                              f"(default {CHAT_WEIGHT})")
-    parser.add_argument("--n-test", type=int, default=N_TEST, help=f"test prompts of the default kinds; "
-                                                                    f"conversations: a fifth (default {N_TEST})")
+    parser.add_argument("--n-test", type=int, default=N_TEST,
+                        help=f"test prompts of the default kinds; conversations: a fifth (default {N_TEST})")
     parser.add_argument("--model-flags", default="", help="more train.py flags for the model, e.g. "
                                                           "'--emb-dim 16 --n-layers 1' (a tiny test)")
     parser.add_argument("--out-dir", help="the run's folder (default: runs/chat-demo-<date>-<time>)")
@@ -58,7 +58,8 @@ def demo_flags(args, tasks):
     out_dir = args.out_dir or f"runs/chat-demo-{time.strftime('%Y%m%d-%H%M%S')}"
     data = f"{tasks.DATA_PREFIX}{','.join(tasks.TASKS)},chat*{args.chat_weight}"
     return ["--data", data, "--prompt-style", "chat", "--context-length", str(CONTEXT),
-            "--n-train", str(args.steps * args.batch_size), "--epochs", "1", "--batch-size", str(args.batch_size),
+            "--n-train", str(args.steps * args.batch_size), "--epochs", "1",
+            "--batch-size", str(args.batch_size),
             "--n-test", str(args.n_test), "--n-val", str(N_VAL), "--max-new-tokens", str(MAX_NEW_TOKENS),
             *shlex.split(args.model_flags), "--out-dir", out_dir]
 
@@ -111,8 +112,8 @@ def report(metrics, with_rates, without_rates, chance, conversations, seconds, c
               "single-turn kinds: " + ", ".join(f"{kind} {rate:.1%}" for kind, rate in
                                                 metrics["exact_match_by_task"].items() if kind != "chat"),
               f"for example: {sample}",
-              f"time: {seconds['wall'] / 60:.1f} min wall, {seconds['cpu'] / 60:.1f} min CPU (all threads) for "
-              f"the run ({metrics['steps']} steps, test responses, files) and the answers without history",
+              f"time: {seconds['wall'] / 60:.1f} min wall, {seconds['cpu'] / 60:.1f} min CPU (all threads) "
+              f"for the run ({metrics['steps']} steps, test responses, files) and the answers alone",
               f"equivalent: {command}",
               "goals: all met" if all(goals.values()) else "goals: MISSED"]
     summary = {"conversations": len(conversations), "counts": dict(counts), "with": with_rates,
@@ -141,8 +142,8 @@ def main(argv=None):
     conversations = [entry for entry in answered if "messages" in entry]
     config = json.loads((run_dir / "config.json").read_text())
     model = load_weights(run_dir / "model-final.npz")
-    alone = generate_responses(model, get_tokenizer(config["tokenizer"]), [without_history(entry) for entry in
-                                                                           conversations],
+    alone = generate_responses(model, get_tokenizer(config["tokenizer"]),
+                               [without_history(entry) for entry in conversations],
                                config["prompt_style"], config["max_new_tokens"], progress=False)
     seconds = {"wall": time.monotonic() - start, "cpu": time.process_time() - start_cpu}
     with_rates = scores_by_request(conversations, [entry["model_response"] for entry in conversations])

@@ -86,8 +86,8 @@ def refuse_markers(text, where, style=None):
     marker of `style`'s template ("<|end|>" with chat). Read as text, a marker would teach the model to
     write it inside a reply, and a reply holding the end marker would be cut there when answered."""
     if EOT in text:
-        raise ValueError(f"{where} holds the literal text {EOT!r} (GPT-2's end-of-text token), which minigpt "
-                         f"refuses in text; remove it")
+        raise ValueError(f"{where} holds the literal text {EOT!r} (GPT-2's end-of-text token), which "
+                         f"minigpt refuses in text; remove it")
     end = reply_end(style) if style is not None else ""
     if end and end in text:
         raise ValueError(f"{where} holds the literal text {end!r}, the {style} template's end of a turn, "
@@ -108,7 +108,8 @@ def check_conversation(messages, style=None, ends_with="assistant", where="conve
     for turn, message in enumerate(messages):
         at = f"{where}, turn {turn}"
         if not isinstance(message, dict):
-            raise ValueError(f'{at}: expected an object {{"role", "content"}}, got {type(message).__name__}')
+            raise ValueError(f'{at}: expected an object {{"role", "content"}}, '
+                             f'got {type(message).__name__}')
         check_keys(message, ("role", "content"), at)
         role = message["role"]
         if role not in ROLES:
@@ -125,7 +126,8 @@ def check_conversation(messages, style=None, ends_with="assistant", where="conve
                              f"turns, the user's first")
         due = "assistant" if role == "user" else "user"
     if messages[-1]["role"] != ends_with:
-        last = "the assistant's reply to learn" if ends_with == "assistant" else "the user's message to answer"
+        last = ("the assistant's reply to learn" if ends_with == "assistant"
+                else "the user's message to answer")
         raise ValueError(f"{where}: the last message must be {last}, not a {messages[-1]['role']} message")
     if style is not None:
         try:

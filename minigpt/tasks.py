@@ -118,7 +118,7 @@ def make_conversation(rng):
     n_follow_ups = int(rng.integers(1, 3))
     for k in range(n_follow_ups):
         requests = [request for request, change in FOLLOW_UPS.items() if change(answer) != answer]
-        if k < n_follow_ups - 1 and requests != [COUNT_REQUEST]:   # only an upper-case palindrome has no other
+        if k < n_follow_ups - 1 and requests != [COUNT_REQUEST]:   # an upper-case palindrome has no other
             requests.remove(COUNT_REQUEST)
         request = requests[int(rng.integers(len(requests)))]
         answer = FOLLOW_UPS[request](answer)

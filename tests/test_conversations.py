@@ -9,7 +9,7 @@ import train
 from minigpt import data
 from minigpt.data import InstructionDataset, check_conversation, collate, load_instruction_data
 from minigpt.loader import DataLoader
-from minigpt.losses import IGNORE_INDEX as I
+from minigpt.losses import IGNORE_INDEX
 from minigpt.pipeline.responses import decode_response, prompt_ids
 from minigpt.prompts import reply_prompt
 from minigpt.tokenizer import byte_tokenizer
@@ -39,20 +39,20 @@ GOOD = {"messages": CONVERSATION}
 @pytest.mark.parametrize("messages, style, message", [
     ([user("a"), {"role": "bot", "content": "b"}], "chat",
      "conversation 1, turn 1: unknown role 'bot'; choose one of: system, user, assistant"),
-    ([user("a"), assistant("  ")], "chat", "conversation 1, turn 1: the assistant message's content is empty"),
-    ([user("a")], "chat", "conversation 1: the last message must be the assistant's reply to learn, not a user"),
+    ([user("a"), assistant("  ")], "chat", "conversation 1, turn 1: the assistant message's content is"),
+    ([user("a")], "chat", "conversation 1: the last message must be the assistant's reply to learn, not a"),
     ([user("a"), assistant("b<|end|>c")], "chat",
-     "conversation 1, turn 1: the assistant message holds the literal text '<|end|>', the chat template's end"),
+     "conversation 1, turn 1: the assistant message holds the literal text '<|end|>', the chat template's"),
     ([user("a <|endoftext|>"), assistant("b")], "phi3",
      "conversation 1, turn 0: the user message holds the literal text '<|endoftext|>'"),
-    ([user("a"), user("b"), assistant("c")], "chat", "conversation 1, turn 1: a second user message in a row"),
-    ([assistant("a"), user("b"), assistant("c")], "chat", "conversation 1, turn 0: a second assistant message"),
+    ([user("a"), user("b"), assistant("c")], "chat", "conversation 1, turn 1: a second user message in a"),
+    ([assistant("a"), user("b"), assistant("c")], "chat", "conversation 1, turn 0: a second assistant"),
     ([user("a"), {"role": "system", "content": "s"}, assistant("c")], "chat",
      "conversation 1, turn 1: a system message may only come first"),
-    ([user("a"), {"role": "assistant", "content": 3}], "chat", "conversation 1, turn 1: 'content' must be a string"),
+    ([user("a"), {"role": "assistant", "content": 3}], "chat", "conversation 1, turn 1: 'content' must be a"),
     ([user("a"), assistant("b"), user("c"), assistant("d")], "phi3",
-     "conversation 1: the phi3 template holds one exchange (a user message and its reply) and this conversation "
-     "has 2 user messages; train and talk with --prompt-style chat"),
+     "conversation 1: the phi3 template holds one exchange (a user message and its reply) and this "
+     "conversation has 2 user messages; train and talk with --prompt-style chat"),
     (CONVERSATION, "alpaca", "conversation 1: the alpaca template holds one exchange (a user message and its "
                              "reply) and this conversation has a system message"),
     ("hello", "chat", 'conversation 1: "messages" must be a non-empty list'),
@@ -65,7 +65,7 @@ def test_a_bad_conversation_is_refused_with_its_index_and_turn(tmp_path, message
 
 
 def test_a_file_mixes_alpaca_entries_and_conversations_and_the_end_marker_is_the_template_s(tmp_path):
-    entries = [WITH_INPUT, {"messages": CONVERSATION[1:3]}, dict(NO_INPUT, output="<|end|> is only text to alpaca")]
+    entries = [WITH_INPUT, {"messages": CONVERSATION[1:3]}, dict(NO_INPUT, output="<|end|>: text to alpaca")]
     path = write(tmp_path, entries)
     assert load_instruction_data(path) == load_instruction_data(path, "alpaca") == entries
     with pytest.raises(ValueError, match=re.escape("entry 2: 'output' holds the literal text '<|end|>'")):
@@ -90,7 +90,7 @@ def test_the_loss_learns_each_reply_and_its_end_marker_and_nothing_else():
     for reply in ("fbxq<|end|>", "FBXQ<|end|>"):
         start = text.index(reply)
         reply_bytes |= set(range(start, start + len(reply)))
-    kept = [t for t in range(targets.shape[1]) if targets[0, t] != I]
+    kept = [t for t in range(targets.shape[1]) if targets[0, t] != IGNORE_INDEX]
     assert kept == [t - 1 for t in sorted(reply_bytes)]
     unmasked = InstructionDataset([GOOD], BYTE, "chat", mask_prompt=False)   # --no-mask-prompt: every token
     assert learned_texts(unmasked, 0, unmasked.batch([0]).targets) == [text[1:] + "<|endoftext|>"]
@@ -121,8 +121,8 @@ def test_a_long_conversation_loses_whole_oldest_exchanges_and_the_run_says_how_m
     assert learned_texts(dataset, 0, dataset.batch([0]).targets)[0] == "answer 1<|end|>"
     logged = []
     data.check_responses_fit(dataset, "training", log=logged.append)
-    assert logged == [f"1 of 2 training conversations are longer than the cut at {cut} tokens: their 1 oldest "
-                      f"exchanges are left out, each whole"]
+    assert logged == [f"1 of 2 training conversations are longer than the cut at {cut} tokens: their 1 "
+                      f"oldest exchanges are left out, each whole"]
     tiny = InstructionDataset([{"messages": long}], BYTE, "chat", True, allowed_max_length=20)
     assert tiny.dropped_turns == [4]                                       # the last exchange always stays
 

@@ -27,7 +27,7 @@ def test_near_misses_are_wrong_and_close():
     for kind in tasks.KINDS:
         for _ in range(200):
             entry = tasks.make_example(kind, rng)
-            wrong, right = tasks.near_miss(entry, rng), expected_reply(entry)   # a conversation: its last reply
+            wrong, right = tasks.near_miss(entry, rng), expected_reply(entry)   # a conversation's last reply
             assert wrong != right, entry
             if right.isdigit():
                 assert abs(int(wrong) - int(right)) == 1

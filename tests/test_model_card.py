@@ -65,7 +65,7 @@ def test_weights_with_a_card_fine_tune_on_its_tokenizer_template_and_data(defaul
     config = train.config_from_flags({"weights": str(default_run / "model-final.npz"), "lora_rank": 4})
     assert (config.tokenizer, config.prompt_style) == ("byte", "phi3")
     assert config.data_settings() == read_card(default_run)["data"]        # its data, split as it was
-    assert (config.lr, config.batch_size, config.mask_prompt) == (5e-5, 8, False)   # the recipe's, still
+    assert (config.lr, config.batch_size, config.mask_prompt) == (5e-5, 8, False)   # still the recipe's
     given = train.config_from_flags({"weights": str(default_run / "model-final.npz"), "data": "tasks:add",
                                      "n_train": 8, "tokenizer": "byte"})
     assert (given.data, given.n_train, given.data_seed) == ("tasks:add", 8, 3)
@@ -79,8 +79,8 @@ def test_a_setting_that_contradicts_the_card_is_refused_naming_both(default_run,
                                                                     card_value):
     weights = str(default_run / "model-final.npz")
     assert train.main(["--weights", weights, flag, value, "--show-batch"]) == 2
-    assert capsys.readouterr().err == (f"error: {flag} {value} contradicts the model card of {weights}: it was "
-                                       f"trained with {flag} {card_value}; leave {flag} out\n")
+    assert capsys.readouterr().err == (f"error: {flag} {value} contradicts the model card of {weights}: it "
+                                       f"was trained with {flag} {card_value}; leave {flag} out\n")
 
 
 def test_a_file_without_a_card_implies_its_tokenizer_and_asks_for_its_template(tmp_path, capsys):

@@ -45,9 +45,9 @@ def main(argv=None):
         print(f"error: {message}", file=sys.stderr)
         return 2
     cfg = model.cfg
+    talk = "" if card is None else f", {card['tokenizer']} tokenizer, {card['prompt_style']} template"
     print(f"wrote {written} ({cfg.n_layers} layers, emb_dim {cfg.emb_dim}, {cfg.n_heads} heads, "
-          f"vocab {cfg.vocab_size}, context {cfg.context_length}"
-          f"{'' if card is None else ', ' + card['tokenizer'] + ' tokenizer, ' + card['prompt_style'] + ' template'})")
+          f"vocab {cfg.vocab_size}, context {cfg.context_length}{talk})")
     return 0
 
 

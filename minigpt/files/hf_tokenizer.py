@@ -33,7 +33,7 @@ def write_tokenizer_files(folder, tokenizer, prompt_style, context_length):
     """Write vocab.json, merges.txt and tokenizer_config.json of `tokenizer` (a tiktoken Encoding: gpt2 or
     byte) into `folder`, the chat template that of `prompt_style`."""
     characters = byte_characters()
-    token_bytes = [tokenizer.decode_single_token_bytes(i) for i in range(tokenizer.eot_token)]  # ids = ranks
+    token_bytes = [tokenizer.decode_single_token_bytes(i) for i in range(tokenizer.eot_token)]  # id: rank
     ranks = {piece: rank for rank, piece in enumerate(token_bytes)}
     vocab = {"".join(characters[b] for b in piece): rank for piece, rank in ranks.items()}
     vocab[EOT] = tokenizer.eot_token
@@ -50,7 +50,8 @@ def write_tokenizer_files(folder, tokenizer, prompt_style, context_length):
 def byte_characters():
     """GPT-2's printable character for each byte (its encoder's bytes_to_unicode): the bytes that print
     stand for themselves, the others (controls, space, ...) take the characters from 256 up, in order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
@@ -85,10 +86,14 @@ def jinja_chat_template(style):
         return ("{%- for message in messages -%}"
                 f"{{%- if not loop.first %}}{{{{ {_literal(template.separator)} }}}}{{% endif -%}}"
                 f"{{{{ {_literal(headers)}[message['role']] + message['content'] }}}}"
-                f"{{%- if message.get('input') %}}{{{{ {_literal(chr(10))} + message['input'] }}}}{{% endif -%}}"
+                "{%- if message.get('input') %}"
+                f"{{{{ {_literal(chr(10))} + message['input'] }}}}"
+                "{% endif -%}"
                 f"{{{{ {_literal(template.end)} }}}}"
                 "{%- endfor -%}"
-                f"{{%- if add_generation_prompt %}}{{{{ {_literal(response_header(style))} }}}}{{% endif -%}}")
+                "{%- if add_generation_prompt %}"
+                f"{{{{ {_literal(response_header(style))} }}}}"
+                "{% endif -%}")
     template = INSTRUCTION_STYLES[style]
     before, after = template.instruction.split("{instruction}")
     input_before, input_after = template.input.split("{input}")
@@ -102,8 +107,10 @@ def jinja_chat_template(style):
             "{%- if messages[0].get('input') %}"
             f"{{{{ {_literal(input_before)} + messages[0]['input'] + {_literal(input_after)} }}}}"
             "{% endif -%}"
-            f"{{%- if messages|length == 2 %}}{{{{ {_literal(template.response)} + messages[1]['content'] }}}}"
-            f"{{%- elif add_generation_prompt %}}{{{{ {_literal(template.response)} }}}}{{% endif -%}}")
+            "{%- if messages|length == 2 %}"
+            f"{{{{ {_literal(template.response)} + messages[1]['content'] }}}}"
+            f"{{%- elif add_generation_prompt %}}{{{{ {_literal(template.response)} }}}}"
+            "{% endif -%}")
 
 
 def _literal(value):

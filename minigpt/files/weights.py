@@ -102,7 +102,8 @@ def save_hf_gpt2(model, path, card=None, tokenizer=None):
         for i in range(cfg.n_layers):
             tensors[f"h.{i}.attn.c_attn.bias"] = np.zeros(3 * cfg.emb_dim, np.float32)  # (3C,)
     write_safetensors(weights_file, tensors)
-    write_json(weights_file.parent / HF_CONFIG_NAME, {**hf_config_dict(cfg), **({HF_CARD_KEY: card} if card else {})})
+    hf_config = hf_config_dict(cfg)
+    write_json(weights_file.parent / HF_CONFIG_NAME, {**hf_config, HF_CARD_KEY: card} if card else hf_config)
     if tokenizer is not None:
         write_tokenizer_files(weights_file.parent, tokenizer, card["prompt_style"], cfg.context_length)
     return weights_file

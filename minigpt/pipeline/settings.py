@@ -195,7 +195,8 @@ def make_config(recipe=None, **settings):
     pretrained = settings.get("model") is not None or settings.get("weights") is not None
     from_card = settings_of_weights(settings.get("weights"), settings,
                                     FROM_CARD.get(settings.get("method", "sft"), ()))
-    return RunConfig(**{**(REFERENCE_RECIPE if pretrained else {}), **(recipe or {}), **from_card, **settings})
+    return RunConfig(**{**(REFERENCE_RECIPE if pretrained else {}), **(recipe or {}), **from_card,
+                        **settings})
 
 
 def settings_of_weights(path, given, names):
@@ -209,8 +210,8 @@ def settings_of_weights(path, given, names):
     if card is None:
         if "prompt_style" not in given:
             raise ValueError(f"{path} has no model card (written before minigpt recorded one, or by another "
-                             f"tool), so the prompt template it was trained on is unknown: give --prompt-style "
-                             f"({', '.join(PROMPT_STYLES)}; any for a GPT-2 that was never fine-tuned)")
+                             f"tool), so the prompt template it was trained on is unknown: give "
+                             f"--prompt-style ({', '.join(PROMPT_STYLES)}; any for a GPT-2 never fine-tuned)")
         implied = {} if "tokenizer" in given else {"tokenizer": implied_tokenizer(model_file(path))}
         return {name: value for name, value in implied.items() if value is not None}
     for name in ("tokenizer", "prompt_style"):
@@ -218,5 +219,5 @@ def settings_of_weights(path, given, names):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {given[name]} contradicts the model card of {path}: it was trained "
                              f"with {flag} {card[name]}; leave {flag} out")
-    recorded = {**card.get("data", {}), "tokenizer": card["tokenizer"], "prompt_style": card["prompt_style"]}
+    recorded = dict(card.get("data", {}), tokenizer=card["tokenizer"], prompt_style=card["prompt_style"])
     return {name: recorded[name] for name in names if name in recorded}
