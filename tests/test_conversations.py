@@ -10,6 +10,7 @@ from minigpt import data
 from minigpt.data import InstructionDataset, check_conversation, collate, load_instruction_data
 from minigpt.loader import DataLoader
 from minigpt.losses import IGNORE_INDEX
+from minigpt.pipeline import steps
 from minigpt.pipeline.responses import decode_response, prompt_ids
 from minigpt.prompts import reply_prompt
 from minigpt.tokenizer import byte_tokenizer
@@ -158,3 +159,11 @@ def test_a_run_on_the_chat_tasks_scores_the_last_replies(tmp_path, capsys):
     assert train.main(TINY + ["--data", "tasks:chat", "--max-steps", "1"]) == 2  # phi3: one exchange
     assert "the task kind chat is conversations of several exchanges, and the phi3 template holds one: " \
            "use --prompt-style chat" in capsys.readouterr().err
+
+
+def test_a_conversation_is_scored_against_its_last_reply_and_the_judge_is_not_asked():
+    logged = []
+    answered = [dict(GOOD, task="chat", model_response=" FBXQ"), dict(WITH_INPUT, model_response="no")]
+    metrics = steps.score(answered, judge_model="llama3", log=logged.append)
+    assert metrics["exact_match"] == 0.5 and metrics["judge"] is None
+    assert "skipping the LLM judge: its prompt (rasbt's) scores a response to one instruction" in logged[-1]
