@@ -5,8 +5,9 @@ figures; not a test.
     python benchmarks/chat_demo.py --steps 400      # shorter; figures in docs/chat.md
 
 One fine-tuning run, the pipeline of `train.py` (minigpt/pipeline/sft_run.py), trains a small GPT from
-scratch on a mix of the five single-turn task kinds and the `chat` conversations (minigpt/tasks.py), in
-the chat template with the loss on the replies alone:
+scratch on a mix of single-turn tasks, the three kinds a conversation opens with (reverse, sort,
+uppercase), and the `chat` conversations (minigpt/tasks.py), half and half, in the chat template with the
+loss on the replies alone:
 
     user "Reverse\\nqxbf" -> "fbxq";  user "Uppercase it" -> "FBXQ";  user "How many letters?" -> "4"
 
@@ -31,10 +32,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WITH_GOAL = 0.95             # issue 21: the requests about earlier answers, read in their conversation ...
 NEAR_CHANCE_POINTS = 5.0     # ... and without it, no better than chance by more than this
 # The recipe (docs/chat.md: how it was chosen)
-STEPS, BATCH_SIZE = 900, 32
-CHAT_WEIGHT = 5              # conversations are drawn 5 times as often as each single kind: half the data
+STEPS, BATCH_SIZE = 2000, 32
+SINGLE_KINDS = ("reverse", "sort", "uppercase")   # the single-turn kinds: those a conversation opens with
+CHAT_WEIGHT = 3              # conversations are drawn 3 times as often as each single kind: half the data
 CONTEXT = 176                # the longest conversation, three exchanges in the chat template, is 169 bytes
-N_TEST, N_VAL = 1000, 250    # 1,000 test prompts of the default kinds, and 200 conversations
+N_TEST, N_VAL = 1000, 250    # the test prompts of the default kinds (600 of the three), 200 conversations
 # The test responses' length is train.py's default, 16 tokens: the longest reply, 5 letters and <|end|>, is 12
 
 
@@ -56,7 +58,7 @@ def parse_args(argv):
 def demo_flags(args, tasks):
     """The train.py flags of the demonstration's run."""
     out_dir = args.out_dir or f"runs/chat-demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    data = f"{tasks.DATA_PREFIX}{','.join(tasks.TASKS)},chat*{args.chat_weight}"
+    data = f"{tasks.DATA_PREFIX}{','.join(SINGLE_KINDS)},chat*{args.chat_weight}"
     return ["--data", data, "--prompt-style", "chat", "--context-length", str(CONTEXT),
             "--n-train", str(args.steps * args.batch_size), "--epochs", "1",
             "--batch-size", str(args.batch_size),

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ..prompts import CHAT_TEMPLATES, INSTRUCTION_STYLES, PROMPT_STYLES
 from ..tokenizer import TOKENIZERS, VOCAB_SIZES
-from .fileio import BadFileError
-from .weights import load_hf_gpt2, read_hf_card, read_npz_card, read_npz_config, weights_format
+from .fileio import BadFileError, parse_json
+from .weights import (HF_CARD_KEY, HF_CONFIG_NAME, load_hf_gpt2, read_npz_card, read_npz_config,
+                      weights_format)
 
 CARD_FORMAT = "minigpt-card-1"
 RUN_MODEL_FILE = "model-final.npz"  # what a run folder's card and weights are read from
@@ -58,6 +59,17 @@ def read_card(path):
     path = model_file(path)
     card = read_npz_card(path) if weights_format(path) == "npz" else read_hf_card(path)
     return None if card is None else check_card(card, path)
+
+
+def read_hf_card(path):
+    """The model card (a dict, unchecked) in the config.json of a Hugging Face folder, or beside a
+    .safetensors file; None without one (a file from before cards, or not from minigpt)."""
+    path = Path(path)
+    config_file = (path if path.is_dir() else path.parent) / HF_CONFIG_NAME
+    if not config_file.is_file():
+        return None
+    hf_config = parse_json(config_file.read_bytes(), config_file, BadFileError)
+    return hf_config.get(HF_CARD_KEY) if isinstance(hf_config, dict) else None
 
 
 def implied_tokenizer(path):

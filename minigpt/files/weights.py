@@ -109,14 +109,6 @@ def save_hf_gpt2(model, path, card=None, tokenizer=None):
     return weights_file
 
 
-def read_hf_card(path):
-    """The model card (a dict, unchecked) in the config.json of a Hugging Face folder, or beside a
-    .safetensors file; None without one (a file from before cards, or not from minigpt)."""
-    path = Path(path)
-    config_file = (path if path.is_dir() else path.parent) / HF_CONFIG_NAME
-    return _read_hf_config(config_file).get(HF_CARD_KEY)
-
-
 def hf_config_dict(cfg):
     """GPTConfig -> the config.json of a transformers GPT2LMHeadModel with the same architecture."""
     eot_id = GPT2_EOT_ID if cfg.vocab_size > GPT2_EOT_ID else None  # a small vocab has no GPT-2 EOT
