@@ -103,11 +103,11 @@ def build_parser():
                        help=f"fine-tune OpenAI's pretrained GPT-2: {', '.join(HUB_REPOS)}; downloaded and "
                             f"converted once into --data-dir")
     model.add_argument("--weights", metavar="PATH",
-                       help="fine-tune these weights: a .npz from minigpt, a .safetensors file or a "
-                            "Hugging Face GPT-2 folder. Its model card (in every file minigpt writes) "
-                            "gives the tokenizer, the prompt style and (for fine-tuning) the data, split as "
-                            "before; a contradicting --tokenizer or --prompt-style is refused, and a file "
-                            "without a card needs --prompt-style"),
+                       help="fine-tune these weights: a .npz from minigpt, a run folder (its "
+                            "model-final.npz), a .safetensors file or a Hugging Face GPT-2 folder. Its model "
+                            "card (in every file minigpt writes) gives the tokenizer, the prompt style and "
+                            "(for fine-tuning) the data, split as before; a contradicting --tokenizer or "
+                            "--prompt-style is refused, and a file without a card needs --prompt-style")
     add(model, "--tokenizer", f"{' or '.join(TOKENIZERS)}; must match the model's vocabulary",
         choices=TOKENIZERS)
     add(model, "--vocab-dir", f"folder with GPT-2's encoder.json and vocab.bpe, to build its tokenizer "

@@ -73,6 +73,11 @@ def test_weights_with_a_card_fine_tune_on_its_tokenizer_template_and_data(defaul
     assert (dpo.tokenizer, dpo.prompt_style, dpo.data) == ("byte", "phi3", "reference")  # pairs: its own
 
 
+def test_a_run_folder_is_its_final_model(default_run, capsys):
+    assert train.main(["--weights", str(default_run), "--show-batch", "1"]) == 0
+    assert "phi3 prompts, no prompt masking" in capsys.readouterr().out      # its card, the recipe's masking
+
+
 @pytest.mark.parametrize("flag, value, card_value", [("--tokenizer", "gpt2", "byte"),
                                                      ("--prompt-style", "chat", "phi3")])
 def test_a_setting_that_contradicts_the_card_is_refused_naming_both(default_run, capsys, flag, value,

@@ -19,6 +19,7 @@ from ..evaluate.scores import score_responses
 from ..files import runfolder
 from ..files.checkpoint import read_checkpoint
 from ..files.fileio import write_json
+from ..files.model_card import model_file
 from ..files.weights import (load_npz, load_weights, pretrained_gpt2, read_npz_config, save_hf_gpt2,
                              weights_format)
 from ..losses import IGNORE_INDEX
@@ -91,10 +92,11 @@ def split_in_three(entries, shuffle_seed, source, what="entries"):
 
 
 def load_model(model_name, weights_path, data_dir):
-    """Pretrained GPT-2 `model_name` (downloaded into data_dir once) or the weights file `weights_path`."""
+    """Pretrained GPT-2 `model_name` (downloaded into data_dir once) or the weights file `weights_path`
+    (a run folder: its model-final.npz)."""
     if model_name is not None:
         return pretrained_gpt2(model_name, data_dir)
-    return load_weights(weights_path)
+    return load_weights(model_file(weights_path))
 
 
 def model_config_of(model_name, weights_path):
@@ -103,6 +105,7 @@ def model_config_of(model_name, weights_path):
     tensors, so that one is loaded."""
     if model_name is not None:
         return GPTConfig.preset(model_name)
+    weights_path = model_file(weights_path)
     if weights_format(weights_path) == "npz":
         return read_npz_config(weights_path)
     return load_weights(weights_path).cfg
