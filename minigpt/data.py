@@ -227,9 +227,8 @@ class InstructionDataset:
         self.mask_prompt = mask_prompt
         self.allowed_max_length = allowed_max_length
         self.pad_token_id = tokenizer.eot_token
-        # the <|endoftext|> the collate appends ends the last reply with alpaca and phi3; unmasked, it is
-        # learned like every token
-        self.end_learned = end_of_text_learned(style) or not mask_prompt
+        # with mask_prompt: the <|endoftext|> the collate appends ends the reply with alpaca and phi3
+        self.end_learned = end_of_text_learned(style)
         self.token_ids, self.learned, self.prompt_lengths, self.dropped_turns = [], [], [], []
         for entry in entries:
             ids, learned, dropped = tokenize_conversation(conversation_of(entry), tokenizer, style,
