@@ -167,3 +167,12 @@ def test_a_conversation_is_scored_against_its_last_reply_and_the_judge_is_not_as
     metrics = steps.score(answered, judge_model="llama3", log=logged.append)
     assert metrics["exact_match"] == 0.5 and metrics["judge"] is None
     assert "skipping the LLM judge: its prompt (rasbt's) scores a response to one instruction" in logged[-1]
+
+
+def test_train_py_refuses_a_bad_conversation_with_one_line(tmp_path, capsys):
+    path = write(tmp_path, [GOOD, {"messages": [user("a"), assistant("b"), user("c"), assistant("d")]}])
+    assert train.main(["--data", str(path), "--show-batch"]) == 2                # phi3: one exchange
+    err = capsys.readouterr().err
+    assert err == (f"error: {path}: conversation 0: the phi3 template holds one exchange (a user message and "
+                   f"its reply) and this conversation has a system message; train and talk with "
+                   f"--prompt-style chat\n")
