@@ -100,12 +100,13 @@ def exact_match(weights_file, config, sft_run, tasks):
 
 def train_command(config, sft_run):
     """The train.py command line that runs `config`: a flag for every setting that differs from
-    train.py's defaults for a --weights run (None as 0 where a flag takes 0 for 'off')."""
-    defaults = sft_run.make_config(weights=config.weights)
-    words = ["python", "train.py", "--weights", config.weights]
+    train.py's defaults for a --weights run (None as 0 where a flag takes 0 for 'off'). The prompt style
+    is always given: a base written before model cards does not say it (train.py asks for it)."""
+    defaults = sft_run.make_config(weights=config.weights, prompt_style=config.prompt_style)
+    words = ["python", "train.py", "--weights", config.weights, "--prompt-style", config.prompt_style]
     for field in dataclasses.fields(config):
         value, default = getattr(config, field.name), getattr(defaults, field.name)
-        if field.name == "weights" or (value == default and type(value) is type(default)):
+        if field.name in ("weights", "prompt_style") or (value == default and type(value) is type(default)):
             continue
         flag = "--" + field.name.replace("_", "-")
         if isinstance(value, bool):
