@@ -6,9 +6,12 @@
     python train.py --model gpt2-small --lora-rank 16   # LoRA: train small adapters, freeze the rest
     python train.py --show-batch                 # print the first batch as the model sees it, then stop
     python train.py --method dpo --weights runs/NAME/model-final.npz --data pairs.json   # preference tuning
+    python train.py --data chats.json --prompt-style chat    # conversations: the loss on the replies alone
 
 Defaults come from minigpt/pipeline/settings.py: RunConfig (offline) and REFERENCE_RECIPE (--model /
---weights), then the method's RECIPE (minigpt/pipeline/dpo_run.py for --method dpo).
+--weights), then the method's RECIPE (minigpt/pipeline/dpo_run.py for --method dpo), then what the model
+card of --weights says (its tokenizer, template and, for fine-tuning, its data). The run ends with the
+command that chats with the model it made.
 """
 import argparse
 import dataclasses
@@ -100,8 +103,11 @@ def build_parser():
                        help=f"fine-tune OpenAI's pretrained GPT-2: {', '.join(HUB_REPOS)}; downloaded and "
                             f"converted once into --data-dir")
     model.add_argument("--weights", metavar="PATH",
-                       help="fine-tune these weights: a .npz from minigpt, a .safetensors file or a "
-                            "Hugging Face GPT-2 folder")
+                       help="fine-tune these weights: a .npz from minigpt, a run folder (its "
+                            "model-final.npz), a .safetensors file or a Hugging Face GPT-2 folder. Its model "
+                            "card (in every file minigpt writes) gives the tokenizer, the prompt style and "
+                            "(for fine-tuning) the data, split as before; a contradicting --tokenizer or "
+                            "--prompt-style is refused, and a file without a card needs --prompt-style")
     add(model, "--tokenizer", f"{' or '.join(TOKENIZERS)}; must match the model's vocabulary",
         choices=TOKENIZERS)
     add(model, "--vocab-dir", f"folder with GPT-2's encoder.json and vocab.bpe, to build its tokenizer "
@@ -114,18 +120,22 @@ def build_parser():
 
     data = parser.add_argument_group("data")
     add(data, "--data", f"'tasks' (built-in checkable tasks), 'tasks:KIND,...' (a selection of "
-                        f"{', '.join(KINDS)}, drawn in turn; KIND*N: N times as often), 'reference' "
-                        f"(rasbt's 1,100 examples, downloaded into --data-dir) or a JSON list of "
-                        f"{{instruction, input, output}}; with --method dpo, 'reference' (rasbt's preference "
-                        f"pairs) or a JSON list of {{instruction, input, output, chosen, rejected}}",
+                        f"{', '.join(KINDS)}, drawn in turn; KIND*N: N times as often; chat is "
+                        f"conversations, for --prompt-style chat), 'reference' (rasbt's 1,100 examples, "
+                        f"downloaded into --data-dir) or a JSON list of {{instruction, input, output}} and "
+                        f"conversations {{messages: [{{role, content}}, ...]}} (docs/chat.md); with --method "
+                        f"dpo, 'reference' (rasbt's preference pairs) or a JSON list of "
+                        f"{{instruction, input, output, chosen, rejected}}",
         metavar="tasks|tasks:KIND,...|reference|PATH")
     add(data, "--data-dir", "where downloads and converted GPT-2 weights are cached", metavar="DIR")
     add(data, "--data-seed", "seed that generates the task dataset", type=int, metavar="N")
     add(data, "--n-train", "training examples of the task dataset", type=int, metavar="N")
     add(data, "--n-val", "validation examples of the task dataset", type=int, metavar="N")
     add(data, "--n-test", "test examples of the task dataset", type=int, metavar="N")
-    add(data, "--prompt-style", "prompt template", choices=list(PROMPT_STYLES))
-    add(data, "--mask-prompt", "take the loss on the response tokens only",
+    add(data, "--prompt-style", "prompt template: alpaca and phi3 hold one exchange, chat any number of "
+                                "turns (minigpt/prompts.py)", choices=list(PROMPT_STYLES))
+    add(data, "--mask-prompt", "take the loss on the response tokens only (in a conversation: every "
+                               "reply and its end marker)",
         action=argparse.BooleanOptionalAction)
     add(data, "--shuffle-seed", "shuffle a JSON dataset with this seed before the 85%% train / 5%% "
                                 "validation / 10%% test split (none: split in file order, like the "

@@ -72,7 +72,7 @@ def finished_sft_run(run_dir, sft_run, tasks):
     if tasks.selected_kinds(config.data) != tasks.TASKS:
         raise ValueError(f"{run_dir} was not trained on the default task mix (its data: {config.data})")
     return config, sft_run.load_splits(config.data, config.data_dir, config.shuffle_seed, config.data_seed,
-                                       config.n_train, config.n_val, config.n_test)
+                                       config.n_train, config.n_val, config.n_test, config.prompt_style)
 
 
 def pair_prompts(train, val, test):
@@ -140,12 +140,13 @@ def dpo_run_config(args, sft_config, pairs_file, out_dir, dpo_run):
 
 def train_command(config, dpo_run):
     """The train.py command line that runs `config`: a flag for every setting that differs from
-    train.py's defaults for a --method dpo --weights run."""
-    defaults = dpo_run.make_config(weights=config.weights)
+    train.py's defaults for a --method dpo --weights run. The prompt style is always given: a base written
+    before model cards does not say it (train.py asks for it)."""
+    defaults = dpo_run.make_config(weights=config.weights, prompt_style=config.prompt_style)
     words = ["python", "train.py"]
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if value == getattr(defaults, field.name) and field.name not in ("method", "weights"):
+        if value == getattr(defaults, field.name) and field.name not in ("method", "weights", "prompt_style"):
             continue
         words += ["--" + field.name.replace("_", "-"),
                   f"{value:g}" if isinstance(value, float) else str(value)]

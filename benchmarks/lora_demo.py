@@ -91,7 +91,7 @@ def exact_match(weights_file, config, sft_run, tasks):
     from minigpt.tokenizer import get_tokenizer
     every_kind = tasks.DATA_PREFIX + ",".join((NEW_KIND, *tasks.TASKS))
     test = sft_run.load_splits(every_kind, config.data_dir, config.shuffle_seed, config.data_seed,
-                               config.n_train, config.n_val, config.n_test)[2]
+                               config.n_train, config.n_val, config.n_test, config.prompt_style)[2]
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
     responses = generate_responses(load_weights(weights_file), tokenizer, test, config.prompt_style,
                                    config.max_new_tokens, batch_size=config.batch_size, progress=False)
@@ -100,12 +100,13 @@ def exact_match(weights_file, config, sft_run, tasks):
 
 def train_command(config, sft_run):
     """The train.py command line that runs `config`: a flag for every setting that differs from
-    train.py's defaults for a --weights run (None as 0 where a flag takes 0 for 'off')."""
-    defaults = sft_run.make_config(weights=config.weights)
-    words = ["python", "train.py", "--weights", config.weights]
+    train.py's defaults for a --weights run (None as 0 where a flag takes 0 for 'off'). The prompt style
+    is always given: a base written before model cards does not say it (train.py asks for it)."""
+    defaults = sft_run.make_config(weights=config.weights, prompt_style=config.prompt_style)
+    words = ["python", "train.py", "--weights", config.weights, "--prompt-style", config.prompt_style]
     for field in dataclasses.fields(config):
         value, default = getattr(config, field.name), getattr(defaults, field.name)
-        if field.name == "weights" or (value == default and type(value) is type(default)):
+        if field.name in ("weights", "prompt_style") or (value == default and type(value) is type(default)):
             continue
         flag = "--" + field.name.replace("_", "-")
         if isinstance(value, bool):

@@ -1,16 +1,19 @@
 """Instruction data: load and validate, split, tokenize once, collate into batches.
 
-Follows rasbt's LLMs-from-scratch ch. 7. An entry is {"instruction", "input", "output"}; it becomes
-prompt + response header + output (minigpt.prompts), tokenized once. A batch of B token lists is
-padded with <|endoftext|> and shifted by one into inputs and targets, both (B, T) int64:
+Follows rasbt's LLMs-from-scratch ch. 7. An entry is an Alpaca entry {"instruction", "input", "output"}
+or a conversation {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}; both are
+conversations (prompts.conversation_of), rendered by the prompt template into segments of text that are
+learned (the replies and what ends them) or not (minigpt.prompts), tokenized once. A batch of B token
+lists is padded with <|endoftext|> and shifted by one into inputs and targets, both (B, T) int64:
 
     seq       5 6                       (one example, length 2; batch longest = 5 -> T = 5)
     padded    5 6 E E E E               (one <|endoftext|> appended, then padded to longest + 1)
     inputs    5 6 E E E                 padded[:-1]
     targets   6 E I I I                 padded[1:]; pads after the first E -> I = IGNORE_INDEX
 
-The first E stays a target so the model learns to stop. With prompt masking, targets that are prompt
-tokens become I as well, so the loss is taken on the response only. minigpt.loader draws the batches.
+The first E stays a target so the model learns to stop. With prompt masking, a target is kept only where
+its token is learned, so the loss is taken on the replies alone: the system and user text and every role
+header are I. minigpt.loader draws the batches.
 """
 import hashlib
 import json
@@ -21,7 +24,7 @@ import numpy as np
 
 from .files.fileio import download_file, parse_json
 from .losses import IGNORE_INDEX
-from .prompts import build_prompt
+from .prompts import ROLES, check_template_holds, conversation_of, end_of_text_learned, render, reply_end
 from .tokenizer import EOT, GPT2_EOT_ID, encode  # GPT2_EOT_ID: the default padding token
 
 REFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -58,12 +61,16 @@ def validate_entries(entries, keys, source="data"):
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"{source}: entry {i} is not an object but {type(entry).__name__}")
-        for key in keys:
-            if key not in entry:
-                raise ValueError(f"{source}: entry {i} is missing the key {key!r}")
-            if not isinstance(entry[key], str):
-                raise ValueError(f"{source}: entry {i}: {key!r} must be a string, "
-                                 f"got {type(entry[key]).__name__}")
+        check_keys(entry, keys, f"{source}: entry {i}")
+
+
+def check_keys(entry, keys, where):
+    """Raise ValueError, starting with `where`, unless each of `keys` holds a string in the object `entry`."""
+    for key in keys:
+        if key not in entry:
+            raise ValueError(f"{where} is missing the key {key!r}")
+        if not isinstance(entry[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string, got {type(entry[key]).__name__}")
 
 
 def refuse_end_of_text(entries, keys, source="data"):
@@ -71,16 +78,83 @@ def refuse_end_of_text(entries, keys, source="data"):
     tokenizer would refuse it too (tokenizer.encode), but only once training or generation meets it."""
     for i, entry in enumerate(entries):
         for key in keys:
-            if EOT in entry[key]:
-                raise ValueError(f"{source}: entry {i}: {key!r} holds the literal text {EOT!r} (GPT-2's "
-                                 f"end-of-text token), which minigpt refuses in text; remove it")
+            refuse_markers(entry[key], f"{source}: entry {i}: {key!r}")
 
 
-def load_instruction_data(path):
-    """The entries of an instruction-data JSON file: a list of {"instruction", "input", "output"}."""
-    entries = load_json_entries(path, INSTRUCTION_KEYS, what="instruction data")
-    refuse_end_of_text(entries, INSTRUCTION_KEYS, source=str(path))
+def refuse_markers(text, where, style=None):
+    """Raise ValueError, starting with `where`, when `text` holds a literal "<|endoftext|>" or the end
+    marker of `style`'s template ("<|end|>" with chat). Read as text, a marker would teach the model to
+    write it inside a reply, and a reply holding the end marker would be cut there when answered."""
+    if EOT in text:
+        raise ValueError(f"{where} holds the literal text {EOT!r} (GPT-2's end-of-text token), which "
+                         f"minigpt refuses in text; remove it")
+    end = reply_end(style) if style is not None else ""
+    if end and end in text:
+        raise ValueError(f"{where} holds the literal text {end!r}, the {style} template's end of a turn, "
+                         f"which would end the turn there; remove it")
+
+
+def check_conversation(messages, style=None, ends_with="assistant", where="conversation"):
+    """Raise ValueError, starting with `where` and the turn (the index in `messages`), at the first thing
+    that makes `messages` no conversation `style`'s template can train on or answer: not a list of objects
+    {"role", "content"} (other keys are kept, unread); a role not in ROLES; content that is not a
+    non-empty string, or holds "<|endoftext|>" or the template's end marker (refuse_markers); a system
+    message anywhere but first; user and assistant messages that do not take turns, the user's first; a
+    last message not from `ends_with` ("assistant" for training and test data, "user" for a conversation
+    awaiting its reply); and with alpaca or phi3, more than one exchange (prompts.check_template_holds)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    due = "user"
+    for turn, message in enumerate(messages):
+        at = f"{where}, turn {turn}"
+        if not isinstance(message, dict):
+            raise ValueError(f'{at}: expected an object {{"role", "content"}}, '
+                             f'got {type(message).__name__}')
+        check_keys(message, ("role", "content"), at)
+        role = message["role"]
+        if role not in ROLES:
+            raise ValueError(f"{at}: unknown role {role!r}; choose one of: {', '.join(ROLES)}")
+        if not message["content"].strip():
+            raise ValueError(f"{at}: the {role} message's content is empty")
+        refuse_markers(message["content"], f"{at}: the {role} message", style)
+        if role == "system":
+            if turn > 0:
+                raise ValueError(f"{at}: a system message may only come first")
+            continue
+        if role != due:
+            raise ValueError(f"{at}: a second {role} message in a row; user and assistant messages take "
+                             f"turns, the user's first")
+        due = "assistant" if role == "user" else "user"
+    if messages[-1]["role"] != ends_with:
+        last = ("the assistant's reply to learn" if ends_with == "assistant"
+                else "the user's message to answer")
+        raise ValueError(f"{where}: the last message must be {last}, not a {messages[-1]['role']} message")
+    if style is not None:
+        try:
+            check_template_holds(messages, style)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+def load_instruction_data(path, style=None):
+    """The entries of an instruction-data JSON file: Alpaca entries {"instruction", "input", "output"} and
+    conversations {"messages": [...]} (check_conversation), in any mix; with `style`, each checked against
+    that template too (its end marker, one exchange for alpaca and phi3). An error names the entry or
+    conversation by its index in the list, and the turn."""
+    entries = load_json_entries(path, (), what="instruction data")
+    for i, entry in enumerate(entries):
+        if "messages" in entry:
+            check_conversation(entry["messages"], style, where=f"{path}: conversation {i}")
+            continue
+        check_keys(entry, INSTRUCTION_KEYS, f"{path}: entry {i}")
+        for key in INSTRUCTION_KEYS:
+            refuse_markers(entry[key], f"{path}: entry {i}: {key!r}", style)
     return entries
+
+
+def expected_reply(entry):
+    """The reply a test entry expects: an Alpaca entry's output, a conversation's last (assistant) message."""
+    return entry["messages"][-1]["content"] if "messages" in entry else entry["output"]
 
 
 def download_instruction_data(directory="data"):
@@ -131,22 +205,20 @@ def check_same_data(recorded, current, source):
                              f"with, or start a new run")
 
 
-class Batch(NamedTuple):
-    """B examples padded together, as the loss takes them (see collate)."""
-    inputs: np.ndarray    # (B, T) int64 token ids
-    targets: np.ndarray   # (B, T) int64, IGNORE_INDEX where the loss skips a position
-
-
 class InstructionDataset:
-    """Entries tokenized once, and batched as the run's loss needs them.
+    """Entries (Alpaca entries and conversations alike: prompts.conversation_of) tokenized once, and batched
+    as the run's loss needs them.
 
-    token_ids[i]       prompt + response header + output, as token ids
-    prompt_lengths[i]  the tokens before the output (prompt + response header). The two parts are
-                       encoded separately and concatenated, so the prompt's tokens are exactly those the
-                       model gets at generation time, and the count is exact even where BPE could merge
-                       across the boundary
+    token_ids[i]       the conversation's text as token ids (an Alpaca entry's: prompt + response header +
+                       output). Each segment of prompts.render is encoded on its own and the pieces are
+                       concatenated, so a prompt's tokens are exactly those the model gets when it answers,
+                       and the masks are exact even where BPE could merge across a boundary
+    learned[i]         (n,) bool: the tokens of the replies and what ends them (the targets with mask_prompt)
+    prompt_lengths[i]  the tokens before the first learned one (an Alpaca entry's prompt + response header)
+    dropped_turns[i]   exchanges (a user message and its reply) left out of a conversation longer than
+                       allowed_max_length, oldest first and always whole; the last one is always kept
     batch(indices)     the Batch of those examples: padded with <|endoftext|>, shifted, cut to
-                       allowed_max_length and, with mask_prompt, the prompt's targets ignored (collate)
+                       allowed_max_length and, with mask_prompt, every target that is not learned ignored
     """
 
     def __init__(self, entries, tokenizer, style="alpaca", mask_prompt=False, allowed_max_length=None):
@@ -155,12 +227,16 @@ class InstructionDataset:
         self.mask_prompt = mask_prompt
         self.allowed_max_length = allowed_max_length
         self.pad_token_id = tokenizer.eot_token
-        self.token_ids = []
-        self.prompt_lengths = []
+        # with mask_prompt: the <|endoftext|> the collate appends ends the reply with alpaca and phi3
+        self.end_learned = end_of_text_learned(style)
+        self.token_ids, self.learned, self.prompt_lengths, self.dropped_turns = [], [], [], []
         for entry in entries:
-            prompt_ids = encode(tokenizer, build_prompt(entry, style))
-            self.token_ids.append(prompt_ids + encode(tokenizer, entry["output"]))
-            self.prompt_lengths.append(len(prompt_ids))
+            ids, learned, dropped = tokenize_conversation(conversation_of(entry), tokenizer, style,
+                                                          allowed_max_length)
+            self.token_ids.append(ids)
+            self.learned.append(learned)
+            self.prompt_lengths.append(int(learned.argmax()) if learned.any() else len(ids))
+            self.dropped_turns.append(dropped)
 
     def __len__(self):
         return len(self.token_ids)
@@ -170,21 +246,48 @@ class InstructionDataset:
 
     def batch(self, indices):
         """The Batch of the examples at `indices`: inputs and targets (B, T)."""
-        prompt_lengths = np.asarray(self.prompt_lengths)[indices] if self.mask_prompt else None  # (B,)
+        learned = [self.learned[i] for i in indices] if self.mask_prompt else None
         return Batch(*collate([self.token_ids[i] for i in indices], pad_token_id=self.pad_token_id,
-                              allowed_max_length=self.allowed_max_length, prompt_lengths=prompt_lengths))
+                              allowed_max_length=self.allowed_max_length, learned=learned,
+                              end_learned=self.end_learned))
+
+
+def tokenize_conversation(messages, tokenizer, style, max_length=None):
+    """(token ids, learned (n,) bool, exchanges dropped) of a conversation rendered in `style`. Longer than
+    `max_length` tokens, it loses its oldest whole exchanges (a user message and its reply; a system
+    message stays) until it fits or one exchange is left, which the collate then cuts at the end."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    starts = [i for i, message in enumerate(messages) if message["role"] == "user"]   # each exchange's start
+    for dropped, start in enumerate(starts):
+        ids, learned = [], []
+        for segment in render(system + messages[start:], style):
+            segment_ids = encode(tokenizer, segment.text)
+            ids += segment_ids
+            learned += [segment.learned] * len(segment_ids)
+        if max_length is None or len(ids) <= max_length:
+            break
+    return ids, np.array(learned, dtype=bool), dropped
+
+
+class Batch(NamedTuple):
+    """B examples padded together, as the loss takes them (see collate)."""
+    inputs: np.ndarray    # (B, T) int64 token ids
+    targets: np.ndarray   # (B, T) int64, IGNORE_INDEX where the loss skips a position
 
 
 # ---------------------------------------------------------------------------------------------
 # Collate, and a batch as text
 
 def collate(batch, pad_token_id=GPT2_EOT_ID, ignore_index=IGNORE_INDEX, allowed_max_length=None,
-            prompt_lengths=None):
+            prompt_lengths=None, learned=None, end_learned=True):
     """Pad, shift and mask B token lists into (inputs, targets), both int64 (B, T).
 
     T = longest + 1 (each sequence gets one <|endoftext|>), cut to `allowed_max_length` if given.
-    targets[i, t] = padded[i, t+1], except ignore_index for (1) padding after the row's first pad and
-    (2) with `prompt_lengths`, the first prompt_lengths[i]-1 targets, whose next token is a prompt token.
+    targets[i, t] = padded[i, t+1], except ignore_index for (1) padding after the row's first pad,
+    (2) with `prompt_lengths` (B,), the first prompt_lengths[i]-1 targets, whose next token is a prompt
+    token (the chapter's prompt masking, a mask of the first tokens), and (3) with `learned`, B boolean
+    sequences as long as the token lists (a mask of any tokens: a conversation's replies), every target
+    whose token is not learned, and the appended <|endoftext|> unless `end_learned`.
     """
     if len(batch) == 0:
         raise ValueError("collate needs at least one sequence")
@@ -203,6 +306,13 @@ def collate(batch, pad_token_id=GPT2_EOT_ID, ignore_index=IGNORE_INDEX, allowed_
         if prompt_lengths.shape != (len(batch),):
             raise ValueError(f"prompt_lengths has shape {prompt_lengths.shape}, expected ({len(batch)},)")
         targets[position < prompt_lengths[:, None] - 1] = ignore_index
+    if learned is not None:
+        if [len(mask) for mask in learned] != lengths.tolist():
+            raise ValueError("learned needs one mask per sequence, as long as the sequence")
+        is_learned = np.zeros((len(batch), width), dtype=bool)          # (B, T+1), as padded
+        is_learned[is_token] = np.concatenate([np.asarray(mask, dtype=bool) for mask in learned])
+        is_learned[np.arange(len(batch)), lengths] = end_learned        # the appended <|endoftext|>
+        targets[~is_learned[:, 1:]] = ignore_index
     if allowed_max_length is not None:
         inputs = inputs[:, :allowed_max_length]
         targets = targets[:, :allowed_max_length]
@@ -213,7 +323,9 @@ def format_batch(inputs, targets, tokenizer, rows=4, ignore_index=IGNORE_INDEX):
     """A batch as the model sees it, as text: for each of the first `rows` rows the decoded input,
     then one line per position t: the input token, and the target the loss compares the prediction
     at t with, or ignore_index where the loss skips it (padding after the first <|endoftext|>, and
-    with prompt masking the prompt). Tokens are shown as id and repr'd text, so "\n" is visible."""
+    with prompt masking the prompt: in a conversation, everything but the replies and their ends).
+    A line "learned:" first gives the text of the targets kept, one piece per run of them (with
+    masking, one per reply). Tokens are shown as id and repr'd text, so "\n" is visible."""
     shown = range(min(rows, len(inputs)))
     digits = max(len(str(ignore_index)), len(str(tokenizer.n_vocab - 1)))  # ids right-aligned
     input_cells = [[f"{x:>{digits}} {token_text(tokenizer, x)}" for x in inputs[i]] for i in shown]
@@ -226,11 +338,24 @@ def format_batch(inputs, targets, tokenizer, rows=4, ignore_index=IGNORE_INDEX):
             end -= 1
         padding = f" + {len(ids) - end} x {EOT!r}" if end < len(ids) else ""
         lines.append(f"row {i + 1} of {len(inputs)}, input text: {tokenizer.decode(ids[:end])!r}{padding}")
+        lines.append(f"  learned: {' '.join(repr(tokenizer.decode(run)) for run in kept_runs(targets[i]))}")
         lines.append(f"  {'pos':>4}  {'input':<{width}}  target")
         for t, (cell, y) in enumerate(zip(input_cells[i], targets[i])):
             target = f"{y:>{digits}}" + ("" if y == ignore_index else f" {token_text(tokenizer, y)}")
             lines.append(f"  {t:>4}  {cell:<{width}}  {target}")
     return "\n".join(lines)
+
+
+def kept_runs(targets, ignore_index=IGNORE_INDEX):
+    """The runs of consecutive kept targets of one row (T,), as lists of ids."""
+    runs, run = [], []
+    for y in targets.tolist() + [ignore_index]:
+        if y != ignore_index:
+            run.append(y)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs
 
 
 def token_text(tokenizer, token_id):
@@ -243,13 +368,18 @@ def token_text(tokenizer, token_id):
 
 
 def check_responses_fit(dataset, what="training", log=print):
-    """Count the examples of an InstructionDataset whose whole response is cut off: their prompt, response
-    header included, is longer than the dataset's cut (allowed_max_length), so not even the first response
-    token is a target. Some: a warning line through `log`. More than half: ValueError, since the run
-    would mostly train (or validate) on nothing; the context is too short for the prompts."""
+    """Say how many conversations of an InstructionDataset lost their oldest exchanges to the dataset's cut
+    (allowed_max_length), and count the examples whose whole response is cut off: everything before their
+    first reply is longer than the cut, so not even the reply's first token is a target. Some: a warning
+    line through `log`. More than half: ValueError, since the run would mostly train (or validate) on
+    nothing; the context is too short for the prompts."""
     cut = dataset.allowed_max_length
     if cut is None:
         return
+    dropped = np.asarray(dataset.dropped_turns)                                # (N,)
+    if dropped.any():
+        log(f"{int((dropped > 0).sum())} of {len(dropped)} {what} conversations are longer than the cut at "
+            f"{cut} tokens: their {int(dropped.sum())} oldest exchanges are left out, each whole")
     prompt_lengths = np.asarray(dataset.prompt_lengths)                        # (N,)
     lost, n = int((prompt_lengths > cut).sum()), len(prompt_lengths)
     if lost == 0:

@@ -75,9 +75,12 @@ def check_style(style):
 # One exchange: an Alpaca entry
 
 def conversation_of(entry):
-    """An Alpaca entry {instruction, input, output} as a conversation: its user message keeps the input
-    beside the instruction, since alpaca and phi3 show them apart. An entry without an output (a prompt
-    to answer) is the user's message alone."""
+    """An entry as a conversation: a conversation entry {"messages": [...]} is its messages; an Alpaca entry
+    {instruction, input, output} is a user message that keeps the input beside the instruction (alpaca and
+    phi3 show them apart) and the assistant's reply. An entry without an output (a prompt to answer) is
+    the user's message alone."""
+    if "messages" in entry:
+        return entry["messages"]
     user = {"role": "user", "content": entry["instruction"], "input": entry.get("input", "")}
     return [user, {"role": "assistant", "content": entry["output"]}] if "output" in entry else [user]
 
@@ -115,8 +118,9 @@ def render(messages, style):
     """The conversation as segments of text, each learned or not (see the module docstring): every reply
     and what ends it is learned, the rest is not; neighbouring segments alike are joined. The collate
     appends <|endoftext|>, learned or not as end_of_text_learned says. The messages are taken as they
-    are: data.check_conversation says what a conversation must be."""
-    check_style(style)
+    are (data.check_conversation says what a conversation must be), but one alpaca or phi3 cannot hold
+    is refused (check_template_holds)."""
+    check_template_holds(messages, style)
     segments = []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
@@ -144,6 +148,19 @@ def end_of_text_learned(style):
     """Whether the <|endoftext|> after the last reply is a target: it ends alpaca's and phi3's replies;
     the chat template's replies end with its end marker, so there it is not learned."""
     return check_style(style) in INSTRUCTION_STYLES
+
+
+def check_template_holds(messages, style):
+    """Raise ValueError when `style`'s template cannot hold the conversation: alpaca and phi3 hold one
+    exchange, a user message and its reply, and no system message; chat holds any."""
+    check_style(style)
+    if style in CHAT_TEMPLATES:
+        return
+    roles = [message["role"] for message in messages]
+    if "system" in roles or roles.count("user") > 1:
+        what = "a system message" if "system" in roles else f"{roles.count('user')} user messages"
+        raise ValueError(f"the {style} template holds one exchange (a user message and its reply) and this "
+                         f"conversation has {what}; train and talk with --prompt-style chat")
 
 
 def _turn(message, style, first):

@@ -27,10 +27,23 @@ uppercase, while the reading pattern, output position i reads input i, is one th
 ambiguous to track on repeated letters.)
 
 Entries use the Alpaca layout plus "task": {"instruction", "input", "output", "task"}.
+
+The kind `chat` is conversations ({"messages": [...], "task": "chat", "follow_up"}, for --prompt-style
+chat), never in the default mix: a first request as above on a word (reverse, sort or uppercase), then
+one or two requests about the previous answer, "it", which only the conversation can tell (each changes
+it: no "Uppercase it" of an uppercase word):
+
+    user "Reverse\nqxbf"  -> "fbxq";  user "Uppercase it" -> "FBXQ";  user "How many letters?" -> "4"
+
+A follow-up reverses or uppercases the previous answer, or counts its letters (only last, as the answer
+is then a number). Without the turns before it, no model can answer one: benchmarks/chat_demo.py
+measures that a model trained on them reads the conversation (docs/chat.md).
 """
 import math
 
 import numpy as np
+
+from .data import expected_reply
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORD_LETTERS = (3, 5)        # reverse, sort, uppercase: letters per word
@@ -47,8 +60,16 @@ INSTRUCTIONS = {
     "add": "Add",
     "swapcase": "Swap case",
 }
+FIRST_TURNS = ("reverse", "sort", "uppercase")             # chat: the first request, on a word
+FOLLOW_UPS = {                                              # chat: a request about the previous answer
+    "Reverse it": lambda answer: answer[::-1],
+    "Uppercase it": str.upper,
+    "How many letters?": lambda answer: str(len(answer)),   # a number: only as the last request
+}
+COUNT_REQUEST = "How many letters?"
 TASKS = ("reverse", "sort", "uppercase", "count", "add")   # the default mix
-KINDS = tuple(INSTRUCTIONS)                                 # every kind: the default mix and the new one
+CONVERSATION_KINDS = ("chat",)                              # kinds that are conversations (chat template)
+KINDS = (*INSTRUCTIONS, *CONVERSATION_KINDS)                # every kind
 DATA_PREFIX = "tasks:"                                      # --data tasks:KIND,KIND selects kinds
 
 
@@ -59,6 +80,8 @@ def _word(rng, lengths, distinct=False):
 
 def make_example(task, rng):
     """One random entry of the given task kind, drawn from `rng` (an np.random.Generator)."""
+    if task == "chat":
+        return make_conversation(rng)
     if task == "reverse":
         word = _word(rng, WORD_LETTERS)
         text, answer = word, word[::-1]
@@ -85,6 +108,36 @@ def make_example(task, rng):
     return {"instruction": INSTRUCTIONS[task], "input": text, "output": answer, "task": task}
 
 
+def make_conversation(rng):
+    """A `chat` entry drawn from `rng`: a first request on a word, then one or two about the answer before,
+    each of which changes it; counting its letters ends the conversation, as the answer is then a number."""
+    first = make_example(FIRST_TURNS[int(rng.integers(len(FIRST_TURNS)))], rng)
+    answer = first["output"]
+    messages = [{"role": "user", "content": f"{first['instruction']}\n{first['input']}"},
+                {"role": "assistant", "content": answer}]
+    n_follow_ups = int(rng.integers(1, 3))
+    for k in range(n_follow_ups):
+        requests = [request for request, change in FOLLOW_UPS.items() if change(answer) != answer]
+        if k < n_follow_ups - 1 and requests != [COUNT_REQUEST]:   # an upper-case palindrome has no other
+            requests.remove(COUNT_REQUEST)
+        request = requests[int(rng.integers(len(requests)))]
+        answer = FOLLOW_UPS[request](answer)
+        messages += [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
+        if request == COUNT_REQUEST:
+            break
+    return {"messages": messages, "task": "chat", "follow_up": request}
+
+
+def prompt_keys(entry):
+    """What identifies an entry's question, to hold it out: (instruction, input) of an Alpaca entry; of a
+    conversation, every message but the last reply, and its first request as (instruction, input), so
+    that no training conversation opens with a held-out prompt (and shows its answer)."""
+    if "messages" not in entry:
+        return [(entry["instruction"], entry["input"])]
+    contents = tuple(message["content"] for message in entry["messages"][:-1])
+    return [contents, tuple(contents[0].split("\n", 1))]
+
+
 def _draw(n, tasks, rng, held_out, unique):
     """n entries, the task kinds in turn, none with a prompt in `held_out`; `unique` holds each out too."""
     entries = []
@@ -92,8 +145,8 @@ def _draw(n, tasks, rng, held_out, unique):
         task = tasks[i % len(tasks)]
         for _ in range(1000):
             entry = make_example(task, rng)
-            prompt = (entry["instruction"], entry["input"])
-            if prompt not in held_out:
+            prompt = prompt_keys(entry)[0]
+            if not any(key in held_out for key in prompt_keys(entry)):
                 break
         else:
             raise ValueError(f"task {task!r} ran out of prompts that are not held out")
@@ -115,7 +168,7 @@ def make_task_splits(seed=0, n_train=20000, n_val=250, n_test=500, tasks=TASKS):
     a model a new kind are held-out scores of the same prompts. A kind outside TASKS gets as many
     test and validation prompts as the first default kind, drawn next.
     """
-    unknown = [task for task in tasks if task not in INSTRUCTIONS]
+    unknown = [task for task in tasks if task not in KINDS]
     if unknown or not tasks:
         raise ValueError(f"unknown task kinds {unknown}; choose from: {', '.join(KINDS)}")
     rng = np.random.default_rng(seed)
@@ -143,7 +196,7 @@ def selected_kinds(data):
     turns, named = [], set()
     for item in data[len(DATA_PREFIX):].split(","):
         kind, _, weight = (part.strip() for part in item.partition("*"))
-        if kind not in INSTRUCTIONS:
+        if kind not in KINDS:
             raise ValueError(f"unknown task kind {kind!r} in --data {data}; "
                              f"choose from: {', '.join(KINDS)}")
         if kind in named:
@@ -157,10 +210,11 @@ def selected_kinds(data):
 
 
 def exact_match_by_task(entries, responses):
-    """(overall rate, {task: rate}) of responses equal to the expected output, whitespace stripped."""
+    """(overall rate, {task: rate}) of responses equal to the expected output (a conversation's: its last
+    reply), whitespace stripped."""
     hits = {}
     for entry, response in zip(entries, responses, strict=True):
-        hits.setdefault(entry["task"], []).append(response.strip() == entry["output"])
+        hits.setdefault(entry["task"], []).append(response.strip() == expected_reply(entry))
     per_task = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
     overall = sum(sum(h) for h in hits.values()) / max(1, len(entries))
     return overall, per_task
@@ -171,7 +225,7 @@ def near_miss(entry, rng):
     the task might say, as the rejected response of a preference pair (benchmarks/dpo_demo.py).
     Numbers (count, add) are off by one; a word has one letter replaced by another, or, if it has two
     different neighbours, those swapped (half the time): the mistakes a letter-reading model makes."""
-    answer = entry["output"]
+    answer = expected_reply(entry)
     if answer.isdigit():
         wrong = int(answer) + (1 if answer == "0" or rng.random() < 0.5 else -1)
         return str(wrong)

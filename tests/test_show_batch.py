@@ -127,7 +127,7 @@ def test_a_weights_file_gives_the_cut_without_loading_its_weights(tmp_path, caps
     path = tmp_path / "tiny.npz"
     save_npz(GPTModel(GPTConfig(vocab_size=257, context_length=24, emb_dim=8, n_heads=2, n_layers=1)), path)
     monkeypatch.setattr(weights, "load_npz", lambda *args: pytest.fail("--show-batch loaded the weights"))
-    code, header, rows = show(capsys, ["--weights", str(path), "--tokenizer", "byte", "--data",
+    code, header, rows = show(capsys, ["--weights", str(path), "--prompt-style", "alpaca", "--data",
                                        data_file(tmp_path), "--batch-size", "4", "--show-batch", "1"])
     assert code == 0 and "alpaca prompts, no prompt masking" in header  # the reference recipe
     assert "cut at 24 tokens" in header and len(rows[0][0]) == 24
@@ -137,7 +137,7 @@ def test_a_hugging_face_checkpoint_gives_its_context_length(tmp_path, capsys):
     folder = tmp_path / "hf"
     model = GPTModel(GPTConfig(vocab_size=257, context_length=20, emb_dim=8, n_heads=2, n_layers=1))
     save_hf_gpt2(model, folder)
-    code, header, rows = show(capsys, ["--weights", str(folder), "--tokenizer", "byte", "--data",
+    code, header, rows = show(capsys, ["--weights", str(folder), "--prompt-style", "alpaca", "--data",
                                        data_file(tmp_path), "--batch-size", "4", "--show-batch", "1"])
     assert code == 0 and "cut at 20 tokens" in header and len(rows[0][0]) == 20
 

@@ -148,3 +148,49 @@ def test_a_weighted_kind_is_drawn_that_many_times_as_often_but_tested_as_the_oth
     assert sum(e["task"] == "swapcase" for e in train) == 3 * sum(e["task"] == "add" for e in train)
     assert (sum(e["task"] == "swapcase" for e in test), sum(e["task"] == "add" for e in test)) == (40, 40)
     assert test == tasks.make_task_splits(seed=0, tasks=("swapcase", "add"), **SIZES)[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations: the chat kind
+
+def replay(messages):
+    """Recompute each reply of a chat conversation from its requests, without the generator's code."""
+    word_task = {"Reverse": "reverse", "Sort": "sort", "Uppercase": "uppercase"}
+    instruction, word = messages[0]["content"].split("\n")
+    answer = solve({"task": word_task[instruction], "input": word})
+    answers = [answer]
+    for request in messages[2::2]:
+        answer = {"Reverse it": answer[::-1], "Uppercase it": answer.upper(),
+                  "How many letters?": str(len(answer))}[request["content"]]
+        answers.append(answer)
+    return answers
+
+
+def test_chat_conversations_are_right_and_each_request_needs_the_answer_before():
+    train, val, test = tasks.make_task_splits(seed=0, n_train=600, n_val=50, n_test=100,
+                                              tasks=("reverse", "chat"))
+    conversations = [e for e in train + val + test if e["task"] == "chat"]
+    assert len(conversations) == 300 + 10 + 20 and {len(e["messages"]) for e in conversations} == {4, 6}
+    for e in conversations:
+        messages = e["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        assert [m["content"] for m in messages[1::2]] == replay(messages), e
+        assert e["follow_up"] == messages[-2]["content"]
+        replies = [m["content"] for m in messages[1::2]]
+        assert all(a != b for a, b in zip(replies, replies[1:]))            # every request changes the answer
+        assert "How many letters?" not in [m["content"] for m in messages[2:-2:2]]   # a count comes last
+    assert {e["follow_up"] for e in conversations} == set(tasks.FOLLOW_UPS)
+
+
+def test_chat_test_conversations_and_single_prompts_are_held_out_of_training():
+    train, val, test = tasks.make_task_splits(seed=0, n_train=3000, n_val=50, n_test=250,
+                                              tasks=("reverse", "sort", "chat"))
+    held_out = {key for e in val + test for key in tasks.prompt_keys(e)[:1]}
+    opened = set()
+    for e in train:
+        keys = tasks.prompt_keys(e)
+        assert keys[0] not in held_out, e                                  # no held-out question
+        if "messages" in e:
+            opened.add(keys[1])
+    singles = {prompt(e) for e in val + test if "messages" not in e}
+    assert opened and not opened & singles                                 # no conversation opens with one

@@ -70,7 +70,7 @@ def test_weights_file_with_byte_tokenizer_and_a_json_dataset(tmp_path, capsys):
     save_npz(GPTModel(GPTConfig(vocab_size=257, context_length=256, emb_dim=16, n_heads=2, n_layers=1)),
              weights)
     run_dir = tmp_path / "run"
-    args = ["--weights", str(weights), "--tokenizer", "byte", "--data", str(instruction_file(tmp_path)),
+    args = ["--weights", str(weights), "--prompt-style", "alpaca", "--data", str(instruction_file(tmp_path)),
             "--max-steps", "2", "--eval-freq", "1", "--eval-iter", "1", "--max-new-tokens", "3",
             "--batch-size", "4", "--export-hf", "--judge-model", "llama3",
             "--ollama-url", "http://127.0.0.1:9",  # a closed local port: the judge is skipped

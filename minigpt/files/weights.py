@@ -12,6 +12,8 @@ Two formats on disk:
   `transformer.`). The output head is tied to `wte.weight`: a stored `lm_head.weight` must equal
   it, since minigpt has no separate head to put a different one in.
 - minigpt: one `.npz` with every parameter plus the GPTConfig as JSON under `__config__`.
+Both keep the model card (files.model_card) when there is one: the .npz under `__card__`, config.json
+under "minigpt", and a Hugging Face folder then also holds the tokenizer files (files.hf_tokenizer).
 """
 import dataclasses
 import json
@@ -27,6 +29,7 @@ from ..model import GPT2_PRESETS, GPTConfig, GPTModel, parameter_shapes
 from ..nn import non_finite
 from ..tokenizer import GPT2_EOT_ID
 from .fileio import BadFileError, atomic_write, download_file, open_npz, parse_json, write_json
+from .hf_tokenizer import write_tokenizer_files
 from .safetensors import read_safetensors, write_safetensors
 
 # Preset name -> the Hugging Face hub repository holding its weights.
@@ -44,6 +47,7 @@ CARD_KEY = "__card__"      # ... and the model card as a JSON string (files.mode
 HF_PREFIX = "transformer."  # save_pretrained nests GPT2Model inside GPT2LMHeadModel.transformer
 HF_WEIGHTS_NAME = "model.safetensors"
 HF_CONFIG_NAME = "config.json"
+HF_CARD_KEY = "minigpt"  # config.json's entry holding the model card
 NPZ_HINT = "; expected one written by minigpt (python -m minigpt.convert makes one from Hugging Face weights)"
 # Activations equal to minigpt's GELU (the tanh approximation), under transformers' names.
 HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
@@ -79,13 +83,16 @@ def load_hf_gpt2(path, dtype=np.float32):
     return model
 
 
-def save_hf_gpt2(model, path):
+def save_hf_gpt2(model, path, card=None, tokenizer=None):
     """Write `model` as a Hugging Face GPT-2 checkpoint that `GPT2LMHeadModel.from_pretrained` loads.
 
     `path` is a directory (gets `model.safetensors` + `config.json`) or a .safetensors file (gets
     `config.json` beside it). Tensors are float32 with the hub's unprefixed names. HF GPT-2 always
     has query/key/value biases, so a model without them is written with zero biases: the outputs
-    are identical, and it loads back with qkv_bias=True. Returns the weights file's path.
+    are identical, and it loads back with qkv_bias=True. With `card` (files.model_card), config.json
+    keeps it under "minigpt"; with `tokenizer` too (the card's), the folder gets the tokenizer files and
+    the chat template (files.hf_tokenizer), so that transformers talks to the model as minigpt does.
+    Returns the weights file's path.
     """
     path = Path(path)
     weights_file = path if path.suffix == ".safetensors" else path / HF_WEIGHTS_NAME
@@ -95,7 +102,10 @@ def save_hf_gpt2(model, path):
         for i in range(cfg.n_layers):
             tensors[f"h.{i}.attn.c_attn.bias"] = np.zeros(3 * cfg.emb_dim, np.float32)  # (3C,)
     write_safetensors(weights_file, tensors)
-    write_json(weights_file.parent / HF_CONFIG_NAME, hf_config_dict(cfg))
+    hf_config = hf_config_dict(cfg)
+    write_json(weights_file.parent / HF_CONFIG_NAME, {**hf_config, HF_CARD_KEY: card} if card else hf_config)
+    if tokenizer is not None:
+        write_tokenizer_files(weights_file.parent, tokenizer, card["prompt_style"], cfg.context_length)
     return weights_file
 
 
@@ -340,11 +350,12 @@ def load_weights(path, dtype=np.float32):
     return load_hf_gpt2(path, dtype)
 
 
-def save_weights(model, path):
-    """Write `model` to a .npz (minigpt) or as Hugging Face (.safetensors file or directory)."""
+def save_weights(model, path, card=None, tokenizer=None):
+    """Write `model` to a .npz (minigpt) or as Hugging Face (.safetensors file or directory), with its
+    `card` (and for Hugging Face its `tokenizer`'s files) when given: see save_npz, save_hf_gpt2."""
     if weights_format(path) == "npz":
-        return save_npz(model, path)
-    return save_hf_gpt2(model, path)
+        return save_npz(model, path, card)
+    return save_hf_gpt2(model, path, card, tokenizer)
 
 
 # ----------------------------------------------------------------------------- downloads

@@ -145,7 +145,7 @@ def run(config, resume=False, log=print):
         log(format_test_metrics(test_pairs, len(test_entries)))
         lora_entry = weights.write_final(model, log)  # with LoRA, the model is merged from here on
         if config.export_hf:
-            steps.export_hf(run_dir, model, run_dir / trained_weights.MODEL_BEST)
+            steps.export_hf(run_dir, model, run_dir / trained_weights.MODEL_BEST, card, tokenizer)
 
         # 6. Answer the test prompts, greedily, and score the answers against the chosen responses
         entries = steps.answer_test_set(model, tokenizer, test_entries, config.prompt_style,
@@ -158,6 +158,7 @@ def run(config, resume=False, log=print):
         report.write_report(run_dir, dict(zip(("training", "validation", "test"), datasets)),
                             time.monotonic() - started)
         log(f"run folder: {run_dir}")
+        log(steps.chat_line(run_dir))
     return run_dir
 
 

@@ -3,8 +3,10 @@
 Prompts are sorted by length (so a batch's rows need little padding) and cut into batches that
 `minigpt.generate` decodes together, left-padded. The batch is bigger than a training batch: decoding
 one token costs little more for many rows than for one, so the limit is the KV cache's memory.
-A row stops at <|endoftext|>; its response is the text of the new tokens up to the first
-<|endoftext|> (the prompt, which ends with the response header, is cut off), stripped of surrounding
+An entry's prompt is its conversation up to its last reply (prompts.reply_prompt; an Alpaca entry's is its
+instruction, input and response header), so a conversation's test answers its last turn given the history.
+A row stops at <|endoftext|>; its response is the text of the new tokens up to the first <|endoftext|>
+or the template's end of a turn (prompts.reply_end: <|end|> with chat), stripped of surrounding
 whitespace. The output mirrors rasbt's instruction-data-with-response.json.
 """
 import sys
@@ -14,7 +16,7 @@ import numpy as np
 
 from ..generation import generate
 from ..nn import eval_mode
-from ..prompts import build_prompt
+from ..prompts import conversation_of, reply_end, reply_prompt
 from ..tokenizer import encode
 from ..training import format_duration
 
@@ -23,16 +25,20 @@ KV_CACHE_BYTES = 512 << 20     # and at most this much KV cache (float32 keys an
 
 
 def prompt_ids(tokenizer, entry, style):
-    """The token ids the model is given: prompt + response header."""
-    return encode(tokenizer, build_prompt(entry, style))
+    """The token ids the model is given: the conversation before its last reply, and the reply's header."""
+    messages = conversation_of(entry)
+    history = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    return encode(tokenizer, reply_prompt(history, style))
 
 
-def decode_response(tokenizer, new_ids):
-    """Text of generated ids up to (not including) the first <|endoftext|>, stripped."""
+def decode_response(tokenizer, new_ids, style):
+    """Text of generated ids up to (not including) the first <|endoftext|> and the first end of a turn of
+    `style`'s template, stripped."""
     new_ids = list(new_ids)
     if tokenizer.eot_token in new_ids:
         new_ids = new_ids[:new_ids.index(tokenizer.eot_token)]
-    return tokenizer.decode(new_ids).strip()
+    text, end = tokenizer.decode(new_ids), reply_end(style)
+    return (text.split(end)[0] if end else text).strip()
 
 
 def generate_responses(model, tokenizer, entries, style, max_new_tokens, batch_size=None, progress=True):
@@ -50,7 +56,7 @@ def generate_responses(model, tokenizer, entries, style, max_new_tokens, batch_s
             batch_prompts = np.array([prompts[batch[0]]]) if len(batch) == 1 else [prompts[i] for i in batch]
             outputs = generate(model, batch_prompts, max_new_tokens, eos_id=tokenizer.eot_token)
             for i, ids in zip(batch, outputs):
-                responses[i] = decode_response(tokenizer, ids[len(prompts[i]):])
+                responses[i] = decode_response(tokenizer, ids[len(prompts[i]):], style)
             now = time.monotonic()
             if progress and (now - last_print > 0.5 or batch is batches[-1]):  # ~2 updates a second
                 last_print = now

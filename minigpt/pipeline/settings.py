@@ -9,6 +9,12 @@ of checkable tasks (minigpt.tasks) with the byte tokenizer. REFERENCE_RECIPE rep
 run starts from pretrained GPT-2 (`model` or `weights`), and a method's recipe (its run module's
 RECIPE) goes on top. `python train.py --help` shows each default. config.json of a run folder holds
 its RunConfig. The checks here hold for every method; each run checks its own settings too.
+
+A weights file minigpt wrote has a model card (files/model_card.py): the tokenizer and the template the
+model was trained with are then the card's (FROM_CARD), and one given that contradicts the card is
+refused. A fine-tuning run also goes on with the data the card names, split as it was, so its test set
+is still held out (a DPO run trains on preference pairs: its recipe's). A file without a card (written
+before cards, or by another tool) implies its tokenizer by its vocabulary, and its template is asked for.
 """
 import dataclasses
 import math
@@ -18,13 +24,18 @@ from typing import Optional
 
 from .. import tasks
 from ..evaluate.judge import DEFAULT_JUDGE_TIMEOUT, DEFAULT_OLLAMA_URL
+from ..files.model_card import implied_tokenizer, model_file, read_card
 from ..files.weights import HUB_REPOS
 from ..lora import check_hyperparameters
-from ..prompts import PROMPT_STYLES
+from ..prompts import CHAT_TEMPLATES, PROMPT_STYLES
 from ..tokenizer import TOKENIZERS
 from ..training import TrainConfig
 
 DATASETS = ("tasks", "reference")  # besides a path to a JSON file
+# The settings that say which data a fine-tuning run trains on and how they are split (a model card's "data")
+DATA_SETTINGS = ("data", "data_seed", "n_train", "n_val", "n_test", "shuffle_seed")
+# The settings each method takes from the model card of its weights when they are not given
+FROM_CARD = {"sft": ("tokenizer", "prompt_style", *DATA_SETTINGS), "dpo": ("tokenizer", "prompt_style")}
 # Settings that belong to one method's run (None for every other method, which refuses them).
 METHOD_SETTINGS = {"beta": "dpo", "nll_weight": "dpo"}
 # Settings a resumed run may change: they bound the run or only affect what happens after training.
@@ -100,6 +111,10 @@ class RunConfig:
         alpha 16); None when LoRA is off."""
         return self.lora_alpha if self.lora_alpha is not None else self.lora_rank
 
+    def data_settings(self):
+        """{setting: value} of DATA_SETTINGS: what a model card records of the data (files.model_card)."""
+        return {name: getattr(self, name) for name in DATA_SETTINGS}
+
     def train_config(self):
         """The training loop's settings (validates them)."""
         return TrainConfig(
@@ -139,7 +154,11 @@ class RunConfig:
         for name in ("max_steps", "patience"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
-        tasks.selected_kinds(self.data)  # unknown task kinds
+        kinds = tasks.selected_kinds(self.data) or ()  # unknown task kinds raise here
+        conversations = [kind for kind in kinds if kind in tasks.CONVERSATION_KINDS]
+        if conversations and self.prompt_style not in CHAT_TEMPLATES:
+            raise ValueError(f"the task kind {conversations[0]} is conversations of several exchanges, and "
+                             f"the {self.prompt_style} template holds one: use --prompt-style chat")
         if self.lora_rank is None and self.lora_alpha is not None:
             raise ValueError("lora_alpha is set but LoRA is off: give lora_rank too")
         if self.lora_rank is not None:
@@ -174,4 +193,31 @@ def make_config(recipe=None, **settings):
     if unknown:
         raise TypeError(f"unknown setting(s): {', '.join(unknown)}")
     pretrained = settings.get("model") is not None or settings.get("weights") is not None
-    return RunConfig(**{**(REFERENCE_RECIPE if pretrained else {}), **(recipe or {}), **settings})
+    from_card = settings_of_weights(settings.get("weights"), settings,
+                                    FROM_CARD.get(settings.get("method", "sft"), ()))
+    return RunConfig(**{**(REFERENCE_RECIPE if pretrained else {}), **(recipe or {}), **from_card,
+                        **settings})
+
+
+def settings_of_weights(path, given, names):
+    """{setting: value} of the settings `names` that the weights file at `path` decides: its model card's.
+    A tokenizer or prompt style in `given` that contradicts the card is refused (ValueError). Without a
+    card, the tokenizer follows from the vocabulary, and a prompt style not given is asked for. Nothing
+    without a path, or for one that does not exist (RunConfig.check_files says so)."""
+    if path is None or not Path(path).exists():
+        return {}
+    card = read_card(path)
+    if card is None:
+        if "prompt_style" not in given:
+            raise ValueError(f"{path} has no model card (written before minigpt recorded one, or by another "
+                             f"tool), so the prompt template it was trained on is unknown: give "
+                             f"--prompt-style ({', '.join(PROMPT_STYLES)}; any for a GPT-2 never fine-tuned)")
+        implied = {} if "tokenizer" in given else {"tokenizer": implied_tokenizer(model_file(path))}
+        return {name: value for name, value in implied.items() if value is not None}
+    for name in ("tokenizer", "prompt_style"):
+        if name in given and given[name] != card[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {given[name]} contradicts the model card of {path}: it was trained "
+                             f"with {flag} {card[name]}; leave {flag} out")
+    recorded = dict(card.get("data", {}), tokenizer=card["tokenizer"], prompt_style=card["prompt_style"])
+    return {name: recorded[name] for name in names if name in recorded}

@@ -20,7 +20,7 @@ import time
 
 from .. import tasks, training
 from ..data import (InstructionDataset, check_responses_fit, check_same_data, data_fingerprint,
-                    download_instruction_data, load_instruction_data)
+                    download_instruction_data, expected_reply, load_instruction_data)
 from ..files.checkpoint import CheckpointFile
 from ..files.fileio import write_json
 from ..files.model_card import make_card
@@ -58,7 +58,7 @@ def run(config, resume=False, log=print):
         tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
         train_entries, val_entries, test_entries = load_splits(
             config.data, config.data_dir, config.shuffle_seed, config.data_seed, config.n_train, config.n_val,
-            config.n_test)
+            config.n_test, config.prompt_style)
         fingerprint = data_fingerprint(train_entries, val_entries, test_entries)
         if resume:
             check_same_data(saved["train_state"].get("data_fingerprint"), fingerprint, checkpoint_path)
@@ -74,7 +74,7 @@ def run(config, resume=False, log=print):
             model = steps.load_model(config.model, config.weights, config.data_dir)
         steps.check_tokenizer_fits(config.tokenizer, tokenizer, model.cfg.vocab_size)
         steps.set_dropout(model, config.drop_rate, config.seed)
-        card = make_card(config.tokenizer, config.prompt_style)  # how to talk to it, in every model file
+        card = make_card(config.tokenizer, config.prompt_style, config.data_settings())  # in every model file
         weights = trained_weights.prepare(model, run_dir, card, config.lora_rank, config.effective_lora_alpha,
                                           config.seed)
 
@@ -103,7 +103,7 @@ def run(config, resume=False, log=print):
             weights.summary(model),
             f"resuming at step {state.step}" if resume else None) if line))
         sample = steps.sample_printer(model, tokenizer, val_entries[0], config.prompt_style,
-                                      config.max_new_tokens, val_entries[0]["output"], log)
+                                      config.max_new_tokens, expected_reply(val_entries[0]), log)
         state = training.train(model, optimizer, train_loader, val_loader, config.train_config(), state=state,
                                checkpoint=checkpoint, best=weights.best, on_epoch_end=sample, log=log,
                                suspects=weights.suspects)
@@ -111,7 +111,7 @@ def run(config, resume=False, log=print):
         plot_losses(state.history, run_dir / "loss-plot.png", title=run_dir.name)
         lora_entry = weights.write_final(model, log)  # with LoRA, the model is merged from here on
         if config.export_hf:
-            steps.export_hf(run_dir, model, run_dir / trained_weights.MODEL_BEST)
+            steps.export_hf(run_dir, model, run_dir / trained_weights.MODEL_BEST, card, tokenizer)
 
         # 5. Answer the test set, greedily: test-responses.json
         entries = steps.answer_test_set(model, tokenizer, test_entries, config.prompt_style,
@@ -124,6 +124,7 @@ def run(config, resume=False, log=print):
         report.write_report(run_dir, {"training": train_loader.dataset, "validation": val_set},
                             time.monotonic() - started)
         log(f"run folder: {run_dir}")
+        log(steps.chat_line(run_dir))
     return run_dir
 
 
@@ -132,15 +133,16 @@ def check_settings(config):
     config.validate()
 
 
-def load_splits(data, data_dir, shuffle_seed, data_seed, n_train, n_val, n_test):
+def load_splits(data, data_dir, shuffle_seed, data_seed, n_train, n_val, n_test, style):
     """(train, val, test) lists of entries: the built-in tasks ('tasks', 'tasks:KIND,...'), rasbt's
-    instruction data ('reference', downloaded into data_dir once) or a JSON file, split 85/5/10."""
+    instruction data ('reference', downloaded into data_dir once) or a JSON file of instructions and
+    conversations, checked against the template `style`, split 85/5/10."""
     kinds = tasks.selected_kinds(data)
     if kinds is not None:
         return tasks.make_task_splits(seed=data_seed, n_train=n_train, n_val=n_val, n_test=n_test,
                                       tasks=kinds)
     path = download_instruction_data(data_dir) if data == "reference" else data
-    return steps.split_in_three(load_instruction_data(path), shuffle_seed, path)
+    return steps.split_in_three(load_instruction_data(path, style), shuffle_seed, path)
 
 
 def new_model_config(vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate):
@@ -177,7 +179,7 @@ def show_batch(config, rows=4, log=print):
     steps.check_tokenizer_fits(config.tokenizer, tokenizer, model_config.vocab_size)
     cut = min(config.allowed_max_length, model_config.context_length)
     train_entries = load_splits(config.data, config.data_dir, config.shuffle_seed, config.data_seed,
-                                config.n_train, config.n_val, config.n_test)[0]
+                                config.n_train, config.n_val, config.n_test, config.prompt_style)[0]
     loader = training_loader(train_entries, tokenizer, config.prompt_style, config.mask_prompt, cut,
                              config.batch_size, config.seed, config.group_by_length)
     inputs, targets = next(iter(loader))                                # (B, T), (B, T)

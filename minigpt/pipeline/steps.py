@@ -6,18 +6,20 @@ these for what does not depend on the method. Each takes the values it uses, nev
 import contextlib
 import dataclasses
 import re
+import shlex
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .. import tasks
-from ..data import format_batch, split_data
+from ..data import expected_reply, format_batch, split_data
 from ..evaluate.judge import JudgeUnavailable, judge_responses
 from ..evaluate.scores import score_responses
 from ..files import runfolder
 from ..files.checkpoint import read_checkpoint
 from ..files.fileio import write_json
+from ..files.model_card import model_file
 from ..files.weights import (load_npz, load_weights, pretrained_gpt2, read_npz_config, save_hf_gpt2,
                              weights_format)
 from ..losses import IGNORE_INDEX
@@ -90,10 +92,11 @@ def split_in_three(entries, shuffle_seed, source, what="entries"):
 
 
 def load_model(model_name, weights_path, data_dir):
-    """Pretrained GPT-2 `model_name` (downloaded into data_dir once) or the weights file `weights_path`."""
+    """Pretrained GPT-2 `model_name` (downloaded into data_dir once) or the weights file `weights_path`
+    (a run folder: its model-final.npz)."""
     if model_name is not None:
         return pretrained_gpt2(model_name, data_dir)
-    return load_weights(weights_path)
+    return load_weights(model_file(weights_path))
 
 
 def model_config_of(model_name, weights_path):
@@ -102,6 +105,7 @@ def model_config_of(model_name, weights_path):
     tensors, so that one is loaded."""
     if model_name is not None:
         return GPTConfig.preset(model_name)
+    weights_path = model_file(weights_path)
     if weights_format(weights_path) == "npz":
         return read_npz_config(weights_path)
     return load_weights(weights_path).cfg
@@ -164,20 +168,32 @@ def print_first_batch(inputs, targets, tokenizer, rows, what, log=print):
 
 def sample_printer(model, tokenizer, entry, style, max_new_tokens, expected, log=print):
     """training.train's on_epoch_end: a greedy response to `entry` after every epoch, beside `expected`."""
+    if "messages" in entry:  # a conversation: its last request, answered after the messages before it
+        messages = entry["messages"]
+        question = f"{messages[-2]['content']!r} (after {len(messages) - 2} messages)"
+    else:
+        question = f"{entry['instruction']} {entry['input']!r}"
+
     def print_sample(state):
         response = generate_responses(model, tokenizer, [entry], style, max_new_tokens, progress=False)[0]
-        log(f"sample after epoch {state.loader_state['epoch']}: {entry['instruction']} {entry['input']!r} "
-            f"-> {response!r} (expected {expected!r})")
+        log(f"sample after epoch {state.loader_state['epoch']}: {question} -> {response!r} "
+            f"(expected {expected!r})")
     return print_sample
 
 
 # ---------------------------------------------------------------------------------------------
 # The end of a run
 
-def export_hf(run_dir, model, best_model_path):
-    """--export-hf: the final and the best weights as Hugging Face GPT-2 folders."""
-    save_hf_gpt2(model, run_dir / "model-final-hf")
-    save_hf_gpt2(load_npz(best_model_path), run_dir / "model-best-hf")
+def export_hf(run_dir, model, best_model_path, card, tokenizer):
+    """--export-hf: the final and the best weights as Hugging Face GPT-2 folders, each with the model card
+    and the tokenizer files with the chat template (files.hf_tokenizer)."""
+    save_hf_gpt2(model, run_dir / "model-final-hf", card, tokenizer)
+    save_hf_gpt2(load_npz(best_model_path), run_dir / "model-best-hf", card, tokenizer)
+
+
+def chat_line(run_dir):
+    """The last line of a run: the command that talks with the model it made (its card says how)."""
+    return f"chat with the model: python generate.py {shlex.quote(str(run_dir))} --chat"
 
 
 def answer_test_set(model, tokenizer, entries, style, max_new_tokens, run_dir, log=print):
@@ -190,7 +206,10 @@ def answer_test_set(model, tokenizer, entries, style, max_new_tokens, run_dir, l
 
 
 def score(entries, judge_model=None, ollama_url=None, judge_timeout=None, log=print):
-    """Exact match (overall and per task kind, when entries have "task"), ROUGE-L F1, the optional judge."""
+    """Exact match (overall and per task kind, when entries have "task"), ROUGE-L F1, the optional judge;
+    a conversation's response is scored against its last reply."""
+    conversations = any("messages" in entry for entry in entries)
+    entries = [dict(entry, output=expected_reply(entry)) for entry in entries]
     scores = score_responses(entries)
     metrics = {"count": scores["count"], "exact_match": scores["exact_match"], "exact_match_by_task": {},
                "rouge_l_f1": scores["rouge_l_f1"], "judge": None}
@@ -201,7 +220,10 @@ def score(entries, judge_model=None, ollama_url=None, judge_timeout=None, log=pr
         f"ROUGE-L F1 {metrics['rouge_l_f1']:.3f}")
     for task, rate in sorted(metrics["exact_match_by_task"].items()):
         log(f"  {task:<12} exact match {rate:.1%}")
-    if judge_model:
+    if judge_model and conversations:
+        log("skipping the LLM judge: its prompt (rasbt's) scores a response to one instruction, not a "
+            "conversation")
+    elif judge_model:
         try:
             metrics["judge"] = judge_responses(entries, model=judge_model, url=ollama_url,
                                                timeout=judge_timeout)
