@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import InstructionDataset
+from ..data import InstructionDataset, expected_reply
 from ..evaluate.scores import exact_match, rouge_l_f1
 from ..files.fileio import atomic_write, parse_json
 from ..training import format_duration
@@ -44,7 +44,7 @@ def write_report(run_dir, datasets=None, seconds=None):
     responses = _read(run_dir / "test-responses.json") or []
     parts = [_heading(run_dir, config, seconds), _settings(config), _data(datasets, responses),
              _training(run_dir, metrics, history), _test_scores(metrics),
-             _examples(responses, "chosen" if config.get("method") == "dpo" else "output")]
+             _examples(responses, _expected_of(config))]
     _write(run_dir, "\n\n".join(part for part in parts if part) + "\n")
 
 
@@ -178,22 +178,35 @@ def _test_scores(metrics):
     return "\n".join(lines)
 
 
-def _examples(responses, expected_key):
+def _expected_of(config):
+    """What a test response is scored against: a DPO run's chosen response, else the expected reply (an
+    Alpaca entry's output, a conversation's last reply)."""
+    return (lambda entry: entry["chosen"]) if config.get("method") == "dpo" else expected_reply
+
+
+def _prompt_of(entry):
+    """The request a test response answers, shortened: the instruction and input, or a conversation's
+    last user message."""
+    if "messages" in entry:
+        return [m["content"] for m in entry["messages"] if m["role"] == "user"][-1]
+    return " / ".join(filter(None, (entry.get("instruction"), entry.get("input"))))
+
+
+def _examples(responses, expected):
     """A few right and a few wrong responses (by exact match; the best and worst by ROUGE-L when none is
-    right, as for free text), in the file's order."""
+    right, as for free text), in the file's order; expected(entry) is the text each is scored against."""
     if not responses:
         return None
-    right = [e for e in responses if exact_match(e["model_response"], e[expected_key])]
-    wrong = [e for e in responses if not exact_match(e["model_response"], e[expected_key])]
+    right = [e for e in responses if exact_match(e["model_response"], expected(e))]
+    wrong = [e for e in responses if not exact_match(e["model_response"], expected(e))]
     sections = []
     right_title = f"Right ({len(right)} of {len(responses)})"
     if not right:
-        wrong.sort(key=lambda e: rouge_l_f1(e["model_response"], e[expected_key]), reverse=True)
+        wrong.sort(key=lambda e: rouge_l_f1(e["model_response"], expected(e)), reverse=True)
         right, wrong, right_title = wrong[:EXAMPLES], wrong[::-1], "Closest (no exact match; by ROUGE-L)"
     for title, entries in ((right_title, right), (f"Wrong ({len(wrong)} of {len(responses)})", wrong)):
         if entries:
-            rows = [(_shortened(" / ".join(filter(None, (e.get("instruction"), e.get("input"))))),
-                     _shortened(e[expected_key]), _shortened(e["model_response"]))
+            rows = [(_shortened(_prompt_of(e)), _shortened(expected(e)), _shortened(e["model_response"]))
                     for e in entries[:EXAMPLES]]
             sections.append(f"### {title}\n\n" + _table(("prompt", "expected", "response"), rows))
     return "## Examples\n\n" + "\n\n".join(sections)
