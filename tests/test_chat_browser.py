@@ -2,43 +2,32 @@
 setup.cfg's dev extra), loads the page from a server on 127.0.0.1, sends messages, sees each reply stream
 in piece by piece, and stops one midway. Skipped where selenium, Chromium or chromedriver is missing;
 Debian/Ubuntu: `apt-get install chromium chromium-driver` (README, "Chat")."""
-import shutil
+import importlib.util
 import time
+from pathlib import Path
 
 import pytest
 
 from test_chat_server import running, slowed
 from test_chat_session import chatty_model
 
-webdriver = pytest.importorskip("selenium.webdriver")
-BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(BROWSER is None or DRIVER is None,
-                                reason="no Chromium and chromedriver (apt-get install chromium chromium-driver)")
-# Without a network, Chromium would wait on its background connections: every one is switched off.
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--no-first-run", "--window-size=900,700")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("chat_screenshot", REPO_ROOT / "benchmarks/chat_screenshot.py")
+screenshot = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(screenshot)
+
+pytest.importorskip("selenium.webdriver")
+pytestmark = pytest.mark.skipif(None in screenshot.find_browser(), reason="no Chromium and chromedriver "
+                                "(apt-get install chromium chromium-driver)")
 
 
 @pytest.fixture
 def browser(tmp_path):
-    options = webdriver.ChromeOptions()
-    options.binary_location = BROWSER
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+    driver = screenshot.start_chromium(tmp_path / "profile")   # headless, every background connection off
     try:
         yield driver
     finally:
         driver.quit()
-
-
-def wait_for(condition, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the page did not get there in time"
-        time.sleep(0.01)
 
 
 def send(driver, text, stop_after=None):
@@ -46,7 +35,7 @@ def send(driver, text, stop_after=None):
     stop_after: click Stop once the reply shows this many characters."""
     driver.find_element("id", "input").send_keys(text)
     driver.find_element("id", "send").click()
-    wait_for(lambda: driver.find_element("tag name", "body").get_attribute("data-busy") == "true")
+    screenshot.wait_for(lambda: driver.find_element("tag name", "body").get_attribute("data-busy") == "true")
     seen = []
     while driver.find_element("tag name", "body").get_attribute("data-busy") == "true":
         replies = driver.find_elements("css selector", ".message.assistant")
@@ -65,7 +54,7 @@ def test_the_page_sends_messages_streams_the_replies_and_stops_one(browser, monk
     with running(model) as server:
         slowed(model, monkeypatch, seconds=0.05)                     # so the page can be seen streaming
         browser.get(f"http://127.0.0.1:{server.server_port}/")
-        wait_for(lambda: "chat template" in browser.find_element("id", "model").text)
+        screenshot.wait_for(lambda: "chat template" in browser.find_element("id", "model").text)
 
         seen, reply = send(browser, "Hi")
         assert reply == "Hello!"
