@@ -100,7 +100,8 @@ def build_parser():
     sampling.add_argument("--top-k", type=int,
                           help="when sampling, draw only from the K most likely tokens (default: all)")
     sampling.add_argument("--seed", type=int,
-                          help="seed for sampling, so a run can be repeated (default: a fresh seed)")
+                          help="seed for sampling, so a run can be repeated (default: a fresh seed; with "
+                               "--serve, each request gives its own)")
     tokens = parser.add_argument_group("tokenizer")
     tokens.add_argument("--tokenizer", choices=TOKENIZERS,
                         help=f"for a model file without a model card (default: gpt2 for a vocabulary of "
@@ -135,6 +136,8 @@ def check_args(args):
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.seed is not None and args.serve:
+        raise UsageError('--seed does not apply to --serve: each request gives its own "seed"')
     if args.port is not None and not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be a port number (0 to 65535), got {args.port}")
     if args.lora is not None and not os.path.isfile(args.lora):  # before a base is loaded, maybe downloaded

@@ -1,12 +1,13 @@
 """A screenshot of the chat page, taken by headless Chromium (docs/chat-page.png in README and docs/chat.md).
 
-    python benchmarks/chat_screenshot.py runs/NAME docs/chat-page.png --message "Reverse 'qxbf'" \\
-        --message "Sort the letters of 'dcba'"
+    python benchmarks/chat_screenshot.py runs/default docs/chat-page.png --message "Reverse\\nqxbf" \\
+        --message "Sort\\ndcba" --message "Uppercase\\nhello"
 
 It starts `python generate.py RUN_DIR --serve --port 0` (any free port), opens the page in headless
 Chromium (driven by selenium: `pip install -e .[dev]`; the browser: `apt-get install chromium
-chromium-driver`), sends each message, waits for its reply, and saves the page as a PNG. The browser
-test (tests/test_chat_browser.py) starts Chromium the same way (start_chromium).
+chromium-driver`), sends each message ("\\n" in it: a new line, typed as Shift+Enter), waits for its
+reply, and saves the page as a PNG. The browser test (tests/test_chat_browser.py) starts Chromium the
+same way (start_chromium).
 """
 import argparse
 import shutil
@@ -48,6 +49,16 @@ def wait_for(condition, timeout=120):
         time.sleep(0.01)
 
 
+def type_message(driver, text):
+    """Type `text` into the page's text box, each new line as Shift+Enter (Enter alone sends)."""
+    from selenium.webdriver import ActionChains, Keys
+    box = driver.find_element("id", "input")
+    for i, line in enumerate(text.split("\n")):
+        if i:
+            ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+        box.send_keys(line)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run folder or model file, as generate.py takes it")
@@ -68,10 +79,12 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as profile:
             driver = start_chromium(profile, args.width, args.height)
             try:
+                frame = driver.execute_script("return window.outerHeight - window.innerHeight")
+                driver.set_window_size(args.width, args.height + frame)      # the page gets the height asked
                 driver.get(url)
                 wait_for(lambda: "template" in driver.find_element("id", "model").text)
                 for message in args.message:
-                    driver.find_element("id", "input").send_keys(message)
+                    type_message(driver, message.replace("\\n", "\n"))
                     driver.find_element("id", "send").click()
                     wait_for(lambda: driver.find_elements("css selector", ".message.assistant"))
                     wait_for(lambda: driver.find_element("tag name", "body").get_attribute("data-busy")

@@ -240,6 +240,14 @@ def test_ctrl_c_stops_a_reply_in_the_terminal_and_the_chat_goes_on(monkeypatch):
     assert session.last.ids == uncached_reply(model, prompt, len(session.last.ids))
 
 
+def test_a_line_ending_in_a_backslash_goes_on_on_the_next():
+    session = ChatSession(random_model(), TOKENIZER, "phi3")
+    run_chat(session, ["Reverse\\\n", "qxbf\n", "last\\\n"])                # the input ends mid-message
+    assert session.messages[0] == {"role": "user", "content": "last"}
+    run_chat(session, ["Reverse\\\n", "qxbf\n"])
+    assert session.messages[0] == {"role": "user", "content": "Reverse\nqxbf"}   # phi3's instruction + input
+
+
 def test_the_terminal_chat_says_when_the_template_holds_one_exchange():
     _, notes = run_chat(ChatSession(random_model(), TOKENIZER, "alpaca"), ["/system Be brief.\n"])
     assert any("each message is answered on its own" in note for note in notes)

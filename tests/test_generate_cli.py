@@ -329,6 +329,7 @@ BAD_INPUTS = {
     "system without chat": (OK + ["--system", "Be brief."], "--system needs --chat"),
     "port without serve": (OK + ["--port", "8001"], "--port needs --serve"),
     "port out of range": (["{npz}", "--serve", "--port", "70000"], "--port must be a port number"),
+    "seed with serve": (["{npz}", "--serve", "--seed", "1"], "--seed does not apply to --serve"),
     "unknown prompt style": (["--weights", "{npz}", "--instruction", "x", "--prompt-style", "chat2"],
                              "chat2"),
     "end of text in the prompt": (["--weights", "{npz}", "--prompt", f"a{EOT}b"], f"{EOT!r}"),

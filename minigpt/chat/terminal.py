@@ -1,7 +1,8 @@
 """The chat in the terminal: `python generate.py RUN_DIR --chat`.
 
-Each line is a message; the reply streams to stdout, and notes (what was dropped, a reply cut short) go
-to stderr, so stdout holds the replies alone. A line starting with "/" is a command:
+Each line is a message (a line that ends with a backslash goes on on the next line: a message of several
+lines); the reply streams to stdout, and notes (what was dropped, a reply cut short) go to stderr, so
+stdout holds the replies alone. A line starting with "/" is a command:
 
     /reset          a new conversation (the system message stays)
     /system TEXT    a new conversation under the system message TEXT (/system alone: none)
@@ -22,6 +23,8 @@ def chat(session, read_line, write, note, max_new_tokens, temperature=0.0, top_k
              f"(a model trained with --prompt-style chat keeps the conversation)")
     while True:
         line = read_line()
+        while line.rstrip("\r\n").endswith("\\"):          # the message goes on on the next line
+            line = line.rstrip("\r\n")[:-1] + "\n" + read_line()
         if not line:                                       # the end of the input
             return 0
         text = line.strip()
