@@ -260,21 +260,24 @@ def run(args, out):
         return 0
     read = read_line()
     while True:
-        line = read().rstrip("\r\n")
+        line = read("> ").rstrip("\r\n")
         if not line.strip() or line.strip().lower() in QUIT_WORDS:   # EOF reads as ""
             return 0
         answer(prompt_text(line, style, raw=args.raw), () if args.raw else [reply_end(style)])
 
 
 def read_line():
-    """A function reading one line of stdin ("" at its end); it shows "> " on stderr to a person at a
-    terminal, so stdout holds only the generated text."""
+    """A function read(marker) reading one line of stdin ("" at its end); it shows the marker on stderr to
+    a person at a terminal, so stdout holds only the generated text."""
     show_marker = sys.stdin.isatty()
 
-    def read():
+    def read(marker):
         if show_marker:
-            print("> ", end="", file=sys.stderr, flush=True)
-        return sys.stdin.readline()
+            print(marker, end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if show_marker and not line:                     # Ctrl-D: the marker's line ends
+            print(file=sys.stderr)
+        return line
     return read
 
 

@@ -201,7 +201,7 @@ def test_the_cached_context_reuses_the_longest_shared_prefix_and_recomputes_the_
 def run_chat(session, lines):
     """chat() on `lines`; returns (stdout, notes)."""
     lines, out, notes = iter(lines), [], []
-    assert chat(session, lambda: next(lines, ""), out.append, notes.append, max_new_tokens=30) == 0
+    assert chat(session, lambda marker: next(lines, ""), out.append, notes.append, max_new_tokens=30) == 0
     return "".join(out), notes
 
 

@@ -15,16 +15,17 @@ COMMANDS = "/reset, /system TEXT, /quit"
 
 
 def chat(session, read_line, write, note, max_new_tokens, temperature=0.0, top_k=None, rng=None):
-    """Talk until the input ends or /quit: read_line() -> a line or "" at the end; write(text) for replies,
+    """Talk until the input ends or /quit: read_line(marker) -> a line or "" at the end (marker: what a
+    person at a terminal is shown, "> ", or "... " for a message that goes on); write(text) for replies,
     note(text) for everything else. Returns the exit code, 0."""
     note(f"commands: {COMMANDS}; Ctrl-C stops a reply, Ctrl-D ends the chat")
     if session.one_exchange:
         note(f"the {session.style} template holds one exchange, so each message is answered on its own "
              f"(a model trained with --prompt-style chat keeps the conversation)")
     while True:
-        line = read_line()
+        line = read_line("> ")
         while line.rstrip("\r\n").endswith("\\"):          # the message goes on on the next line
-            line = line.rstrip("\r\n")[:-1] + "\n" + read_line()
+            line = line.rstrip("\r\n")[:-1] + "\n" + read_line("... ")
         if not line:                                       # the end of the input
             return 0
         text = line.strip()
