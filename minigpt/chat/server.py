@@ -12,7 +12,8 @@ two never mix. The server keeps a few KV caches (CACHE_SLOTS): a request that co
 has seen runs only its new tokens. A client that goes away (a closed tab, the page's stop button) stops
 its reply within a token. It listens on 127.0.0.1 unless told otherwise, and then answers only requests
 that name this machine (the Host header), so a web page elsewhere cannot reach it through a DNS name of
-its own; a page cannot post JSON to it either, since its answers carry no CORS headers.
+its own. Nor can such a page post JSON to it: the browser asks first (OPTIONS, CORS), which this server
+never grants.
 """
 import http.server
 import json
