@@ -28,12 +28,15 @@ def prompt_ids(tokenizer, messages, style):
 
 
 class ChatSession:
+    """A conversation in `style`'s template: messages (the system message first, if any), ids (the token
+    ids of its text), context (their keys and values), last (the latest reply's ReplyText)."""
+
     def __init__(self, model, tokenizer, style, system=None):
         self.tokenizer, self.style = tokenizer, check_style(style)
         self.one_exchange = style not in CHAT_TEMPLATES
         self.context = CachedContext(model)
         self.context_length = model.cfg.context_length
-        self.system = None
+        self.system, self.last = None, None
         self.set_system(system)
 
     def set_system(self, text):
