@@ -14,6 +14,9 @@ Rows (targets are minigpt/PyTorch ratios from the issue):
     eval-*      forward + loss under no_grad, the same batch
     generate-*  greedy decoding, 100-token prompt, 100 new tokens, batch 1: tokens/s (prefill included);
                 PyTorch side: transformers' GPT2LMHeadModel(GPT2Config()).generate
+    chat-turn   a chat's 5th turn (4 exchanges of a 60-token message and a 100-token reply before it): the
+                time to its first token with the KV cache kept across turns and with the history recomputed,
+                and its reply's tokens/s over the ~700-token history; minigpt only
     train-*-lora  the same step training only LoRA adapters (rank 16, alpha 16, the four block linears);
                 PyTorch side: torch_gpt2's LoRA option (frozen nn.Linear + lora_A/lora_B Parameters)
     epoch-*     one epoch of the fine-tuning job (935 Alpaca examples, GPT-2 tokenizer, batch 8, the real
@@ -56,11 +59,12 @@ MODELS = {
     "default": dict(vocab_size=257, context_length=64, emb_dim=128, n_heads=4, n_layers=4),
 }
 RESPONSE_TOKENS = 32               # new tokens per test-set response (random weights: no early stop)
+CHAT_TURNS, CHAT_MESSAGE_TOKENS, CHAT_REPLY_TOKENS = 5, 60, 100   # chat-turn: its 5th turn's first token
 
 
 @dataclass(frozen=True)
 class Row:
-    kind: str                # "train" | "eval" | "tasks" | "generate" | "responses" | "epoch"
+    kind: str                # "train" | "eval" | "tasks" | "generate" | "chat" | "responses" | "epoch"
     model: str               # key of MODELS
     target: tuple = None     # (op, x): minigpt/PyTorch should be op x; None: no target
     batch: int = 8
@@ -85,6 +89,7 @@ ROWS = {
     "eval-gpt2-8x256": Row("eval", "gpt2-small", ("<=", 0.7), seq_len=256),
     "generate-cached": Row("generate", "gpt2-small", (">=", 1.0), batch=1, seq_len=100),
     "generate-uncached": Row("generate", "gpt2-small", None, batch=1, seq_len=100, use_cache=False),
+    "chat-turn": Row("chat", "gpt2-small", None, batch=1, seq_len=CHAT_MESSAGE_TOKENS),
     "responses-ragged": Row("responses", "gpt2-small", (">=", 1.0), repeats=1),
     "epoch-plain": Row("epoch", "gpt2-small", ("<=", 0.6)),
     "epoch-mask": Row("epoch", "gpt2-small", ("<=", 0.6), mask_prompt=True),
@@ -227,7 +232,7 @@ def run_worker(args):
     result = {"row": name, "framework": args.framework,
               "baseline_rss_mib": current_rss_mib()}  # the framework imported, nothing built yet
     measure = {"train": measure_step, "eval": measure_step, "tasks": measure_task_steps,
-               "generate": measure_generation, "responses": measure_responses,
+               "generate": measure_generation, "chat": measure_chat_turn, "responses": measure_responses,
                "epoch": measure_epoch}[row.kind]
     result.update(measure(side, row, args))          # builds, resets the peak, times
     work_peak_mib = peak_rss_mib()
@@ -259,6 +264,39 @@ def measure_generation(side, row, args):
     times = time_calls(lambda: side.generate(prompt, args.gen_tokens, row.use_cache), warmup_of(row, args),
                        args.repeats or row.repeats)
     return {**setup, "value": args.gen_tokens / statistics.median(times), "unit": "tok/s", "times": times}
+
+
+def measure_chat_turn(side, row, args):
+    """A chat's CHAT_TURNS-th turn, after exchanges of random messages and greedy replies (minigpt only):
+    the time to its first token with the KV cache kept across turns (only the new message runs) and with
+    the whole history recomputed, then its reply's tokens/s, each step attending to the whole history."""
+    import numpy as np
+    from minigpt.generation import CachedContext
+    side.build_generator()
+    rng = np.random.default_rng(args.seed)
+    chat, ids = CachedContext(side.model), []
+    for _ in range(CHAT_TURNS - 1):
+        ids += rng.integers(0, 50257, size=CHAT_MESSAGE_TOKENS).tolist()
+        ids += list(chat.generate(ids, CHAT_REPLY_TOKENS))
+    ids += rng.integers(0, 50257, size=CHAT_MESSAGE_TOKENS).tolist()           # the new turn's message
+    cached = chat.cache.length                                               # all but the last reply token
+    setup = setup_done()
+    warmup, repeats = warmup_of(row, args), args.repeats or row.repeats
+
+    def kept():
+        chat.cache.truncate(cached)                                          # as the turn began
+        chat.next_logits(ids)                                                # runs the message (+1 token)
+
+    def reply():
+        chat.cache.truncate(cached)
+        assert len(list(chat.generate(ids, args.gen_tokens))) == args.gen_tokens
+    kept_times = time_calls(kept, warmup, repeats)
+    recomputed_times = time_calls(lambda: CachedContext(side.model).next_logits(ids), warmup, repeats)
+    reply_times = time_calls(reply, warmup, repeats)
+    return {**setup, "value": statistics.median(kept_times), "unit": "s", "times": kept_times,
+            "recomputed_s": statistics.median(recomputed_times), "recomputed_times": recomputed_times,
+            "reply_tok_s": args.gen_tokens / statistics.median(reply_times), "reply_times": reply_times,
+            "history_tokens": len(ids), "new_tokens": len(ids) - cached}
 
 
 def measure_task_steps(side, row, args):
@@ -568,6 +606,12 @@ def table_rows(names, results):
                "responses": "responses/s", "epoch": "epoch (projected)"}
     for name in names:
         row = ROWS[name]
+        if row.kind == "chat":  # minigpt against itself (*): the KV cache kept across turns, or not
+            add(name, "first token, turn 5 (*)", "s", figure(name, "minigpt"),
+                figure(name, "minigpt", "recomputed_s"), None)
+            add("", "reply tokens/s", "tok/s", figure(name, "minigpt", "reply_tok_s"), None, None)
+            add("", "peak RSS", "MiB", figure(name, "minigpt", "peak_rss_mib"), None, None)
+            continue
         theirs = REFERENCE_EPOCH_ROW if row.kind == "epoch" else name
         unit = {"generate": "tok/s", "responses": "responses/s"}.get(row.kind, "s")
         add(name, metrics[row.kind], unit, figure(name, "minigpt"), figure(theirs, "torch"), row.target)
@@ -666,7 +710,7 @@ def drive(args):
         for framework in frameworks:
             kind = ROWS[name].kind
             key = (REFERENCE_EPOCH_ROW if framework == "torch" and kind == "epoch" else name, framework)
-            if key in results:
+            if key in results or (framework == "torch" and kind == "chat"):   # chat: minigpt alone
                 continue
             if (framework == "torch" and kind in ("generate", "responses")
                     and machine["transformers"] == "not installed"):
@@ -682,7 +726,8 @@ def drive(args):
           f"head) for train/eval; transformers GPT2LMHeadModel for generate.\nepoch: collate + mean of "
           f"{args.epoch_steps} timed steps (batches at size quantiles) x batches; the PyTorch figure is "
           f"the reference pipeline (no grouping, no masking, full head).\n(*) LoRA rows: the PyTorch "
-          f"column holds minigpt's full fine-tuning ({LORA_FULL_ROW}; run it too).")
+          f"column holds minigpt's full fine-tuning ({LORA_FULL_ROW}; run it too); chat-turn: minigpt "
+          f"with the history recomputed instead of the KV cache kept.")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "machine": machine,
                                                "results": list(results.values()), "table": rows}, indent=2))

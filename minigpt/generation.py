@@ -10,6 +10,9 @@ is never attended to and its positions count from its own first token (see KVCac
 gets exactly the tokens it would get alone. Decoding one token costs about as much for 32 rows as for
 one (the time goes into reading the weights), so a full batch of ragged prompts is much faster than
 small batches of prompts that happen to have equal lengths.
+
+A chat keeps one sequence's cache between turns (`CachedContext`): each turn runs only the tokens after
+what is already cached, its new message, not the whole conversation again.
 """
 import numpy as np
 
@@ -104,3 +107,51 @@ def pick_next_token(logits, temperature=0.0, top_k=None, rng=None):
     cumulative = np.cumsum(probs, axis=-1)                                         # (B, V)
     draws = rng.random(len(logits)) * cumulative[:, -1]                            # (B,) in [0, total)
     return np.minimum((cumulative <= draws[:, None]).sum(axis=-1), logits.shape[-1] - 1)
+
+
+class CachedContext:
+    """One sequence of token ids whose keys and values stay in a KV cache between calls: a chat's history.
+
+    Each call is given the whole sequence; only the tokens after the longest prefix it shares with the
+    cached ones run through the model, so a chat's new turn costs its new tokens, not the conversation.
+    Positions are absolute: a sequence that changed early (its oldest turns dropped) runs again from the
+    first token that differs. Interrupted mid-step (Ctrl-C), the cache still holds a correct prefix.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = KVCache(model.cfg, 1, model.cfg.context_length, model.dtype)
+        self.ids = []   # the cache holds the keys and values of self.ids[:self.cache.length]
+
+    def shared_length(self, ids):
+        """How many leading tokens of `ids` (a list) have their keys and values in the cache."""
+        n = min(len(ids), self.cache.length)
+        if ids[:n] == self.ids[:n]:
+            return n
+        return next(i for i in range(n) if ids[i] != self.ids[i])
+
+    def next_logits(self, ids):
+        """Logits (V,) of the token after `ids` (a list of 1 .. context_length ids), from the cache."""
+        start = min(self.shared_length(ids), len(ids) - 1)   # the last token always runs: its logits count
+        self.cache.truncate(start)
+        self.ids = list(ids)
+        with no_grad():
+            logits = self.model(np.array([ids[start:]], dtype=np.int64), kv_cache=self.cache, last_only=True)
+        return logits.data[0, -1]                                    # (1, 1, V) -> (V,)
+
+    def generate(self, ids, max_new_tokens, temperature=0.0, top_k=None, rng=None, eos_id=None):
+        """Yield up to max_new_tokens token ids after `ids`, one at a time, as generate_tokens does for one
+        row; stops after eos_id. The history and its reply must fit the context window."""
+        if not ids or len(ids) + max_new_tokens > self.model.cfg.context_length:
+            raise ValueError(f"{len(ids)} tokens + {max_new_tokens} new ones do not fit the context window "
+                             f"of {self.model.cfg.context_length} tokens (or there is no token to continue)")
+        rng = rng if rng is not None else np.random.default_rng()
+        ids = list(ids)
+        logits = self.next_logits(ids)
+        for n in range(max_new_tokens):
+            token = int(pick_next_token(logits[None], temperature, top_k, rng)[0])
+            yield token
+            if token == eos_id or n == max_new_tokens - 1:           # the last token needs no logits
+                return
+            ids.append(token)
+            logits = self.next_logits(ids)                           # runs this one token

@@ -145,6 +145,13 @@ class KVCache:
         self.length = 0
         self.pad = np.zeros(batch_size, dtype=np.int64) if pad is None else np.asarray(pad, dtype=np.int64)
 
+    def truncate(self, length):
+        """Forget every position from `length` on; the next tokens are stored from there (a chat whose
+        history changed after its first `length` tokens keeps their keys and values)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KVCache.truncate: {length} is not within the {self.length} cached positions")
+        self.length = length
+
     def positions(self, T):
         """Position ids of the next T tokens: (T,) when no row is padded, else (B, T) counted per row."""
         positions = np.arange(self.length, self.length + T)                 # (T,)
@@ -177,7 +184,8 @@ class KVCache:
         values[:, :, start:] = v
         att = q @ keys.transpose(0, 1, 3, 2)                                 # (B, NH, t, end)
         att *= 1.0 / math.sqrt(hs)
-        att += F.causal_mask(t, end, att.dtype)
+        if t > 1:                                                            # one new query sees every key
+            att += F.causal_mask(t, end, att.dtype)
         if self.pad.any():
             is_padding = np.arange(end)[None, :] < self.pad[:, None]         # (B, end)
             att += np.where(is_padding, np.finfo(att.dtype).min, 0).astype(att.dtype)[:, None, None, :]

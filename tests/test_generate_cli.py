@@ -22,6 +22,8 @@ from minigpt.optim import Adam
 from minigpt.tokenizer import EOT, VOCAB_DIR_ENV, encode, get_tokenizer
 from minigpt.files.weights import load_weights, save_hf_gpt2, save_npz
 from minigpt.files.adapters import save_adapters
+from minigpt.files.model_card import make_card
+from test_chat_session import chatty_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GPT2_VOCAB_DIR = REPO_ROOT.parent / "shared" / "data" / "gpt2"
@@ -138,8 +140,8 @@ def test_model_name_loads_the_cached_pretrained_npz(checkpoints, tmp_path, capsy
 # ----------------------------------------------------------------------------- interactive mode
 
 def test_interactive_answers_each_line_until_quit(checkpoints, capsys, monkeypatch):
-    code, out, err = run_cli(["--weights", checkpoints["npz"], "--interactive", "--max-new-tokens", N_NEW],
-                             capsys, monkeypatch=monkeypatch,
+    code, out, err = run_cli(["--weights", checkpoints["npz"], "--interactive", "--prompt-style", "alpaca",
+                              "--max-new-tokens", N_NEW], capsys, monkeypatch=monkeypatch,
                              stdin="Name a color.\nCount to three.\nquit\nnever read\n")
     model, tokenizer = checkpoints["model"], get_tokenizer("byte")
     answers = [expected_text(model, tokenizer, cli.prompt_text(line, "alpaca"))
@@ -191,26 +193,6 @@ def test_characters_split_across_tokens_print_whole_and_eot_stops(checkpoints, m
     assert new_ids == list(text.encode("utf-8"))
 
 
-def test_text_stream_joins_to_the_full_decode_even_for_invalid_utf8():
-    tokenizer = get_tokenizer("byte")
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        some_bytes = [0x41, 0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0xFF, 0x80]  # pieces of é, €, 🤖
-        ids = rng.choice(some_bytes, size=rng.integers(1, 9))
-        stream = cli.TextStream(tokenizer)
-        assert "".join(stream.feed(i) for i in ids) + stream.finish() == tokenizer.decode(ids.tolist())
-
-
-@needs_vocab
-def test_text_stream_with_gpt2_tokens_that_split_an_emoji():
-    tokenizer = get_tokenizer("gpt2", GPT2_VOCAB_DIR)
-    ids = encode(tokenizer, "robot 🤖 café")
-    assert len(ids) > len("robot 🤖 café".split())  # the emoji takes several byte-level tokens
-    stream = cli.TextStream(tokenizer)
-    pieces = [stream.feed(i) for i in ids] + [stream.finish()]
-    assert "".join(pieces) == "robot 🤖 café" and "\ufffd" not in "".join(pieces)
-
-
 # ----------------------------------------------------------------------------- the GPT-2 tokenizer
 
 @pytest.fixture(scope="module")
@@ -251,6 +233,45 @@ def test_lora_adapters_are_applied_to_the_base_and_merged(checkpoints, tmp_path,
     code, out, err = run_cli(["--weights", checkpoints["npz"], "--lora", adapters, "--prompt", "The cat",
                               "--max-new-tokens", N_NEW], capsys)
     assert (code, err) == (0, "") and out == expected + "\n"
+
+
+# ----------------------------------------------------------------------------- model cards and the chat
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder whose model-final.npz has memorized a chat (test_chat_session) and carries its card."""
+    folder = tmp_path_factory.mktemp("run")
+    save_npz(chatty_model(), folder / "model-final.npz", make_card("byte", "chat"))
+    save_npz(chatty_model(), folder / "no-card.npz")
+    return folder
+
+
+def test_a_run_folder_or_its_model_file_needs_no_other_setting(run_dir, capsys, monkeypatch):
+    code, out, err = run_cli([run_dir, "--chat"], capsys, "Hi\nAgain\n", monkeypatch)
+    assert (code, out) == (0, "Hello!\nHi again.\n")                 # the conversation, markers never shown
+    assert err.startswith(f"chat with {run_dir / 'model-final.npz'}: chat template, byte tokenizer")
+    code, out, _ = run_cli([run_dir / "model-final.npz", "--instruction", "Hi", "--prompt-style", "chat"],
+                           capsys)
+    assert (code, out) == (0, "Hello!\n")                               # a flag that agrees with the card
+
+
+@pytest.mark.parametrize("flag, value, card_says", [("--tokenizer", "gpt2", "byte"),
+                                                    ("--prompt-style", "phi3", "chat")])
+def test_a_setting_that_contradicts_the_model_card_is_refused_naming_both(run_dir, capsys, flag, value,
+                                                                          card_says):
+    code, out, err = run_cli([run_dir, "--instruction", "Hi", flag, value], capsys)
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    file = run_dir / "model-final.npz"
+    assert f"{flag} {value} contradicts the model card of {file}, which says {card_says}" in err
+
+
+def test_a_file_without_a_card_asks_for_its_template_in_one_line(run_dir, capsys, monkeypatch):
+    code, out, err = run_cli([run_dir / "no-card.npz", "--chat"], capsys)
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert "has no model card" in err and "give --prompt-style (alpaca, phi3, chat)" in err
+    code, out, _ = run_cli([run_dir / "no-card.npz", "--chat", "--prompt-style", "chat"], capsys, "Hi\n",
+                           monkeypatch)                                 # the byte tokenizer: 257 tokens
+    assert (code, out) == (0, "Hello!\n")
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
@@ -302,10 +323,17 @@ BAD_INPUTS = {
     "unknown tokenizer": (OK + ["--tokenizer", "bpe"], "--tokenizer"),
     "tokenizer/model vocab mismatch": (OK + ["--tokenizer", "gpt2"], "257"),
     "vocab matching no tokenizer": (["--weights", "{bad}/v100.npz", "--prompt", "x"], "100"),
+    "model given twice": (["{npz}", "--weights", "{npz}", "--prompt", "x"], "give the model once"),
+    "two modes": (["{npz}", "--chat", "--serve"], "exactly one of"),
+    "a folder without a model": (["{bad}/empty_dir", "--prompt", "x"], "neither model-final.npz"),
+    "system without chat": (OK + ["--system", "Be brief."], "--system needs --chat"),
+    "port without serve": (OK + ["--port", "8001"], "--port needs --serve"),
+    "port out of range": (["{npz}", "--serve", "--port", "70000"], "--port must be a port number"),
+    "seed with serve": (["{npz}", "--serve", "--seed", "1"], "--seed does not apply to --serve"),
     "unknown prompt style": (["--weights", "{npz}", "--instruction", "x", "--prompt-style", "chat2"],
                              "chat2"),
     "end of text in the prompt": (["--weights", "{npz}", "--prompt", f"a{EOT}b"], f"{EOT!r}"),
-    "end of text in an instruction": (["--weights", "{npz}", "--instruction", EOT], "literal text"),
+    "end of text in an instruction": (["{npz}", "--instruction", EOT, "--prompt-style", "phi3"], "literal"),
     "missing adapters file": (OK + ["--lora", "{bad}/missing.npz"], "adapters file not found"),
     "adapters file not an npz": (OK + ["--lora", "{bad}/notzip.npz"], "not an .npz archive"),
     "adapters for another base": (OK + ["--lora", "{bad}/other-adapters.npz"],

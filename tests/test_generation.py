@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from minigpt import GPTConfig, GPTModel, generate, no_grad
+from minigpt.cpu import parallel
 from minigpt.model import KVCache
 from minigpt.pipeline.responses import generate_responses, response_batches
 from minigpt.tokenizer import byte_tokenizer
@@ -83,3 +84,18 @@ def test_test_set_responses_in_ragged_batches_equal_one_at_a_time(model):
              for entry in entries]
     assert batched == alone
     assert len(set(batched)) > 1
+
+
+def test_decoding_products_split_over_their_rows_give_the_tokens_of_recomputing():
+    """Wide enough (768 channels), one decoded token's MLP products are split over K across the threads
+    (cpu/parallel.py:matmul); the greedy tokens stay those of the uncached path, which never splits so."""
+    cfg = GPTConfig(vocab_size=257, context_length=64, emb_dim=768, n_heads=12, n_layers=1)
+    assert parallel._count_matmul_slices(768, 768 * 3072) > 1 or parallel.num_threads() == 1
+    model = GPTModel(cfg, seed=2)
+    for name, p in model.named_parameters():
+        if not name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            p.data *= 5.0
+    idx = np.random.default_rng(0).integers(0, 257, size=(1, 10))
+    cached = generate(model.eval(), idx, 40)
+    np.testing.assert_array_equal(cached, generate(model, idx, 40, use_cache=False))
+    assert len(set(cached[0, 10:].tolist())) > 10                   # real continuations, not one token

@@ -16,10 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_products_equal_numpy_for_every_split():
     rng = np.random.default_rng(0)
-    # matmul: split by rows, by columns, by rows, not at all; matmul_tn: by its reduction N, by columns, by
-    # rows K, not at all
-    for N, K, M in [(4096, 64, 96), (3, 128, 2000), (64, 3000, 32), (1, 7, 5)]:
-        a, b = rng.standard_normal((N, K)), rng.standard_normal((K, M))
+    # matmul: split by rows, by columns, by rows, not at all, over K (one row: a decoded token), by columns
+    # (one row times a transposed b: the output head); matmul_tn: by its reduction N, by columns, by rows K,
+    # not at all, by columns, by columns
+    for N, K, M, b_transposed in [(4096, 64, 96, False), (3, 128, 2000, False), (64, 3000, 32, False),
+                                  (1, 7, 5, False), (1, 3000, 1000, False), (1, 1000, 3000, True)]:
+        a = rng.standard_normal((N, K))
+        b = rng.standard_normal((M, K)).T if b_transposed else rng.standard_normal((K, M))
         bias = rng.standard_normal(M)
         np.testing.assert_allclose(parallel.matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(parallel.matmul(a, b, bias), a @ b + bias, rtol=1e-12, atol=1e-12)
