@@ -16,8 +16,9 @@ import train
 from minigpt import GPTConfig, GPTModel
 from minigpt.lora import apply_lora
 from minigpt.pipeline import fit_check, machine
-from minigpt.pipeline.memory_estimate import (BASELINE_BYTES, Job, activation_numbers, estimate_memory,
-                                              lora_parameter_count, parameter_count)
+from minigpt.pipeline.memory_estimate import (BASELINE_BYTES, TRANSIENT_PER_POSITION, Job, activation_numbers,
+                                              estimate_memory, lora_parameter_count, parameter_count,
+                                              sequence_sizes)
 from test_train_cli import TINY
 
 GiB = 1 << 30
@@ -29,7 +30,7 @@ def test_the_estimate_of_a_tiny_model_by_hand():
     # mlp.c_proj 16x4 + 4; ln_f 2x4
     assert parameter_count(cfg) == 40 + 32 + (8 + 60 + 20 + 8 + 80 + 68) + 8 == 324
     assert lora_parameter_count(cfg, rank=2) == 2 * ((4 + 12) + (4 + 4) + (4 + 16) + (16 + 4)) == 128
-    kept, cached, logits = activation_numbers(cfg, rows=2, length=3)
+    kept, cached, loss = activation_numbers(cfg, rows=2, length=3)
     positions = 2 * 3
     # Outputs: wte's rows, their sum with wpe's, ln_f (4 each a position), wpe's rows (3 x 4 once), and in
     # the block ln_1 4, c_attn 12, attention 4, c_proj 4, residual 4, ln_2 4, c_fc 16, GELU 16, c_proj 4,
@@ -38,19 +39,29 @@ def test_the_estimate_of_a_tiny_model_by_hand():
     # Caches: two xhat (8) and rstd (2), GELU's tanh (16), attention weights (2 heads x 3 keys); ln_f's
     # xhat (4) and rstd (1)
     assert cached == positions * (8 + 2 + 16 + 6 + 4 + 1) == 222
-    assert logits == positions * 10
+    assert loss == positions * (10 + 4)                           # each target's logits and dx
+    assert activation_numbers(cfg, rows=2, length=3, targets=1)[2] == 2 * (10 + 4)
     estimate = estimate_memory(Job(cfg, batch_size=2, length=3))
-    start = kept + cached + logits + positions * 4 + 10 * 4   # + the head's dx and wte's gradient
-    activations = max(start - 324, kept) + 8 * 4 * positions  # beyond the gradients; GELU's backward
-    assert estimate.activations == 4 * activations == 4 * (538 + 192)
+    transient = 8 * 4 * positions                                 # GELU's backward, 8 C a position
+    assert estimate.activations == 4 * (516 + 222 + 84 + transient)
     assert (estimate.weights, estimate.gradients, estimate.adam) == (4 * 324, 4 * 324, 8 * 324)
-    assert estimate.step == BASELINE_BYTES + 4 * (4 * 324 + 730)
+    assert estimate.step == BASELINE_BYTES + 4 * (4 * 324 + 516 + 222 + 84 + transient)
+
+
+def test_sequence_sizes_count_the_targets_collate_keeps():
+    sequences, prompts = [[1] * 10, [1] * 6], [7, 2]              # prompt (header included) + response
+    unmasked = sequence_sizes(sequences, prompts, mask_prompt=False, cut=8)
+    assert unmasked == dict(length=8, targets=8, prompt_length=7)
+    # masked: the response, and <|endoftext|> (the target of the last token): 10 - 7 + 1 and 6 - 2 + 1
+    assert sequence_sizes(sequences, prompts, mask_prompt=True, cut=100)["targets"] == 5
+    assert sequence_sizes(sequences, prompts, mask_prompt=True, cut=8)["targets"] == 5  # the first cut to 2
 
 
 @pytest.mark.parametrize("lora_rank, dropout", [(None, False), (None, True), (4, False)])
 def test_the_activations_match_what_a_step_allocates(lora_rank, dropout):
-    """What one forward and backward pass allocate at their peak (tracemalloc sees NumPy's arrays) is the
-    estimate's gradients and activations, within 10%. (A first step also starts the thread pool: warm up.)"""
+    """What one forward and backward pass allocate at their live peak (tracemalloc sees NumPy's arrays) is
+    the larger end of the backward pass, as the estimate's module docstring counts them, within 10%.
+    (A first step also starts the thread pool: warm up.)"""
     cfg = GPTConfig(vocab_size=500, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
                     drop_rate=0.1 if dropout else 0.0)
     rows, length = 4, 24
@@ -67,14 +78,19 @@ def test_the_activations_match_what_a_step_allocates(lora_rank, dropout):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    estimate = estimate_memory(Job(cfg, batch_size=rows, length=length, lora_rank=lora_rank, dropout=dropout))
-    assert estimate.gradients + estimate.activations == pytest.approx(peak, rel=0.1)
+    kept, cached, loss = activation_numbers(cfg, rows, length, lora_rank, dropout)
+    trained = lora_parameter_count(cfg, lora_rank) if lora_rank else parameter_count(cfg)
+    head_gradient = 0 if lora_rank else cfg.vocab_size * cfg.emb_dim  # wte's, made first
+    at_start, at_end = kept + cached + loss + head_gradient, kept + trained
+    transient = TRANSIENT_PER_POSITION * cfg.emb_dim * rows * length
+    assert 4 * (max(at_start, at_end) + transient) == pytest.approx(peak, rel=0.1)
 
 
 def test_more_rows_longer_sequences_bigger_models_need_more_and_lora_less():
     small, medium = GPTConfig.preset("gpt2-small"), GPTConfig.preset("gpt2-medium")
     job = Job(small, batch_size=8, length=92, max_new_tokens=256)
     peak = estimate_memory(job).peak
+    assert estimate_memory(dataclasses.replace(job, targets=30)).step < estimate_memory(job).step
     for bigger in (dataclasses.replace(job, batch_size=16), dataclasses.replace(job, length=184),
                    dataclasses.replace(job, cfg=medium), dataclasses.replace(job, sequences_per_example=2),
                    dataclasses.replace(job, dropout=True)):

@@ -41,7 +41,7 @@ from ..preference import (PreferenceDataset, check_pairs_differ, check_pairs_fit
                           load_preference_data)
 from ..tokenizer import get_tokenizer
 from . import fit_check, settings, steps, trained_weights
-from .memory_estimate import Job
+from .memory_estimate import Job, sequence_sizes
 from .plotting import plot_dpo
 
 METHOD = "dpo"
@@ -181,10 +181,11 @@ def check_fit(config, tokenizer, entries, saved=None, run_dir=None, log=print):
     model_config = (GPTConfig(**saved["model_config"]) if saved
                     else steps.model_config_of(config.model, config.weights))
     dataset = PreferenceDataset(entries, tokenizer, config.prompt_style)
-    longest = max(len(ids) for ids in dataset.chosen + dataset.rejected)
-    cut = min(config.allowed_max_length, model_config.context_length)
-    job = Job(model_config, config.batch_size, min(longest + 1, cut), config.lora_rank,  # + 1: <|endoftext|>
-              config.drop_rate > 0, config.max_new_tokens, config.export_hf, sequences_per_example=2)
+    sizes = sequence_sizes(dataset.chosen + dataset.rejected, dataset.prompt_lengths * 2, True,  # masked
+                           min(config.allowed_max_length, model_config.context_length))
+    job = Job(model_config, config.batch_size, lora_rank=config.lora_rank, dropout=config.drop_rate > 0,
+              max_new_tokens=config.max_new_tokens, export_hf=config.export_hf, sequences_per_example=2,
+              **sizes)
     method = f"DPO with LoRA (rank {config.lora_rank})" if config.lora_rank else "DPO"
     return fit_check.check_fit(job, f"{method} of {config.model or config.weights}", run_dir, config.model,
                                config.data_dir, saved is not None, config.fit_check, log)

@@ -26,7 +26,7 @@ from ..loader import DataLoader
 from ..model import GPTConfig, GPTModel
 from ..tokenizer import get_tokenizer
 from . import fit_check, settings, steps, trained_weights
-from .memory_estimate import Job
+from .memory_estimate import Job, sequence_sizes
 from .plotting import plot_losses
 
 METHOD = "sft"
@@ -131,13 +131,14 @@ def check_settings(config):
 def check_fit(config, tokenizer, entries, saved=None, run_dir=None, log=print):
     """Print the run's memory and disk estimates and stop it when they cannot fit (pipeline/fit_check.py):
     its model's configuration, read without the weights (a resumed run's from its checkpoint, `saved`), and
-    the longest of the training `entries`, tokenized as the run will -> the advice for running out anyway."""
+    the sizes of the training `entries`, tokenized as the run will -> the advice for running out anyway."""
     model_config = (GPTConfig(**saved["model_config"]) if saved
                     else planned_model_config(config, tokenizer.n_vocab))
-    longest = max(len(ids) for ids in InstructionDataset(entries, tokenizer, config.prompt_style).token_ids)
-    cut = min(config.allowed_max_length, model_config.context_length)
-    job = Job(model_config, config.batch_size, min(longest + 1, cut), config.lora_rank,  # + 1: <|endoftext|>
-              config.drop_rate > 0, config.max_new_tokens, config.export_hf)
+    dataset = InstructionDataset(entries, tokenizer, config.prompt_style)
+    sizes = sequence_sizes(dataset.token_ids, dataset.prompt_lengths, config.mask_prompt,
+                           min(config.allowed_max_length, model_config.context_length))
+    job = Job(model_config, config.batch_size, lora_rank=config.lora_rank, dropout=config.drop_rate > 0,
+              max_new_tokens=config.max_new_tokens, export_hf=config.export_hf, **sizes)
     method = f"LoRA fine-tuning (rank {config.lora_rank})" if config.lora_rank else "full fine-tuning"
     return fit_check.check_fit(job, f"{method} of {config.model or config.weights or 'a new model'}", run_dir,
                                config.model, config.data_dir, saved is not None, config.fit_check, log)
