@@ -62,6 +62,10 @@ class OutOfMemory(MemoryError):
 class HalfApplied(MemoryError):
     """Memory ran out inside an all_or_nothing block: what it changes may be half changed."""
 
+    def __init__(self, what, allocation):
+        super().__init__(f"{what} ({allocation})")
+        self.what, self.allocation = what, allocation
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -249,15 +253,16 @@ def deferred_interrupt():
 
 
 @contextlib.contextmanager
-def all_or_nothing():
-    """A block that changes the weights, Adam's state and the TrainState together (an update and its
-    bookkeeping, an evaluation's record): a Ctrl-C waits until it is done (deferred_interrupt), and a
-    MemoryError inside it is raised as HalfApplied, so that the run is not saved from what it left."""
+def all_or_nothing(what):
+    """A block that changes the weights, Adam's state and the TrainState together (`what`: "the update of
+    step 7", "the record of the evaluation at step 5"): a Ctrl-C waits until it is done
+    (deferred_interrupt), and a MemoryError inside it is raised as HalfApplied, so that the run is not
+    saved from what it left."""
     with deferred_interrupt():
         try:
             yield
         except MemoryError as e:
-            raise HalfApplied(str(e)) from None
+            raise HalfApplied(what, " ".join(str(e).split()) or "MemoryError") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +317,7 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
                 loss, _ = objective(model, batch)          # lm_loss: (B, T), (B, T) -> scalar
                 check_finite_loss("training loss of", state.step + 1, float(loss.data))
                 loss.backward()
-                with all_or_nothing():                     # the update and its bookkeeping
+                with all_or_nothing(f"the update of step {state.step + 1}"):  # and its bookkeeping
                     if config.grad_clip:
                         clip_grad_norm(optimizer.params, config.grad_clip)
                     optimizer.lr = learning_rate(state.step, config, total_steps)
@@ -348,20 +353,21 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
                     *(f"lower {suspect}" for suspect in suspects)]
         advice = ", ".join(remedies[:-1]) + f" or {remedies[-1]}"
         raise TrainingDiverged(f"training diverged: {e}; {advice}{kept}") from None
-    except MemoryError as e:  # handled below, once this clause has let go of the frames and their activations
-        ran_out = (" ".join(str(e).split()) or "MemoryError", isinstance(e, HalfApplied))
+    except HalfApplied as e:  # handled below, once this clause has let go of the frames and their activations
+        ran_out = (f"in {e.what}", e.allocation, True)
+    except MemoryError as e:
+        ran_out = (f"after step {state.step}", " ".join(str(e).split()) or "MemoryError", False)
     if ran_out is not None:
-        allocation, half_applied = ran_out
+        where, allocation, half_applied = ran_out
         optimizer.zero_grad()  # the gradients are not saved: their memory goes before the checkpoint's writes
         if not half_applied:
             with contextlib.suppress(MemoryError):  # a failed write leaves the previous checkpoint (atomic)
                 save()
         kept_step = saved_step if saved_step is not None else resumed_step
-        where = f"in the update of step {state.step + 1}" if half_applied else f"after step {state.step}"
         kept = ("nothing is saved" if checkpoint is None or kept_step is None else
                 f"{checkpoint.path} keeps step {kept_step}")
-        if half_applied and kept_step is not None:
-            kept += " (the weights in memory may be half updated)"
+        if half_applied:
+            kept = f"nothing is saved from memory, which it may have left half changed; {kept}"
         raise OutOfMemory(f"out of memory {where} ({allocation}); {kept}"
                           + (f"; {memory_advice}" if memory_advice else ""))
     if state.stopped_early:
@@ -421,7 +427,8 @@ class Evaluator:
         for which, loss in (("training", train_loss), ("validation", val_loss)):
             if loss is not None:
                 check_finite_loss(f"{which} loss after", state.step, loss)
-        with all_or_nothing():  # history, best weights and early stopping change together
+        # history, best weights and early stopping change together
+        with all_or_nothing(f"the record of the evaluation at step {state.step}"):
             self.record(state, train_metrics, val_metrics)
         now = time.monotonic()
         train_text, val_text = (_number(loss) for loss in (train_loss, val_loss))

@@ -184,7 +184,8 @@ def test_the_run_files_and_the_disk_a_run_needs(tmp_path):
     (with_download,) = fit_check.disk_needs(cfg, None, False, tmp_path / "run", "gpt2-small",
                                             tmp_path / "data", False)
     assert with_download[1] == 7 * weights - 1000 + 2 * weights     # same filesystem: the download adds up
-    assert "gpt2-small's download and conversion" in with_download[3]
+    assert with_download[0] == tmp_path / "run"
+    assert with_download[3].endswith(f"; gpt2-small's download and conversion, once in {tmp_path / 'data'}")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "gpt2-small.npz").write_bytes(b"")          # converted already: nothing to fetch
     assert fit_check.disk_needs(cfg, None, False, tmp_path / "run", "gpt2-small", tmp_path / "data",

@@ -12,7 +12,7 @@ import train
 from minigpt import GPTModel, is_grad_enabled
 from minigpt.files.checkpoint import CheckpointFile, read_checkpoint, restore_checkpoint
 from minigpt.pipeline import steps
-from minigpt.training import OutOfMemory, TrainConfig, train as train_loop
+from minigpt.training import BestWeights, OutOfMemory, TrainConfig, train as train_loop
 from test_train_cli import TINY, read
 from test_training import RESUME_CONFIG, assert_same_run, quiet, setup, uninterrupted_run
 
@@ -56,8 +56,10 @@ def test_running_out_in_a_step_saves_the_last_step_once_its_activations_are_gone
     assert_same_run(model_a, optimizer_a, state_a, model_b, optimizer_b, state_b)
 
 
-def test_running_out_inside_an_update_saves_nothing_from_it(tmp_path):
-    """A half-applied update must not be saved: the checkpoint of the last evaluation stays, and resumes."""
+@pytest.mark.parametrize("where", ["the update of step 7", "the record of the evaluation at step 6"])
+def test_running_out_inside_an_update_saves_nothing_from_it(tmp_path, where):
+    """What memory running out may leave half changed is not saved: the checkpoint of the evaluation
+    before stays, and resumes."""
     model_a, optimizer_a, state_a = uninterrupted_run()
     model, optimizer, train_loader, val_loader = setup()
     step = optimizer.step
@@ -68,16 +70,25 @@ def test_running_out_inside_an_update_saves_nothing_from_it(tmp_path):
             raise MemoryError(ALLOCATION)
         step()
 
-    optimizer.step = half_an_update
+    class Best(BestWeights):
+        def save(self, model):
+            if optimizer.steps[0] == 6:                 # the evaluation at step 6 found a lower loss
+                raise MemoryError(ALLOCATION)
+            super().save(model)
+
+    in_the_update = where.startswith("the update")
+    if in_the_update:
+        optimizer.step = half_an_update
     checkpoint = tmp_path / "checkpoint.npz"
     with pytest.raises(OutOfMemory) as info:
         train_loop(model, optimizer, train_loader, val_loader, TrainConfig(**RESUME_CONFIG),
-                   checkpoint=CheckpointFile(checkpoint), log=quiet)
-    assert str(info.value) == (f"out of memory in the update of step 7 ({ALLOCATION}); {checkpoint} keeps "
-                               f"step 6 (the weights in memory may be half updated)")
+                   checkpoint=CheckpointFile(checkpoint), best=None if in_the_update else Best(), log=quiet)
+    kept = 6 if in_the_update else 4
+    assert str(info.value) == (f"out of memory in {where} ({ALLOCATION}); nothing is saved from memory, "
+                               f"which it may have left half changed; {checkpoint} keeps step {kept}")
     model_b, optimizer_b, train_loader, val_loader = setup()
     state = restore_checkpoint(checkpoint, model_b, optimizer_b, train_loader)
-    assert state.step == 6
+    assert state.step == kept
     state_b = train_loop(model_b, optimizer_b, train_loader, val_loader, TrainConfig(**RESUME_CONFIG),
                          state=state, log=quiet)
     assert_same_run(model_a, optimizer_a, state_a, model_b, optimizer_b, state_b)
@@ -116,8 +127,8 @@ def test_running_out_in_the_test_responses_keeps_the_trained_run(tmp_path, capsy
     run_dir = tmp_path / "run"
     assert train.main(TINY + ["--max-steps", "3", "--out-dir", str(run_dir)]) == 4
     err = capsys.readouterr().err
-    assert err == (f"error: out of memory ({ALLOCATION}); continue the run with: python train.py --resume "
-                   f"{run_dir}\n")
+    assert err == (f"error: out of memory ({ALLOCATION}); {run_dir / 'checkpoint.npz'} keeps step 3; "
+                   f"continue the run with: python train.py --resume {run_dir}\n")
     assert read_checkpoint(run_dir / "checkpoint.npz")["train_state"]["step"] == 3
     with np.load(run_dir / "model-final.npz") as written:
         final = dict(written)

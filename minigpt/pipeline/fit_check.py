@@ -4,14 +4,15 @@
 
 prints two of a run's opening lines,
 
-    memory: about 27.3 GB at peak, in a training step (weights 6.2 GB, ...); 21.9 GB available (MemAvailable)
-    disk: about 43.6 GB at most in runs/NAME (checkpoint.npz 18.7 GB, ...), 79.0 GB free
+    memory: about 30.9 GB at peak, in a training step (weights 6.2 GB, gradients 6.2 GB, Adam 12.5 GB,
+            activations 5.9 GB for 8 x 91 positions); 24.7 GB available (MemAvailable)
+    disk: about 56.1 GB at most in runs/NAME (checkpoint.npz 18.7 GB, ...), 80.2 GB free
 
 and, unless `fit_check` is off (--no-fit-check), stops the run with one line (a ValueError: train.py's
 "error:", exit code 2) when either cannot fit, naming what would:
 
-    full fine-tuning of gpt2-xl needs about 27.3 GB of memory, 21.9 GB are available (MemAvailable);
-    --lora-rank 16 needs about 12.8 GB
+    full fine-tuning of gpt2-xl needs about 30.9 GB of memory, with 24.7 GB available (MemAvailable);
+    --lora-rank 16 needs about 13.0 GB (--no-fit-check starts the run anyway)
 
 The memory estimate is pipeline/memory_estimate.py's; what the machine has is pipeline/machine.py's.
 On disk a run writes (pipeline/trained_weights.py, minigpt/files/checkpoint.py):
@@ -112,9 +113,9 @@ def disk_needs(cfg, lora_rank, export_hf, run_dir, model_name, data_dir, resume)
     by_filesystem = {}
     for folder, need, what in needs:
         device = machine.filesystem(folder)
-        previous = by_filesystem.get(device)
-        by_filesystem[device] = (folder, need + (previous[1] if previous else 0),
-                                 what if previous is None else f"{previous[2]}; {what} in {folder}")
+        first = by_filesystem.get(device)
+        by_filesystem[device] = ((folder, need, what) if first is None else
+                                 (first[0], first[1] + need, f"{first[2]}; {what} in {folder}"))
     return [(folder, need, machine.free_disk(folder), what) for folder, need, what in by_filesystem.values()]
 
 

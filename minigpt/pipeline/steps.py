@@ -63,6 +63,9 @@ def claimed(run_dir, resume, log=print):
         except MemoryError as e:  # the training loop's OutOfMemory, or memory running out at another step
             message = str(e) if isinstance(e, OutOfMemory) else f"out of memory ({' '.join(str(e).split())})"
             if checkpoint_path.is_file():
+                if not isinstance(e, OutOfMemory):  # reading the checkpoint's JSON takes next to no memory
+                    step = read_checkpoint(checkpoint_path)["train_state"]["step"]
+                    message += f"; {checkpoint_path} keeps step {step}"
                 message += f"; continue the run with: python train.py --resume {run_dir}"
             raise OutOfMemory(message) from None
 
