@@ -28,7 +28,7 @@ try:  # NumPy, tiktoken and matplotlib take a second to import: Ctrl-C meanwhile
     from minigpt.prompts import PROMPT_STYLES
     from minigpt.tasks import KINDS
     from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV
-    from minigpt.training import SCHEDULES, TrainingDiverged
+    from minigpt.training import SCHEDULES, OutOfMemory, TrainingDiverged
 except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)
@@ -239,7 +239,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except MemoryError as e:  # OutOfMemory from the run (what ran out, the step, what is kept), or any other
-        print(f"error: {' '.join(str(e).split()) or 'out of memory'}", file=sys.stderr)
+        message = str(e) if isinstance(e, OutOfMemory) else f"out of memory ({e})"
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
     except (ValueError, TypeError, OSError) as e:  # OSError: missing files, no network (ConnectionError)
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

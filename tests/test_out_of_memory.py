@@ -137,3 +137,12 @@ def test_running_out_in_the_test_responses_keeps_the_trained_run(tmp_path, capsy
     assert read(run_dir / "metrics.json")["steps"] == 3 and len(read(run_dir / "test-responses.json")) == 5
     with np.load(run_dir / "model-final.npz") as written_again:
         assert all(np.array_equal(value, written_again[name]) for name, value in final.items())
+
+
+def test_memory_running_out_outside_a_run_is_one_line_too(capsys, monkeypatch):
+    def no_memory(config):
+        raise MemoryError(ALLOCATION)
+
+    monkeypatch.setattr(train.sft_run, "run", no_memory)
+    assert train.main(TINY) == 4
+    assert capsys.readouterr().err == f"error: out of memory ({ALLOCATION})\n"

@@ -175,7 +175,7 @@ def check_settings(config):
     dpo.check_nll_weight(config.nll_weight)
 
 
-def check_fit(config, tokenizer, entries, saved=None, run_dir=None, log=print):
+def check_fit(config, tokenizer, entries, saved, run_dir, log=print):
     """fine-tuning's check (sft_run.check_fit) for pairs: each step runs the policy on the chosen and the
     rejected sequence of each pair (the reference's log-probabilities are cached: no second model)."""
     model_config = (GPTConfig(**saved["model_config"]) if saved

@@ -42,15 +42,17 @@ import math
 from typing import Optional
 
 from ..files.fileio import format_bytes
-from ..model import parameter_shapes
+from ..model import GPTConfig, parameter_shapes
 from .responses import KV_CACHE_BYTES, MAX_BATCH
 
 BYTES = 4                      # float32
-BASELINE_BYTES = 120 * 10**6   # a run's process before its model: measured 0.09-0.11 GB (docs/memory.md)
+BASELINE_BYTES = 120 * 10**6   # train.py with GPT-2's tokenizer and rasbt's data loaded: 0.09-0.11 GB
 KEPT_PER_BLOCK = 18            # x C: every op's output in a block (see the module docstring)
 CACHED_PER_BLOCK = 6           # x C: ln_1's and ln_2's xhat, GELU's tanh
 TRANSIENT_PER_POSITION = 8     # x C: GELU's backward holds its gradient in and out, 4C each
-INIT_NUMBERS_PER_NUMBER = 5    # building a model: float64 draws (2) scaled into float64 (2), then float32
+# x V C, building a model's largest table: a float64 draw (2 float32s' worth), scaled into another (2),
+# then the float32 table (1)
+INIT_WORKSPACE = 5
 LORA_TARGETS_PER_BLOCK = 12    # x C^2: the weights of c_attn (3C^2), c_proj (C^2), c_fc and mlp.c_proj (4C^2)
 LORA_NUMBERS_PER_RANK = 16     # x C r per block: A and B of c_attn (C + 3C), c_proj (2C), c_fc, c_proj (5C)
 
@@ -58,7 +60,7 @@ LORA_NUMBERS_PER_RANK = 16     # x C r per block: A and B of c_attn (C + 3C), c_
 @dataclasses.dataclass(frozen=True)
 class Job:
     """What a run's memory depends on, known before its model is loaded."""
-    cfg: object                        # the model's GPTConfig
+    cfg: GPTConfig
     batch_size: int
     length: int                        # positions of the longest batch: its longest sequence, cut
     lora_rank: Optional[int] = None    # None: full fine-tuning
@@ -150,7 +152,7 @@ def estimate_memory(job):
     kept, cached, loss = activation_numbers(cfg, job.rows, job.length, lora_rank, job.dropout, job.targets)
     # beyond the gradients: the start of the backward pass, which they do not replace (the module docstring)
     activations = kept + cached + loss + TRANSIENT_PER_POSITION * C * job.rows * job.length
-    building = n_params + INIT_NUMBERS_PER_NUMBER * V * C          # the token embedding is the largest draw
+    building = n_params + INIT_WORKSPACE * V * C                   # the token embedding is the largest draw
     prompt_length = job.prompt_length or job.length
     generating = after_training + generation_numbers(cfg, prompt_length, job.max_new_tokens)
     exporting = after_training + building if job.export_hf else 0

@@ -128,7 +128,7 @@ def check_settings(config):
     config.validate()
 
 
-def check_fit(config, tokenizer, entries, saved=None, run_dir=None, log=print):
+def check_fit(config, tokenizer, entries, saved, run_dir, log=print):
     """Print the run's memory and disk estimates and stop it when they cannot fit (pipeline/fit_check.py):
     its model's configuration, read without the weights (a resumed run's from its checkpoint, `saved`), and
     the sizes of the training `entries`, tokenized as the run will -> the advice for running out anyway."""
