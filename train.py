@@ -19,6 +19,7 @@ import sys
 
 EXIT_USAGE = 2        # bad arguments, missing files, no network
 EXIT_DIVERGED = 3     # the loss or the weights stopped being finite numbers
+EXIT_OUT_OF_MEMORY = 4  # memory ran out (a MemoryError) during the run; the last checkpoint is kept
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 SHOW_BATCH_ROWS = 4   # rows --show-batch prints unless told otherwise
 
@@ -30,7 +31,7 @@ try:  # NumPy, tiktoken and matplotlib take a second to import: Ctrl-C meanwhile
     from minigpt.prompts import PROMPT_STYLES
     from minigpt.tasks import KINDS
     from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV
-    from minigpt.training import SCHEDULES, TrainingDiverged
+    from minigpt.training import SCHEDULES, OutOfMemory, TrainingDiverged
 except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)
@@ -84,6 +85,8 @@ def build_parser():
                             epilog=f"exit codes: 0 done; {EXIT_USAGE} bad input (one 'error:' line); "
                                    f"{EXIT_DIVERGED} training diverged (a NaN or inf loss: lower --lr or use "
                                    f"--grad-clip; the last finite checkpoint and the best weights are kept); "
+                                   f"{EXIT_OUT_OF_MEMORY} out of memory (one line: what ran out, after which "
+                                   f"step, what would fit; the last checkpoint is kept and resumes); "
                                    f"{EXIT_INTERRUPTED} interrupted (Ctrl-C)")
 
     def add(group, flag, help, **kwargs):
@@ -187,6 +190,9 @@ def build_parser():
                        "<model>-<data>-<date>-<time>)")
     add(out, "--export-hf", "also write the final and best weights as Hugging Face GPT-2 folders",
         action="store_true")
+    add(out, "--fit-check", "before loading the model, estimate the run's peak memory and disk and stop when "
+                            "they exceed what the machine has (--no-fit-check: print the estimate and go "
+                            "ahead; docs/memory.md)", action=argparse.BooleanOptionalAction)
     out.add_argument("--resume", metavar="DIR",
                      help=f"continue the run in DIR from its checkpoint, exactly as if never stopped, on the "
                           f"same data (checked by fingerprint); only "
@@ -216,7 +222,7 @@ def method_run(method):
 
 def main(argv=None):
     """Parse `argv`, run the pipeline; returns the exit code: 0, 2 for an error, 3 when training diverged
-    (the loss became NaN or inf), 130 after Ctrl-C."""
+    (the loss became NaN or inf), 4 when memory ran out, 130 after Ctrl-C."""
     try:
         settings = vars(build_parser().parse_args(argv))  # only the flags given: defaults are suppressed
     except SystemExit as e:  # --help, or a usage error already printed
@@ -242,6 +248,10 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except MemoryError as e:  # OutOfMemory from the run (what ran out, the step, what is kept), or any other
+        message = str(e) if isinstance(e, OutOfMemory) else f"out of memory ({e})"
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     except (ValueError, TypeError, OSError) as e:  # OSError: missing files, no network (ConnectionError)
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE

@@ -29,6 +29,9 @@ Ctrl-C is held back during an update, so a checkpoint never holds a half-applied
 Divergence stops the run: a training or evaluation loss that is NaN or inf raises TrainingDiverged
 (before that step's update), and neither a checkpoint nor the best weights are ever written with
 non-finite weights, so both keep the last finite ones.
+Memory running out (a MemoryError in a step or an evaluation) saves the last completed step, once the
+failed step's activations are released, and raises OutOfMemory; if it ran out inside an update, which
+may be half applied, nothing is saved and the previous checkpoint stays.
 """
 import contextlib
 import dataclasses
@@ -50,6 +53,18 @@ SCHEDULES = ("constant", "cosine")
 
 class TrainingDiverged(ArithmeticError):
     """A loss, or the weights, stopped being finite numbers: the run cannot recover, so it stops."""
+
+
+class OutOfMemory(MemoryError):
+    """Memory ran out during a run; the message says after which step, and which checkpoint keeps it."""
+
+
+class HalfApplied(MemoryError):
+    """Memory ran out inside an all_or_nothing block: what it changes may be half changed."""
+
+    def __init__(self, what, allocation):
+        super().__init__(f"{what} ({allocation})")
+        self.what, self.allocation = what, allocation
 
 
 @dataclasses.dataclass
@@ -237,13 +252,26 @@ def deferred_interrupt():
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def all_or_nothing(what):
+    """A block that changes the weights, Adam's state and the TrainState together (`what`: "the update of
+    step 7", "the record of the evaluation at step 5"): a Ctrl-C waits until it is done
+    (deferred_interrupt), and a MemoryError inside it is raised as HalfApplied, so that the run is not
+    saved from what it left."""
+    with deferred_interrupt():
+        try:
+            yield
+        except MemoryError as e:
+            raise HalfApplied(what, " ".join(str(e).split()) or "MemoryError") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 # Overflow on the way to a non-finite loss is reported once, as TrainingDiverged, not as NumPy warnings.
 @np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def train(model, optimizer, train_loader, val_loader, config, state=None, checkpoint=None, best=None,
-          on_step=None, on_epoch_end=None, log=print, objective=lm_loss, suspects=()):
+          on_step=None, on_epoch_end=None, log=print, objective=lm_loss, suspects=(), memory_advice=None):
     """Train until config.epochs epochs, config.max_steps steps or early stopping; return the TrainState
     (its `.history` holds the evaluations).
 
@@ -258,6 +286,8 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
     objective: objective(model, batch) -> (loss, metrics), see the module docstring; default lm_loss.
     suspects: settings besides the learning rate that can make the loss diverge, as a user would change
         them ("--beta (now 0.1)"): a divergence names them with the learning rate and clipping.
+    memory_advice: what would need less memory ("--lora-rank 16 needs about 13.0 GB"), for OutOfMemory's
+        message.
     """
     if len(train_loader) == 0:
         raise ValueError("the training loader yields no batches: fewer training examples than one batch")
@@ -278,6 +308,7 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
             saved_step = state.step
 
     model.train()
+    ran_out = None
     try:
         evaluator.evaluate_if_due(state)  # the initial losses, or an evaluation Ctrl-C cut short
         while not training_done(state, config, train_loader):
@@ -286,7 +317,7 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
                 loss, _ = objective(model, batch)          # lm_loss: (B, T), (B, T) -> scalar
                 check_finite_loss("training loss of", state.step + 1, float(loss.data))
                 loss.backward()
-                with deferred_interrupt():                 # the update and its bookkeeping: all or nothing
+                with all_or_nothing(f"the update of step {state.step + 1}"):  # and its bookkeeping
                     if config.grad_clip:
                         clip_grad_norm(optimizer.params, config.grad_clip)
                     optimizer.lr = learning_rate(state.step, config, total_steps)
@@ -322,6 +353,23 @@ def train(model, optimizer, train_loader, val_loader, config, state=None, checkp
                     *(f"lower {suspect}" for suspect in suspects)]
         advice = ", ".join(remedies[:-1]) + f" or {remedies[-1]}"
         raise TrainingDiverged(f"training diverged: {e}; {advice}{kept}") from None
+    except HalfApplied as e:  # handled below, once this clause has let go of the frames and their activations
+        ran_out = (f"in {e.what}", e.allocation, True)
+    except MemoryError as e:
+        ran_out = (f"after step {state.step}", " ".join(str(e).split()) or "MemoryError", False)
+    if ran_out is not None:
+        where, allocation, half_applied = ran_out
+        optimizer.zero_grad()  # the gradients are not saved: their memory goes before the checkpoint's writes
+        if not half_applied:
+            with contextlib.suppress(MemoryError):  # a failed write leaves the previous checkpoint (atomic)
+                save()
+        kept_step = saved_step if saved_step is not None else resumed_step
+        kept = ("nothing is saved" if checkpoint is None or kept_step is None else
+                f"{checkpoint.path} keeps step {kept_step}")
+        if half_applied:
+            kept = f"nothing is saved from memory, which it may have left half changed; {kept}"
+        raise OutOfMemory(f"out of memory {where} ({allocation}); {kept}"
+                          + (f"; {memory_advice}" if memory_advice else ""))
     if state.stopped_early:
         evaluator.best.restore(model)
         log(f"early stopping: no lower validation loss in {config.patience} evaluations; "
@@ -379,7 +427,8 @@ class Evaluator:
         for which, loss in (("training", train_loss), ("validation", val_loss)):
             if loss is not None:
                 check_finite_loss(f"{which} loss after", state.step, loss)
-        with deferred_interrupt():  # history, best weights and early stopping change together
+        # history, best weights and early stopping change together
+        with all_or_nothing(f"the record of the evaluation at step {state.step}"):
             self.record(state, train_metrics, val_metrics)
         now = time.monotonic()
         train_text, val_text = (_number(loss) for loss in (train_loss, val_loss))

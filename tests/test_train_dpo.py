@@ -72,6 +72,7 @@ def test_a_dpo_run_fills_the_run_folder_and_raises_the_margin(tmp_path, base_fil
     assert metrics["steps"] == 8 and len(read(run_dir / "test-responses.json")) == 4
     assert (run_dir / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
+    assert out.startswith("memory: about ") and " for 8 x " in out  # 4 pairs: 8 sequences in a step
     assert "34 train / 2 val / 4 test preference pairs" in out and "DPO beta 0.1" in out
     assert "reward margin train" in out and "reward accuracy train" in out and "ETA" in out
     assert "test pairs (4): DPO loss" in out

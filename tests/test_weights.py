@@ -90,6 +90,20 @@ def test_loads_both_hf_layouts_in_every_float_dtype(tmp_path, prefixed, float_dt
         assert_state_equal(model, as_stored(tensors, float_dtype))
 
 
+@pytest.mark.parametrize("prefixed", [False, True], ids=["hub", "save_pretrained"])
+def test_the_config_is_read_from_the_header_alone(tmp_path, monkeypatch, prefixed):
+    """What a run's memory estimate reads before loading: the GPTConfig, and no tensor."""
+    write_hf_checkpoint(tmp_path / "hf", tiny_hf_tensors(qkv_bias=prefixed), prefixed)
+    expected = load_hf_gpt2(tmp_path / "hf").cfg
+    save_npz(GPTModel(GPTConfig(**TINY)), tmp_path / "tiny.npz")
+    monkeypatch.setattr(weights, "read_safetensors", lambda path: pytest.fail("a tensor was read"))
+    for path in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors"):
+        assert weights.read_weights_config(path) == expected and expected.qkv_bias is prefixed
+    assert weights.read_weights_config(tmp_path / "tiny.npz") == GPTConfig(**TINY)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        weights.read_weights_config(tmp_path)
+
+
 def test_loads_in_float64(tmp_path):
     tensors = tiny_hf_tensors()
     model = load_hf_gpt2(write_hf_checkpoint(tmp_path, tensors), dtype=np.float64)

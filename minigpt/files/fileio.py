@@ -173,7 +173,8 @@ class NpzArchive:
         return shape, dtype
 
 
-def _format_bytes(n):
+def format_bytes(n):
+    """'548.1 MB', '27.3 GB': decimal units, as disks and downloads count them."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -201,7 +202,7 @@ def download_file(url, path, expected_size=None, timeout=15, hint=""):
                 try:
                     chunk = response.read(1 << 20)
                 except OSError as e:
-                    raise ConnectionError(f"download of {url} failed after {_format_bytes(done)}: {e}. "
+                    raise ConnectionError(f"download of {url} failed after {format_bytes(done)}: {e}. "
                                           f"{hint}".strip()) from None
                 if not chunk:
                     break
@@ -220,9 +221,9 @@ def download_file(url, path, expected_size=None, timeout=15, hint=""):
 
 def _print_progress(name, done, total, elapsed, end=""):
     rate = done / max(elapsed, 1e-9)
-    line = f"\r{name}: {_format_bytes(done)}"
+    line = f"\r{name}: {format_bytes(done)}"
     if total:
         eta = (total - done) / rate if rate > 0 else float("inf")
-        line += f" / {_format_bytes(total)} ({100 * done / total:.0f}%), ETA {eta:.0f}s"
-    line += f", {_format_bytes(rate)}/s"
+        line += f" / {format_bytes(total)} ({100 * done / total:.0f}%), ETA {eta:.0f}s"
+    line += f", {format_bytes(rate)}/s"
     print(line, end=end, file=sys.stderr, flush=True)

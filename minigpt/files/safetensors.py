@@ -55,6 +55,32 @@ def read_safetensors(path):
     file and BadFileError for anything malformed.
     """
     path = Path(path)
+    header, metadata, spans, data_start, data_len = _read_header(path)
+    # np.memmap refuses a zero-length map, which a file of only empty tensors would need.
+    buffer = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,))
+              if data_len > 0 else np.zeros(0, np.uint8))
+    tensors = {}
+    for name, entry in header.items():
+        begin, _ = spans[name]
+        try:
+            stored = np.ndarray(tuple(entry["shape"]), DTYPES[entry["dtype"]], buffer=buffer, offset=begin)
+        except ValueError as e:  # more or larger dimensions (even beside a 0) than NumPy can index
+            raise BadFileError(f"{path}: tensor {name!r} of shape {entry['shape']} cannot be a NumPy "
+                               f"array ({e})") from None
+        tensors[name] = _to_compute_dtype(stored, entry["dtype"])
+    return tensors, metadata
+
+
+def read_safetensors_shapes(path):
+    """{name: shape} of the tensors of a .safetensors file, from its header alone (checked as
+    read_safetensors checks it): what a model's configuration needs, without reading a tensor."""
+    header = _read_header(Path(path))[0]
+    return {name: tuple(entry["shape"]) for name, entry in header.items()}
+
+
+def _read_header(path):
+    """(tensor entries, metadata, {name: byte span}, where the data starts, its length) of a checked
+    header; FileNotFoundError or BadFileError otherwise."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     file_size = path.stat().st_size
@@ -81,20 +107,7 @@ def read_safetensors(path):
     data_len = file_size - data_start
     spans = {name: _check_entry(path, name, entry, data_len) for name, entry in header.items()}
     _check_coverage(path, spans, data_len)
-
-    # np.memmap refuses a zero-length map, which a file of only empty tensors would need.
-    buffer = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,))
-              if data_len > 0 else np.zeros(0, np.uint8))
-    tensors = {}
-    for name, entry in header.items():
-        begin, _ = spans[name]
-        try:
-            stored = np.ndarray(tuple(entry["shape"]), DTYPES[entry["dtype"]], buffer=buffer, offset=begin)
-        except ValueError as e:  # more or larger dimensions (even beside a 0) than NumPy can index
-            raise BadFileError(f"{path}: tensor {name!r} of shape {entry['shape']} cannot be a NumPy "
-                               f"array ({e})") from None
-        tensors[name] = _to_compute_dtype(stored, entry["dtype"])
-    return tensors, metadata
+    return header, metadata, spans, data_start, data_len
 
 
 def write_safetensors(path, tensors, metadata=None, float_dtype=None):

@@ -30,7 +30,7 @@ from ..nn import non_finite
 from ..tokenizer import GPT2_EOT_ID
 from .fileio import BadFileError, atomic_write, download_file, open_npz, parse_json, write_json
 from .hf_tokenizer import write_tokenizer_files
-from .safetensors import read_safetensors, write_safetensors
+from .safetensors import read_safetensors, read_safetensors_shapes, write_safetensors
 
 # Preset name -> the Hugging Face hub repository holding its weights.
 HUB_REPOS = {
@@ -67,6 +67,31 @@ def load_hf_gpt2(path, dtype=np.float32):
     off the tensor shapes; only the number of heads needs config.json's `n_head`, or else an
     (emb_dim, n_layers) that matches a GPT-2 preset.
     """
+    weights_file = _hf_weights_file(path)
+    hf_config = _read_hf_config(weights_file.parent / HF_CONFIG_NAME)
+    tensors, _ = read_safetensors(weights_file)
+    params = _hf_parameters(weights_file, tensors)
+    cfg = _infer_config(weights_file, {name: value.shape for name, value in params.items()}, hf_config)
+    model = GPTModel(cfg, dtype=dtype)
+    model.load_arrays(params.keys(), params.__getitem__, source=weights_file, error=BadFileError)
+    return model
+
+
+def read_hf_gpt2_config(path):
+    """The GPTConfig of a Hugging Face GPT-2 checkpoint (as load_hf_gpt2 takes it), from its safetensors
+    header and config.json alone: no tensor is read, so a run can estimate its memory before loading."""
+    weights_file = _hf_weights_file(path)
+    hf_config = _read_hf_config(weights_file.parent / HF_CONFIG_NAME)
+    shapes = {}
+    for name, shape in read_safetensors_shapes(weights_file).items():
+        short = name.removeprefix(HF_PREFIX)
+        if not _MASK_BUFFER.fullmatch(short):  # causal-mask buffers, as _hf_parameters drops them
+            shapes[short] = shape
+    return _infer_config(weights_file, shapes, hf_config)
+
+
+def _hf_weights_file(path):
+    """The .safetensors file of a Hugging Face checkpoint: `path` itself, or the model.safetensors in it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -74,13 +99,7 @@ def load_hf_gpt2(path, dtype=np.float32):
     if not weights_file.exists():
         raise FileNotFoundError(f"{path}: no {HF_WEIGHTS_NAME} in this directory (minigpt reads "
                                 f"safetensors checkpoints, not pytorch_model.bin)")
-    hf_config = _read_hf_config(weights_file.parent / HF_CONFIG_NAME)
-    tensors, _ = read_safetensors(weights_file)
-    params = _hf_parameters(weights_file, tensors)
-    cfg = _infer_config(weights_file, params, hf_config)
-    model = GPTModel(cfg, dtype=dtype)
-    model.load_arrays(params.keys(), params.__getitem__, source=weights_file, error=BadFileError)
-    return model
+    return weights_file
 
 
 def save_hf_gpt2(model, path, card=None, tokenizer=None):
@@ -206,18 +225,19 @@ def weights_fingerprint(model):
     return crc
 
 
-def _infer_config(weights_file, params, hf_config):
-    """Read the GPTConfig off the tensor shapes; n_heads from config.json or a matching preset."""
+def _infer_config(weights_file, shapes, hf_config):
+    """Read the GPTConfig off the tensors' shapes ({name: shape}, minigpt's names); n_heads from
+    config.json or a matching preset."""
     for name in ("wte.weight", "wpe.weight"):
-        if name not in params:
+        if name not in shapes:
             raise BadFileError(f"{weights_file}: missing tensor {name}; not a GPT-2 checkpoint")
-        if params[name].ndim != 2:
-            raise BadFileError(f"{weights_file}: tensor {name} has shape {params[name].shape}, "
+        if len(shapes[name]) != 2:
+            raise BadFileError(f"{weights_file}: tensor {name} has shape {tuple(shapes[name])}, "
                                f"expected 2 dimensions")
-    vocab_size, emb_dim = params["wte.weight"].shape  # (V, C)
-    context_length = params["wpe.weight"].shape[0]
+    vocab_size, emb_dim = shapes["wte.weight"]  # (V, C)
+    context_length = shapes["wpe.weight"][0]
     # Counting distinct indices (not max + 1) keeps a gap, h.0 h.1 h.3, reported as a missing h.2.
-    n_layers = len({int(m.group(1)) for name in params if (m := _LAYER_INDEX.match(name))})
+    n_layers = len({int(m.group(1)) for name in shapes if (m := _LAYER_INDEX.match(name))})
     if n_layers == 0:
         raise BadFileError(f"{weights_file}: no transformer blocks (tensors h.0.*); "
                            f"not a GPT-2 checkpoint")
@@ -234,7 +254,7 @@ def _infer_config(weights_file, params, hf_config):
                            f"{HF_CONFIG_NAME}, which has n_head, next to it")
     try:
         return GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
-                         n_heads=n_heads, n_layers=n_layers, qkv_bias="h.0.attn.c_attn.bias" in params)
+                         n_heads=n_heads, n_layers=n_layers, qkv_bias="h.0.attn.c_attn.bias" in shapes)
     except ValueError as e:  # e.g. n_head does not divide n_embd
         raise BadFileError(f"{weights_file}: {e}") from None
 
@@ -341,6 +361,13 @@ def weights_format(path):
         return "hf"
     raise BadFileError(f"{path}: expected a .npz file, a .safetensors file or a directory "
                        f"holding {HF_WEIGHTS_NAME}")
+
+
+def read_weights_config(path):
+    """The GPTConfig of a weights file load_weights would load, without reading its weights."""
+    if weights_format(path) == "npz":
+        return read_npz_config(path)
+    return read_hf_gpt2_config(path)
 
 
 def load_weights(path, dtype=np.float32):

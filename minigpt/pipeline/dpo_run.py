@@ -37,12 +37,13 @@ from ..files.model_card import make_card
 from ..files.reference_logprobs import read_references, write_references
 from ..files.weights import weights_fingerprint
 from ..loader import DataLoader
+from ..model import GPTConfig
 from ..nn import eval_mode
 from ..preference import (PreferenceDataset, check_pairs_differ, check_pairs_fit, download_preference_data,
                           load_preference_data)
 from ..tokenizer import get_tokenizer
-from . import report
-from . import settings, steps, trained_weights
+from . import fit_check, report, settings, steps, trained_weights
+from .memory_estimate import Job, sequence_sizes
 from .plotting import plot_dpo
 
 METHOD = "dpo"
@@ -78,6 +79,8 @@ def run(config, resume=False, log=print):
         fingerprint = data_fingerprint(train_entries, val_entries, test_entries)
         if resume:
             check_same_data(saved["train_state"].get("data_fingerprint"), fingerprint, checkpoint_path)
+        # Memory and disk: the run's estimate against the machine's, before the model is loaded (fit_check.py)
+        memory_advice = check_fit(config, tokenizer, train_entries, saved, run_dir, log)
 
         # 2. The model: the fine-tuned one, which is both the policy and (frozen) the reference
         model = (steps.resumed_model(saved["model_config"], config.seed) if resume
@@ -134,7 +137,8 @@ def run(config, resume=False, log=print):
                                checkpoint=checkpoint, best=weights.best, on_epoch_end=sample, log=log,
                                objective=objective, suspects=(f"--beta (now {config.beta:g})",
                                                               f"--nll-weight (now {config.nll_weight:g})",
-                                                              *weights.suspects))
+                                                              *weights.suspects),
+                               memory_advice=memory_advice)
         write_json(run_dir / "history.json", state.history)
         plot_dpo(state.history, run_dir / "loss-plot.png", title=run_dir.name)
 
@@ -176,6 +180,22 @@ def check_settings(config):
         raise ValueError("group_by_length batches fine-tuning examples; DPO batches pairs in their order")
     dpo.check_beta(config.beta)
     dpo.check_nll_weight(config.nll_weight)
+
+
+def check_fit(config, tokenizer, entries, saved, run_dir, log=print):
+    """fine-tuning's check (sft_run.check_fit) for pairs: each step runs the policy on the chosen and the
+    rejected sequence of each pair (the reference's log-probabilities are cached: no second model)."""
+    model_config = (GPTConfig(**saved["model_config"]) if saved
+                    else steps.model_config_of(config.model, config.weights))
+    dataset = PreferenceDataset(entries, tokenizer, config.prompt_style)
+    sizes = sequence_sizes(dataset.chosen + dataset.rejected, dataset.prompt_lengths * 2, True,  # masked
+                           min(config.allowed_max_length, model_config.context_length))
+    job = Job(model_config, config.batch_size, lora_rank=config.lora_rank, dropout=config.drop_rate > 0,
+              max_new_tokens=config.max_new_tokens, export_hf=config.export_hf, sequences_per_example=2,
+              **sizes)
+    method = f"DPO with LoRA (rank {config.lora_rank})" if config.lora_rank else "DPO"
+    return fit_check.check_fit(job, f"{method} of {config.model or config.weights}", run_dir, config.model,
+                               config.data_dir, saved is not None, config.fit_check, log)
 
 
 def load_splits(data, data_dir, shuffle_seed):

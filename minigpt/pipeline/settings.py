@@ -40,7 +40,7 @@ FROM_CARD = {"sft": ("tokenizer", "prompt_style", *DATA_SETTINGS), "dpo": ("toke
 METHOD_SETTINGS = {"beta": "dpo", "nll_weight": "dpo"}
 # Settings a resumed run may change: they bound the run or only affect what happens after training.
 RESUME_OVERRIDES = ("max_steps", "max_new_tokens", "judge_model", "ollama_url", "judge_timeout", "export_hf",
-                    "vocab_dir", "data_dir")
+                    "vocab_dir", "data_dir", "fit_check")
 
 
 @dataclasses.dataclass
@@ -100,6 +100,8 @@ class RunConfig:
     out_dir: Optional[str] = None       # the run folder; default runs/<name>
     name: Optional[str] = None          # default <model>-<data>-<date>-<time>
     export_hf: bool = False
+    # Before the model is loaded: stop when the memory or disk estimate does not fit (pipeline/fit_check.py)
+    fit_check: bool = True
 
     @property
     def pretrained(self):

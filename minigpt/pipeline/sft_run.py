@@ -27,8 +27,8 @@ from ..files.model_card import make_card
 from ..loader import DataLoader
 from ..model import GPTConfig, GPTModel
 from ..tokenizer import get_tokenizer
-from . import report
-from . import settings, steps, trained_weights
+from . import fit_check, report, settings, steps, trained_weights
+from .memory_estimate import Job, sequence_sizes
 from .plotting import plot_losses
 
 METHOD = "sft"
@@ -62,6 +62,8 @@ def run(config, resume=False, log=print):
         fingerprint = data_fingerprint(train_entries, val_entries, test_entries)
         if resume:
             check_same_data(saved["train_state"].get("data_fingerprint"), fingerprint, checkpoint_path)
+        # Memory and disk: the run's estimate against the machine's, before the model is loaded (fit_check.py)
+        memory_advice = check_fit(config, tokenizer, train_entries, saved, run_dir, log)
 
         # 2. The model: new, pretrained GPT-2 or a weights file; LoRA on top if asked
         if resume:
@@ -106,7 +108,7 @@ def run(config, resume=False, log=print):
                                       config.max_new_tokens, expected_reply(val_entries[0]), log)
         state = training.train(model, optimizer, train_loader, val_loader, config.train_config(), state=state,
                                checkpoint=checkpoint, best=weights.best, on_epoch_end=sample, log=log,
-                               suspects=weights.suspects)
+                               suspects=weights.suspects, memory_advice=memory_advice)
         write_json(run_dir / "history.json", state.history)
         plot_losses(state.history, run_dir / "loss-plot.png", title=run_dir.name)
         lora_entry = weights.write_final(model, log)  # with LoRA, the model is merged from here on
@@ -131,6 +133,30 @@ def run(config, resume=False, log=print):
 def check_settings(config):
     """The settings every run needs (RunConfig.validate); fine-tuning has none of its own to check."""
     config.validate()
+
+
+def check_fit(config, tokenizer, entries, saved, run_dir, log=print):
+    """Print the run's memory and disk estimates and stop it when they cannot fit (pipeline/fit_check.py):
+    its model's configuration, read without the weights (a resumed run's from its checkpoint, `saved`), and
+    the sizes of the training `entries`, tokenized as the run will -> the advice for running out anyway."""
+    model_config = (GPTConfig(**saved["model_config"]) if saved
+                    else planned_model_config(config, tokenizer.n_vocab))
+    dataset = InstructionDataset(entries, tokenizer, config.prompt_style)
+    sizes = sequence_sizes(dataset.token_ids, dataset.prompt_lengths, config.mask_prompt,
+                           min(config.allowed_max_length, model_config.context_length))
+    job = Job(model_config, config.batch_size, lora_rank=config.lora_rank, dropout=config.drop_rate > 0,
+              max_new_tokens=config.max_new_tokens, export_hf=config.export_hf, **sizes)
+    method = f"LoRA fine-tuning (rank {config.lora_rank})" if config.lora_rank else "full fine-tuning"
+    return fit_check.check_fit(job, f"{method} of {config.model or config.weights or 'a new model'}", run_dir,
+                               config.model, config.data_dir, saved is not None, config.fit_check, log)
+
+
+def planned_model_config(config, n_vocab):
+    """The GPTConfig of the model the run will load or build, read without its weights."""
+    if config.pretrained:
+        return steps.model_config_of(config.model, config.weights)
+    return new_model_config(n_vocab, config.context_length, config.emb_dim, config.n_heads, config.n_layers,
+                            config.drop_rate)
 
 
 def load_splits(data, data_dir, shuffle_seed, data_seed, n_train, n_val, n_test, style):
@@ -171,11 +197,7 @@ def show_batch(config, rows=4, log=print):
     check_settings(config)
     config.check_files()
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
-    if config.model is None and config.weights is None:
-        model_config = new_model_config(tokenizer.n_vocab, config.context_length, config.emb_dim,
-                                        config.n_heads, config.n_layers, config.drop_rate)
-    else:
-        model_config = steps.model_config_of(config.model, config.weights)
+    model_config = planned_model_config(config, tokenizer.n_vocab)
     steps.check_tokenizer_fits(config.tokenizer, tokenizer, model_config.vocab_size)
     cut = min(config.allowed_max_length, model_config.context_length)
     train_entries = load_splits(config.data, config.data_dir, config.shuffle_seed, config.data_seed,

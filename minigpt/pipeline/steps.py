@@ -20,12 +20,12 @@ from ..files import runfolder
 from ..files.checkpoint import read_checkpoint
 from ..files.fileio import write_json
 from ..files.model_card import model_file
-from ..files.weights import (load_npz, load_weights, pretrained_gpt2, read_npz_config, save_hf_gpt2,
-                             weights_format)
+from ..files.weights import load_npz, load_weights, pretrained_gpt2, read_weights_config, save_hf_gpt2
 from ..losses import IGNORE_INDEX
 from ..model import GPTConfig, GPTModel
 from ..nn import Dropout
 from ..optim import AdamW
+from ..training import OutOfMemory
 from .responses import generate_responses, with_responses
 from .settings import DATASETS, RESUME_OVERRIDES, RunConfig
 
@@ -52,7 +52,8 @@ def run_folder(out_dir, name, method, model, weights, data):
 @contextlib.contextmanager
 def claimed(run_dir, resume, log=print):
     """Hold `run_dir` for this run (files.runfolder: one run at a time) -> the checkpoint's path; after a
-    Ctrl-C that left a checkpoint (training saves one when interrupted), say how to continue."""
+    Ctrl-C that left a checkpoint (training saves one when interrupted), say how to continue. A MemoryError
+    becomes training.OutOfMemory, whose one line says how to continue too."""
     checkpoint_path = run_dir / CHECKPOINT_NAME
     with runfolder.claim(run_dir, resume, CHECKPOINT_NAME, log):
         try:
@@ -61,6 +62,14 @@ def claimed(run_dir, resume, log=print):
             if checkpoint_path.is_file():
                 log(f"\nInterrupted. Continue the run with:  python train.py --resume {run_dir}")
             raise
+        except MemoryError as e:  # the training loop's OutOfMemory, or memory running out at another step
+            message = str(e) if isinstance(e, OutOfMemory) else f"out of memory ({' '.join(str(e).split())})"
+            if checkpoint_path.is_file():
+                if not isinstance(e, OutOfMemory):  # reading the checkpoint's JSON takes next to no memory
+                    step = read_checkpoint(checkpoint_path)["train_state"]["step"]
+                    message += f"; {checkpoint_path} keeps step {step}"
+                message += f"; continue the run with: python train.py --resume {run_dir}"
+            raise OutOfMemory(message) from None
 
 
 def resumed_config(run_dir, **overrides):
@@ -100,15 +109,11 @@ def load_model(model_name, weights_path, data_dir):
 
 
 def model_config_of(model_name, weights_path):
-    """The GPTConfig of the model load_model would load, read without its weights where possible: GPT-2's
-    from its preset, a .npz's from its stored config; a Hugging Face file's config is read off its
-    tensors, so that one is loaded."""
+    """The GPTConfig of the model load_model would load, read without its weights: GPT-2's from its preset,
+    a .npz's from its stored config, a Hugging Face file's from its header and config.json."""
     if model_name is not None:
         return GPTConfig.preset(model_name)
-    weights_path = model_file(weights_path)
-    if weights_format(weights_path) == "npz":
-        return read_npz_config(weights_path)
-    return load_weights(weights_path).cfg
+    return read_weights_config(model_file(weights_path))
 
 
 def check_tokenizer_fits(tokenizer_name, tokenizer, vocab_size):
