@@ -397,13 +397,15 @@ def epoch_batches(row, args, reference):
 
 def task_batches(row, args, reference):
     """The first batches `python train.py` trains on: its own loader over the built-in tasks."""
+    from minigpt.data import InstructionDataset
     from minigpt.pipeline import sft_run
     from minigpt.tokenizer import get_tokenizer
     c = sft_run.make_config(n_train=row.batch * 20)
     train, _, _ = sft_run.load_splits(c.data, c.data_dir, c.shuffle_seed, c.data_seed, c.n_train, c.n_val,
                                       c.n_test, c.prompt_style)
-    loader = sft_run.training_loader(train, get_tokenizer(c.tokenizer), c.prompt_style, c.mask_prompt,
-                                     c.context_length, c.batch_size, c.seed, c.group_by_length)
+    dataset = InstructionDataset(train, get_tokenizer(c.tokenizer), c.prompt_style, c.mask_prompt,
+                                 c.context_length)
+    loader = sft_run.training_loader(dataset, c.batch_size, c.seed, c.group_by_length)
     return list(loader), {}
 
 

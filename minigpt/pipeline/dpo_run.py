@@ -37,7 +37,7 @@ from ..files.model_card import make_card
 from ..files.reference_logprobs import read_references, write_references
 from ..files.weights import weights_fingerprint
 from ..loader import DataLoader
-from ..model import GPTConfig
+from ..model import GPTConfig, GPTModel
 from ..nn import eval_mode
 from ..preference import (PreferenceDataset, check_pairs_differ, check_pairs_fit, download_preference_data,
                           load_preference_data)
@@ -79,26 +79,41 @@ def run(config, resume=False, log=print):
         fingerprint = data_fingerprint(train_entries, val_entries, test_entries)
         if resume:
             check_same_data(saved["train_state"].get("data_fingerprint"), fingerprint, checkpoint_path)
-        # Memory and disk: the run's estimate against the machine's, before the model is loaded (fit_check.py)
-        memory_advice = check_fit(config, tokenizer, train_entries, saved, run_dir, log)
 
-        # 2. The model: the fine-tuned one, which is both the policy and (frozen) the reference
-        model = (steps.resumed_model(saved["model_config"], config.seed) if resume
-                 else steps.load_model(config.model, config.weights, config.data_dir))
-        steps.check_tokenizer_fits(config.tokenizer, tokenizer, model.cfg.vocab_size)
+        # 2. Tokenize the pairs once, for the model's context, known before its weights are read; a pair
+        #    whose prompt fills the context has no response left to score: it is left out, and counted
+        model_config = (GPTConfig(**saved["model_config"]) if resume
+                        else steps.model_config_of(config.model, config.weights))
+        steps.check_tokenizer_fits(config.tokenizer, tokenizer, model_config.vocab_size)
+        cut = min(config.allowed_max_length, model_config.context_length)
+        datasets = [PreferenceDataset(entries, tokenizer, config.prompt_style, cut) for entries in splits]
+        for dataset, what in zip(datasets, ("training", "validation", "test")):
+            check_pairs_fit(dataset, what, log)
+        check_pairs_differ(train_entries, "training", log)
+
+        # 3. Memory and disk, as in fine-tuning: each step runs the policy on both responses of each pair
+        #    (the reference's log-probabilities are cached: there is no second model)
+        train_set = datasets[0]
+        job = Job(model_config, config.batch_size, lora_rank=config.lora_rank, dropout=config.drop_rate > 0,
+                  max_new_tokens=config.max_new_tokens, export_hf=config.export_hf, sequences_per_example=2,
+                  **sequence_sizes(train_set.chosen + train_set.rejected, train_set.prompt_lengths * 2,
+                                   True, cut))  # both responses of a pair, each prompt masked
+        memory_advice = fit_check.check_fit(
+            job, fit_check.run_name("DPO", config.lora_rank, config.model or config.weights), run_dir,
+            config.model, config.data_dir, resume, config.fit_check, log)
+
+        # 4. The model: the fine-tuned one, which is both the policy and (frozen) the reference
+        if resume:
+            model = GPTModel(model_config, seed=config.seed)  # a resumed run's weights are its checkpoint's
+        else:
+            model = steps.load_model(config.model, config.weights, config.data_dir)
         steps.set_dropout(model, config.drop_rate, config.seed)
         card = make_card(config.tokenizer, config.prompt_style)  # how to talk to it, in every model file
         weights = trained_weights.prepare(model, run_dir, card, config.lora_rank, config.effective_lora_alpha,
                                           config.seed)
 
-        # 3. Tokenize the pairs (one whose prompt fills the context has no response left to score: it is left
-        #    out, and counted), and the reference's log-probabilities of them: computed once from the
-        #    starting weights, which the model still holds, or read back on resume
-        cut = min(config.allowed_max_length, model.cfg.context_length)
-        datasets = [PreferenceDataset(entries, tokenizer, config.prompt_style, cut) for entries in splits]
-        for dataset, what in zip(datasets, ("training", "validation", "test")):
-            check_pairs_fit(dataset, what, log)
-        check_pairs_differ(train_entries, "training", log)
+        # 5. The reference's log-probabilities of the pairs: computed once from the starting weights, which
+        #    the model still holds, or read back on resume
         references_path = run_dir / REFERENCE_NAME
         if resume:
             reference_weights = (saved["train_state"].get("data_fingerprint") or {}).get("reference_weights")
@@ -113,7 +128,7 @@ def run(config, resume=False, log=print):
         val_loader, test_loader = (DataLoader(dataset, config.batch_size) for dataset in datasets[1:])
         objective = DPOObjective(references, config.beta, config.nll_weight)
 
-        # 4. Train: the policy's DPO loss against the cached reference
+        # 6. Train: the policy's DPO loss against the cached reference
         optimizer = steps.make_optimizer(model, config.lr, config.beta2, config.weight_decay)
         # The reference's log-probabilities are the other half of DPO's data: the checkpoint records which.
         data_and_reference = {**fingerprint, "reference_weights": reference_weights}
@@ -142,7 +157,7 @@ def run(config, resume=False, log=print):
         write_json(run_dir / "history.json", state.history)
         plot_dpo(state.history, run_dir / "loss-plot.png", title=run_dir.name)
 
-        # 5. The test pairs: DPO loss and rewards, each pair counted once
+        # 7. The test pairs: DPO loss and rewards, each pair counted once
         with eval_mode(model):
             test_pairs = training.calc_metrics_loader(model, test_loader, objective=objective,
                                                       per_example=True)
@@ -151,7 +166,7 @@ def run(config, resume=False, log=print):
         if config.export_hf:
             steps.export_hf(run_dir, model, run_dir / trained_weights.MODEL_BEST, card, tokenizer)
 
-        # 6. Answer the test prompts, greedily, and score the answers against the chosen responses
+        # 8. Answer the test prompts, greedily, and score the answers against the chosen responses
         entries = steps.answer_test_set(model, tokenizer, test_entries, config.prompt_style,
                                         config.max_new_tokens, run_dir, log)
         metrics = steps.score([dict(entry, output=entry["chosen"]) for entry in entries], config.judge_model,
@@ -180,22 +195,6 @@ def check_settings(config):
         raise ValueError("group_by_length batches fine-tuning examples; DPO batches pairs in their order")
     dpo.check_beta(config.beta)
     dpo.check_nll_weight(config.nll_weight)
-
-
-def check_fit(config, tokenizer, entries, saved, run_dir, log=print):
-    """fine-tuning's check (sft_run.check_fit) for pairs: each step runs the policy on the chosen and the
-    rejected sequence of each pair (the reference's log-probabilities are cached: no second model)."""
-    model_config = (GPTConfig(**saved["model_config"]) if saved
-                    else steps.model_config_of(config.model, config.weights))
-    dataset = PreferenceDataset(entries, tokenizer, config.prompt_style)
-    sizes = sequence_sizes(dataset.chosen + dataset.rejected, dataset.prompt_lengths * 2, True,  # masked
-                           min(config.allowed_max_length, model_config.context_length))
-    job = Job(model_config, config.batch_size, lora_rank=config.lora_rank, dropout=config.drop_rate > 0,
-              max_new_tokens=config.max_new_tokens, export_hf=config.export_hf, sequences_per_example=2,
-              **sizes)
-    method = f"DPO with LoRA (rank {config.lora_rank})" if config.lora_rank else "DPO"
-    return fit_check.check_fit(job, f"{method} of {config.model or config.weights}", run_dir, config.model,
-                               config.data_dir, saved is not None, config.fit_check, log)
 
 
 def load_splits(data, data_dir, shuffle_seed):

@@ -42,6 +42,16 @@ SUGGESTED_LORA_RANK = 16           # the reference's exercise rank
 HF_EXPORTS = ("model-final-hf", "model-best-hf")
 
 
+def run_name(method, lora_rank, source):
+    """How the messages name a run: "full fine-tuning of gpt2-xl", "LoRA fine-tuning (rank 16) of x.npz",
+    "DPO of x.npz", "DPO with LoRA (rank 8) of x.npz" (source None: a new model)."""
+    source = source or "a new model"
+    if method == "fine-tuning":
+        return (f"LoRA fine-tuning (rank {lora_rank}) of {source}" if lora_rank
+                else f"full fine-tuning of {source}")
+    return f"{method} with LoRA (rank {lora_rank}) of {source}" if lora_rank else f"{method} of {source}"
+
+
 def check_fit(job, what, run_dir, model_name, data_dir, resume, fit_check=True, log=print):
     """Print the memory and disk lines of a run (what: "full fine-tuning of gpt2-xl", for the messages);
     raise ValueError with one line when either cannot fit, unless fit_check is off (then only warn).

@@ -53,8 +53,8 @@ def run(config, resume=False, log=print):
         checkpoint = CheckpointFile(checkpoint_path, run_config=dataclasses.asdict(config))
         saved = checkpoint.read() if resume else None
 
-        # 1. The data: instruction entries, split into training, validation and test entries, and the
-        #    tokenizer that will read them
+        # 1. The data: instruction entries (or conversations), split into training, validation and test
+        #    entries, and the tokenizer that will read them
         tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
         train_entries, val_entries, test_entries = load_splits(
             config.data, config.data_dir, config.shuffle_seed, config.data_seed, config.n_train, config.n_val,
@@ -62,34 +62,44 @@ def run(config, resume=False, log=print):
         fingerprint = data_fingerprint(train_entries, val_entries, test_entries)
         if resume:
             check_same_data(saved["train_state"].get("data_fingerprint"), fingerprint, checkpoint_path)
-        # Memory and disk: the run's estimate against the machine's, before the model is loaded (fit_check.py)
-        memory_advice = check_fit(config, tokenizer, train_entries, saved, run_dir, log)
 
-        # 2. The model: new, pretrained GPT-2 or a weights file; LoRA on top if asked
+        # 2. Tokenize once, for the model's context, known before its weights are read; a batch is padded,
+        #    shifted by one, the prompt masked if asked, and cut to the context
         if resume:
-            model = steps.resumed_model(saved["model_config"], config.seed)
-        elif config.model is None and config.weights is None:
-            model = GPTModel(new_model_config(tokenizer.n_vocab, config.context_length, config.emb_dim,
-                                              config.n_heads, config.n_layers, config.drop_rate),
-                             seed=config.seed)
+            model_config = GPTConfig(**saved["model_config"])
+        elif config.pretrained:
+            model_config = steps.model_config_of(config.model, config.weights)
+        else:
+            model_config = new_model_config(tokenizer.n_vocab, config.context_length, config.emb_dim,
+                                            config.n_heads, config.n_layers, config.drop_rate)
+        steps.check_tokenizer_fits(config.tokenizer, tokenizer, model_config.vocab_size)
+        cut = min(config.allowed_max_length, model_config.context_length)
+        train_set = InstructionDataset(train_entries, tokenizer, config.prompt_style, config.mask_prompt, cut)
+        val_set = InstructionDataset(val_entries, tokenizer, config.prompt_style, config.mask_prompt, cut)
+        check_responses_fit(train_set, "training", log)
+        check_responses_fit(val_set, "validation", log)
+
+        # 3. Memory and disk: the run's estimate against what the machine has, before the weights are read
+        job = Job(model_config, config.batch_size, lora_rank=config.lora_rank, dropout=config.drop_rate > 0,
+                  max_new_tokens=config.max_new_tokens, export_hf=config.export_hf,
+                  **sequence_sizes(train_set.token_ids, train_set.prompt_lengths, config.mask_prompt, cut))
+        memory_advice = fit_check.check_fit(
+            job, fit_check.run_name("fine-tuning", config.lora_rank, config.model or config.weights), run_dir,
+            config.model, config.data_dir, resume, config.fit_check, log)
+
+        # 4. The model: new, pretrained GPT-2 or a weights file; LoRA on top if asked
+        if resume or not config.pretrained:
+            model = GPTModel(model_config, seed=config.seed)  # a resumed run's weights are its checkpoint's
         else:
             model = steps.load_model(config.model, config.weights, config.data_dir)
-        steps.check_tokenizer_fits(config.tokenizer, tokenizer, model.cfg.vocab_size)
         steps.set_dropout(model, config.drop_rate, config.seed)
         card = make_card(config.tokenizer, config.prompt_style, config.data_settings())  # in every model file
         weights = trained_weights.prepare(model, run_dir, card, config.lora_rank, config.effective_lora_alpha,
                                           config.seed)
-
-        # 3. Tokenize once, and batch: padded, shifted by one, the prompt masked if asked, cut to the context
-        cut = min(config.allowed_max_length, model.cfg.context_length)
-        train_loader = training_loader(train_entries, tokenizer, config.prompt_style, config.mask_prompt, cut,
-                                       config.batch_size, config.seed, config.group_by_length)
-        val_set = InstructionDataset(val_entries, tokenizer, config.prompt_style, config.mask_prompt, cut)
+        train_loader = training_loader(train_set, config.batch_size, config.seed, config.group_by_length)
         val_loader = DataLoader(val_set, config.batch_size)
-        check_responses_fit(train_loader.dataset, "training", log)
-        check_responses_fit(val_set, "validation", log)
 
-        # 4. Train: AdamW, an evaluation every eval_freq steps, checkpoints, the best weights kept
+        # 5. Train: AdamW, an evaluation every eval_freq steps, checkpoints, the best weights kept
         optimizer = steps.make_optimizer(model, config.lr, config.beta2, config.weight_decay)
         state = (checkpoint.restore(model, optimizer, train_loader) if resume
                  else training.TrainState(data_fingerprint=fingerprint))
@@ -115,11 +125,11 @@ def run(config, resume=False, log=print):
         if config.export_hf:
             steps.export_hf(run_dir, model, run_dir / trained_weights.MODEL_BEST, card, tokenizer)
 
-        # 5. Answer the test set, greedily: test-responses.json
+        # 6. Answer the test set, greedily: test-responses.json
         entries = steps.answer_test_set(model, tokenizer, test_entries, config.prompt_style,
                                         config.max_new_tokens, run_dir, log)
 
-        # 6. Score the answers
+        # 7. Score the answers
         metrics = steps.score(entries, config.judge_model, config.ollama_url, config.judge_timeout, log)
         metrics.update(steps.training_metrics(state, lora=lora_entry))
         write_json(run_dir / "metrics.json", metrics)
@@ -133,30 +143,6 @@ def run(config, resume=False, log=print):
 def check_settings(config):
     """The settings every run needs (RunConfig.validate); fine-tuning has none of its own to check."""
     config.validate()
-
-
-def check_fit(config, tokenizer, entries, saved, run_dir, log=print):
-    """Print the run's memory and disk estimates and stop it when they cannot fit (pipeline/fit_check.py):
-    its model's configuration, read without the weights (a resumed run's from its checkpoint, `saved`), and
-    the sizes of the training `entries`, tokenized as the run will -> the advice for running out anyway."""
-    model_config = (GPTConfig(**saved["model_config"]) if saved
-                    else planned_model_config(config, tokenizer.n_vocab))
-    dataset = InstructionDataset(entries, tokenizer, config.prompt_style)
-    sizes = sequence_sizes(dataset.token_ids, dataset.prompt_lengths, config.mask_prompt,
-                           min(config.allowed_max_length, model_config.context_length))
-    job = Job(model_config, config.batch_size, lora_rank=config.lora_rank, dropout=config.drop_rate > 0,
-              max_new_tokens=config.max_new_tokens, export_hf=config.export_hf, **sizes)
-    method = f"LoRA fine-tuning (rank {config.lora_rank})" if config.lora_rank else "full fine-tuning"
-    return fit_check.check_fit(job, f"{method} of {config.model or config.weights or 'a new model'}", run_dir,
-                               config.model, config.data_dir, saved is not None, config.fit_check, log)
-
-
-def planned_model_config(config, n_vocab):
-    """The GPTConfig of the model the run will load or build, read without its weights."""
-    if config.pretrained:
-        return steps.model_config_of(config.model, config.weights)
-    return new_model_config(n_vocab, config.context_length, config.emb_dim, config.n_heads, config.n_layers,
-                            config.drop_rate)
 
 
 def load_splits(data, data_dir, shuffle_seed, data_seed, n_train, n_val, n_test, style):
@@ -177,13 +163,13 @@ def new_model_config(vocab_size, context_length, emb_dim, n_heads, n_layers, dro
                      n_layers=n_layers, drop_rate=drop_rate)
 
 
-def training_loader(entries, tokenizer, style, mask_prompt, cut, batch_size, seed, group_by_length):
-    """The run's training loader: the entries tokenized once, shuffled with `seed`, full batches only."""
-    dataset = InstructionDataset(entries, tokenizer, style, mask_prompt, cut)
+def training_loader(dataset, batch_size, seed, group_by_length):
+    """The run's training loader over `dataset` (an InstructionDataset): shuffled with `seed`, full batches
+    only."""
     loader = DataLoader(dataset, batch_size, shuffle=True, drop_last=True, seed=seed,
                         group_by_length=group_by_length)
     if len(loader) == 0:
-        raise ValueError(f"{len(entries)} training entries make no full batch of {batch_size}; "
+        raise ValueError(f"{len(dataset)} training entries make no full batch of {batch_size}; "
                          f"lower --batch-size")
     return loader
 
@@ -197,13 +183,17 @@ def show_batch(config, rows=4, log=print):
     check_settings(config)
     config.check_files()
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
-    model_config = planned_model_config(config, tokenizer.n_vocab)
+    if config.pretrained:
+        model_config = steps.model_config_of(config.model, config.weights)
+    else:
+        model_config = new_model_config(tokenizer.n_vocab, config.context_length, config.emb_dim,
+                                        config.n_heads, config.n_layers, config.drop_rate)
     steps.check_tokenizer_fits(config.tokenizer, tokenizer, model_config.vocab_size)
     cut = min(config.allowed_max_length, model_config.context_length)
     train_entries = load_splits(config.data, config.data_dir, config.shuffle_seed, config.data_seed,
                                 config.n_train, config.n_val, config.n_test, config.prompt_style)[0]
-    loader = training_loader(train_entries, tokenizer, config.prompt_style, config.mask_prompt, cut,
-                             config.batch_size, config.seed, config.group_by_length)
+    train_set = InstructionDataset(train_entries, tokenizer, config.prompt_style, config.mask_prompt, cut)
+    loader = training_loader(train_set, config.batch_size, config.seed, config.group_by_length)
     inputs, targets = next(iter(loader))                                # (B, T), (B, T)
     masking = "prompt masked" if config.mask_prompt else "no prompt masking"
     steps.print_first_batch(inputs, targets, tokenizer, rows, f"{config.prompt_style} prompts, {masking}, "
