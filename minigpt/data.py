@@ -24,7 +24,8 @@ import numpy as np
 
 from .files.fileio import download_file, parse_json
 from .losses import IGNORE_INDEX
-from .prompts import ROLES, check_template_holds, conversation_of, end_of_text_learned, render, reply_end
+from .prompts import (ROLES, check_template_holds, conversation_of, end_of_text_learned, render, reply_end,
+                      response_header)
 from .tokenizer import EOT, GPT2_EOT_ID, encode  # GPT2_EOT_ID: the default padding token
 
 REFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -250,6 +251,15 @@ class InstructionDataset:
         return Batch(*collate([self.token_ids[i] for i in indices], pad_token_id=self.pad_token_id,
                               allowed_max_length=self.allowed_max_length, learned=learned,
                               end_learned=self.end_learned))
+
+
+def reply_prompt_ids(tokenizer, messages, style):
+    """Token ids of prompts.reply_prompt(messages, style), the conversation so far and the reply's header,
+    each segment of the text tokenized on its own, as tokenize_conversation does for training: the model
+    is given exactly the tokens it learned from."""
+    *history, newest = render(messages, style)                 # newest: the last user turn, not learned
+    return [i for segment in history for i in encode(tokenizer, segment.text)] + encode(
+        tokenizer, newest.text + response_header(style))
 
 
 def tokenize_conversation(messages, tokenizer, style, max_length=None):

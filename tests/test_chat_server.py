@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from minigpt.chat.server import API_PATH, MAX_BODY_BYTES, ChatServer
-from minigpt.chat.session import prompt_ids
+from minigpt.data import reply_prompt_ids as prompt_ids
 from minigpt.files.model_card import make_card
 from minigpt.files.weights import save_npz
 from test_chat_session import CONVERSATION, TOKENIZER, chatty_model, random_model, record_positions

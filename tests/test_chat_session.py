@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from minigpt import GPTConfig, GPTModel, generate
-from minigpt.chat.session import ChatSession, prompt_ids
+from minigpt.chat.session import ChatSession
+from minigpt.data import reply_prompt_ids as prompt_ids
 from minigpt.chat.terminal import chat
 from minigpt.generation import CachedContext
 from minigpt.optim import Adam

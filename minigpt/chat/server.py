@@ -27,7 +27,7 @@ import numpy as np
 from ..generation import CachedContext
 from ..prompts import reply_end
 from .api import DONE, ApiError, chunk, completion, new_id, parse_request
-from .session import prompt_ids
+from ..data import reply_prompt_ids
 from .stream import ReplyText
 
 PAGE = Path(__file__).with_name("page.html")
@@ -95,7 +95,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.path != API_PATH:
                 raise ApiError(404, f"nothing at {self.path}; the API is POST {API_PATH}", code="not_found")
             request = parse_request(self.read_body(), server.style, server.defaults)
-            ids = prompt_ids(server.tokenizer, request.messages, server.style)
+            ids = reply_prompt_ids(server.tokenizer, request.messages, server.style)
             context_length = server.model.cfg.context_length
             if len(ids) >= context_length:
                 raise ApiError(400, f"the conversation takes {len(ids)} tokens with the template, and the "

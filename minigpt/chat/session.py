@@ -14,17 +14,10 @@ positions of every token then change, so the next turn runs the whole kept conve
 alpaca and phi3 hold one exchange, so with them each message is answered on its own.
 """
 from ..generation import CachedContext
-from ..prompts import CHAT_TEMPLATES, check_style, render, reply_end, reply_prompt, response_header
+from ..data import reply_prompt_ids
+from ..prompts import CHAT_TEMPLATES, check_style, render, reply_end, reply_prompt
 from ..tokenizer import encode
 from .stream import ReplyText
-
-
-def prompt_ids(tokenizer, messages, style):
-    """Token ids of reply_prompt(messages, style), each segment of the text tokenized on its own, as
-    training tokenizes it, so the model is given exactly the tokens it learned from."""
-    *history, newest = render(messages, style)                 # newest: the last user turn, not learned
-    return [i for segment in history for i in encode(tokenizer, segment.text)] + encode(
-        tokenizer, newest.text + response_header(style))
 
 
 class ChatSession:
@@ -66,12 +59,12 @@ class ChatSession:
             history = "".join(segment.text for segment in render(self.messages, self.style))
             prompt = self.ids + encode(self.tokenizer, reply_prompt(messages, self.style)[len(history):])
         else:
-            prompt = prompt_ids(self.tokenizer, messages, self.style)
+            prompt = reply_prompt_ids(self.tokenizer, messages, self.style)
         room, dropped = min(max_new_tokens, self.context_length // 4), 0
         first = 1 if self.system else 0                        # the oldest exchange after the system message
         while len(prompt) + room > self.context_length and len(messages) - first > 1:
             del messages[first:first + 2]
-            prompt, dropped = prompt_ids(self.tokenizer, messages, self.style), dropped + 1
+            prompt, dropped = reply_prompt_ids(self.tokenizer, messages, self.style), dropped + 1
         if len(prompt) >= self.context_length:
             raise ValueError(f"the message takes {len(prompt)} tokens with the template, which leaves no "
                              f"room for a reply in the context window of {self.context_length}")

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
+from ..data import reply_prompt_ids
 from ..generation import generate
 from ..nn import eval_mode
-from ..prompts import conversation_of, reply_end, reply_prompt
-from ..tokenizer import encode
+from ..prompts import conversation_of, reply_end
 from ..training import format_duration
 
 MAX_BATCH = 64                 # prompts decoded together, at most
@@ -25,10 +25,11 @@ KV_CACHE_BYTES = 512 << 20     # and at most this much KV cache (float32 keys an
 
 
 def prompt_ids(tokenizer, entry, style):
-    """The token ids the model is given: the conversation before its last reply, and the reply's header."""
+    """The token ids the model is given: the conversation before its last reply, and the reply's header,
+    tokenized as training tokenizes it (data.reply_prompt_ids)."""
     messages = conversation_of(entry)
     history = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-    return encode(tokenizer, reply_prompt(history, style))
+    return reply_prompt_ids(tokenizer, history, style)
 
 
 def decode_response(tokenizer, new_ids, style):
