@@ -95,46 +95,63 @@ def refuse_markers(text, where, style=None):
                          f"which would end the turn there; remove it")
 
 
+class ConversationError(ValueError):
+    """A conversation no template can train on or answer; `turn` is the index of the message at fault
+    (None when it is the conversation as a whole), for callers that point at it (the chat API)."""
+
+    def __init__(self, message, turn=None):
+        super().__init__(message)
+        self.turn = turn
+
+
 def check_conversation(messages, style=None, ends_with="assistant", where="conversation"):
-    """Raise ValueError, starting with `where` and the turn (the index in `messages`), at the first thing
-    that makes `messages` no conversation `style`'s template can train on or answer: not a list of objects
-    {"role", "content"} (other keys are kept, unread); a role not in ROLES; content that is not a
-    non-empty string, or holds "<|endoftext|>" or the template's end marker (refuse_markers); a system
-    message anywhere but first; user and assistant messages that do not take turns, the user's first; a
-    last message not from `ends_with` ("assistant" for training and test data, "user" for a conversation
-    awaiting its reply); and with alpaca or phi3, more than one exchange (prompts.check_template_holds)."""
+    """Raise ConversationError (a ValueError), starting with `where` and the turn (the index in `messages`),
+    at the first thing that makes `messages` no conversation `style`'s template can train on or answer: not
+    a list of objects {"role", "content"} (other keys are kept, unread); a role not in ROLES; content that
+    is not a non-empty string, or holds "<|endoftext|>" or the template's end marker (refuse_markers); a
+    system message anywhere but first; user and assistant messages that do not take turns, the user's
+    first; a last message not from `ends_with` ("assistant" for training and test data, "user" for a
+    conversation awaiting its reply); and with alpaca or phi3, more than one exchange
+    (prompts.check_template_holds)."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+        raise ConversationError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} '
+                                f'objects')
     due = "user"
     for turn, message in enumerate(messages):
-        at = f"{where}, turn {turn}"
-        if not isinstance(message, dict):
-            raise ValueError(f'{at}: expected an object {{"role", "content"}}, '
-                             f'got {type(message).__name__}')
-        check_keys(message, ("role", "content"), at)
-        role = message["role"]
-        if role not in ROLES:
-            raise ValueError(f"{at}: unknown role {role!r}; choose one of: {', '.join(ROLES)}")
-        if not message["content"].strip():
-            raise ValueError(f"{at}: the {role} message's content is empty")
-        refuse_markers(message["content"], f"{at}: the {role} message", style)
-        if role == "system":
-            if turn > 0:
-                raise ValueError(f"{at}: a system message may only come first")
-            continue
-        if role != due:
-            raise ValueError(f"{at}: a second {role} message in a row; user and assistant messages take "
-                             f"turns, the user's first")
-        due = "assistant" if role == "user" else "user"
+        try:
+            _check_message(message, turn, style, f"{where}, turn {turn}", due)
+        except ValueError as e:
+            raise ConversationError(str(e), turn) from None
+        if message["role"] != "system":
+            due = "assistant" if message["role"] == "user" else "user"
     if messages[-1]["role"] != ends_with:
         last = ("the assistant's reply to learn" if ends_with == "assistant"
                 else "the user's message to answer")
-        raise ValueError(f"{where}: the last message must be {last}, not a {messages[-1]['role']} message")
+        raise ConversationError(f"{where}: the last message must be {last}, not a {messages[-1]['role']} "
+                                f"message")
     if style is not None:
         try:
             check_template_holds(messages, style)
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise ConversationError(f"{where}: {e}") from None
+
+
+def _check_message(message, turn, style, at, due):
+    """check_conversation's checks of one message, which should come from `due` unless it is a system one."""
+    if not isinstance(message, dict):
+        raise ValueError(f'{at}: expected an object {{"role", "content"}}, got {type(message).__name__}')
+    check_keys(message, ("role", "content"), at)
+    role = message["role"]
+    if role not in ROLES:
+        raise ValueError(f"{at}: unknown role {role!r}; choose one of: {', '.join(ROLES)}")
+    if not message["content"].strip():
+        raise ValueError(f"{at}: the {role} message's content is empty")
+    refuse_markers(message["content"], f"{at}: the {role} message", style)
+    if role == "system" and turn > 0:
+        raise ValueError(f"{at}: a system message may only come first")
+    if role != "system" and role != due:
+        raise ValueError(f"{at}: a second {role} message in a row; user and assistant messages take turns, "
+                         f"the user's first")
 
 
 def load_instruction_data(path, style=None):

@@ -15,8 +15,7 @@ import time
 import uuid
 from typing import NamedTuple
 
-from ..prompts import CHAT_TEMPLATES, ROLES, reply_end
-from ..tokenizer import EOT
+from ..data import ConversationError, check_conversation
 
 MAX_STOPS = 4
 
@@ -66,28 +65,20 @@ def parse_request(body, style, defaults):
 
 
 def check_messages(messages, style):
-    """Refuse what the template cannot answer: a role not in ROLES, content that is not a non-empty string
-    or holds <|endoftext|> or the end marker, a system message not first, a last message not the user's;
+    """Refuse what the template cannot answer, as training data is refused (data.check_conversation): a role
+    not in ROLES, content that is not non-empty text or holds <|endoftext|> or the end marker, a system
+    message not first, user and assistant messages that do not take turns, a last message not the user's;
     with a one-exchange template (alpaca, phi3), anything but one user message. A content given as
-    OpenAI's list of text parts is replaced by its text."""
+    OpenAI's list of text parts is replaced by its text first."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, '"messages" must be a non-empty list of {"role", "content"} objects', "messages")
     for turn, message in enumerate(messages):
-        at = f"messages[{turn}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ApiError(400, f"{at}: the role must be one of {', '.join(ROLES)}", at)
-        message["content"] = _text(message.get("content"), at)
-        for marker in (EOT, reply_end(style)):
-            if marker and marker in message["content"]:
-                raise ApiError(400, f"{at}: the content holds the literal text {marker!r}, which would end "
-                                    f"the turn there", at)
-        if message["role"] == "system" and turn > 0:
-            raise ApiError(400, f"{at}: a system message may only come first", at)
-    if messages[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be the user's, the one to answer", "messages")
-    if style not in CHAT_TEMPLATES and len(messages) > 1:
-        raise ApiError(400, f"this model's template ({style}) holds one exchange: send one user message "
-                            f"(a model trained with --prompt-style chat holds a conversation)", "messages")
+        if isinstance(message, dict):
+            message["content"] = _text(message.get("content"), f"messages[{turn}]")
+    try:
+        check_conversation(messages, style, ends_with="user", where="messages")
+    except ConversationError as e:
+        raise ApiError(400, str(e), "messages" if e.turn is None else f"messages[{e.turn}]") from None
 
 
 def _text(content, at):
