@@ -36,7 +36,7 @@ from minigpt.files.model_card import RUN_MODEL_FILE, model_file, read_card
 from minigpt.files.weights import HF_WEIGHTS_NAME, HUB_REPOS, load_weights, pretrained_gpt2
 from minigpt.generation import generate_tokens
 from minigpt.prompts import PROMPT_STYLES, build_prompt, reply_end
-from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV, VOCAB_SIZES, encode, get_tokenizer
+from minigpt.tokenizer import TOKENIZERS, VOCAB_DIR_ENV, VOCAB_SIZES, encode, tokenizer_for
 
 QUIT_WORDS = ("quit", "exit")
 MODES = ("--prompt", "--instruction", "--interactive", "--chat", "--serve")
@@ -179,19 +179,6 @@ def load_model(args, path):
     return model
 
 
-def choose_tokenizer(name, vocab_size, vocab_dir=None):
-    """The tokenizer `name` (None: the one a vocabulary of `vocab_size` implies); its vocabulary must match
-    the model's exactly. Checked against the known sizes first, so a mismatch never waits for a download."""
-    name = name or {size: name for name, size in VOCAB_SIZES.items()}.get(vocab_size)
-    if name is None:
-        raise ValueError(f"the model's vocabulary has {vocab_size} tokens, which matches no tokenizer "
-                         f"(gpt2 has {VOCAB_SIZES['gpt2']}, byte {VOCAB_SIZES['byte']})")
-    if VOCAB_SIZES[name] != vocab_size:
-        raise ValueError(f"tokenizer {name} has {VOCAB_SIZES[name]} tokens but the model's vocabulary "
-                         f"has {vocab_size}; choose another --tokenizer")
-    return get_tokenizer(name, vocab_dir)
-
-
 def prompt_text(text, style, raw=False, input_text=None):
     """Raw text as is, or an instruction (+ input) wrapped as in fine-tuning: prompt + response header."""
     if raw:
@@ -226,7 +213,7 @@ def run(args, out):
                          f"or elsewhere), so its template is unknown: give --prompt-style "
                          f"({', '.join(PROMPT_STYLES)})")
     model = load_model(args, path)
-    tokenizer = choose_tokenizer(tokenizer_name, model.cfg.vocab_size, args.vocab_dir)
+    tokenizer = tokenizer_for(model.cfg.vocab_size, tokenizer_name, args.vocab_dir)
     rng = np.random.default_rng(args.seed)
     name = str(args.weights if args.weights is not None else args.model)
 
