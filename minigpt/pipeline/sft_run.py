@@ -65,13 +65,9 @@ def run(config, resume=False, log=print):
 
         # 2. Tokenize once, for the model's context, known before its weights are read; a batch is padded,
         #    shifted by one, the prompt masked if asked, and cut to the context
-        if resume:
-            model_config = GPTConfig(**saved["model_config"])
-        elif config.pretrained:
-            model_config = steps.model_config_of(config.model, config.weights)
-        else:
-            model_config = new_model_config(tokenizer.n_vocab, config.context_length, config.emb_dim,
-                                            config.n_heads, config.n_layers, config.drop_rate)
+        model_config = (GPTConfig(**saved["model_config"]) if resume else planned_model_config(
+            config.model, config.weights, tokenizer.n_vocab, config.context_length, config.emb_dim,
+            config.n_heads, config.n_layers, config.drop_rate))
         steps.check_tokenizer_fits(config.tokenizer, tokenizer, model_config.vocab_size)
         cut = min(config.allowed_max_length, model_config.context_length)
         train_set = InstructionDataset(train_entries, tokenizer, config.prompt_style, config.mask_prompt, cut)
@@ -157,6 +153,15 @@ def load_splits(data, data_dir, shuffle_seed, data_seed, n_train, n_val, n_test,
     return steps.split_in_three(load_instruction_data(path, style), shuffle_seed, path)
 
 
+def planned_model_config(model_name, weights_path, vocab_size, context_length, emb_dim, n_heads, n_layers,
+                         drop_rate):
+    """The GPTConfig of the model a new run starts from, known before any weights are read: pretrained
+    GPT-2's or a weights file's (steps.model_config_of), else a new model's of the sizes given."""
+    if model_name is not None or weights_path is not None:
+        return steps.model_config_of(model_name, weights_path)
+    return new_model_config(vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate)
+
+
 def new_model_config(vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate):
     """The GPTConfig of a model trained from scratch: the run's sizes, the tokenizer's vocabulary."""
     return GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim, n_heads=n_heads,
@@ -183,11 +188,9 @@ def show_batch(config, rows=4, log=print):
     check_settings(config)
     config.check_files()
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
-    if config.pretrained:
-        model_config = steps.model_config_of(config.model, config.weights)
-    else:
-        model_config = new_model_config(tokenizer.n_vocab, config.context_length, config.emb_dim,
-                                        config.n_heads, config.n_layers, config.drop_rate)
+    model_config = planned_model_config(config.model, config.weights, tokenizer.n_vocab,
+                                        config.context_length, config.emb_dim, config.n_heads, config.n_layers,
+                                        config.drop_rate)
     steps.check_tokenizer_fits(config.tokenizer, tokenizer, model_config.vocab_size)
     cut = min(config.allowed_max_length, model_config.context_length)
     train_entries = load_splits(config.data, config.data_dir, config.shuffle_seed, config.data_seed,
