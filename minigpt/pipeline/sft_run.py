@@ -189,8 +189,8 @@ def show_batch(config, rows=4, log=print):
     config.check_files()
     tokenizer = get_tokenizer(config.tokenizer, config.vocab_dir)
     model_config = planned_model_config(config.model, config.weights, tokenizer.n_vocab,
-                                        config.context_length, config.emb_dim, config.n_heads, config.n_layers,
-                                        config.drop_rate)
+                                        config.context_length, config.emb_dim, config.n_heads,
+                                        config.n_layers, config.drop_rate)
     steps.check_tokenizer_fits(config.tokenizer, tokenizer, model_config.vocab_size)
     cut = min(config.allowed_max_length, model_config.context_length)
     train_entries = load_splits(config.data, config.data_dir, config.shuffle_seed, config.data_seed,
