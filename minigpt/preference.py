@@ -133,6 +133,11 @@ class PreferenceDataset:
             yield self.batch(np.arange(start, min(start + batch_size, len(self))))
 
 
+def chosen_response(entry):
+    """What a DPO run's test response is scored against: the pair's chosen response."""
+    return entry["chosen"]
+
+
 def check_pairs_fit(dataset, what="training", log=print):
     """Fine-tuning's rule for prompts that fill the context (data.check_responses_fit), for pairs: the pairs
     a PreferenceDataset left out are counted in a warning through `log`; more than half is a ValueError."""

@@ -39,8 +39,8 @@ from ..files.weights import weights_fingerprint
 from ..loader import DataLoader
 from ..model import GPTConfig, GPTModel
 from ..nn import eval_mode
-from ..preference import (PreferenceDataset, check_pairs_differ, check_pairs_fit, download_preference_data,
-                          load_preference_data)
+from ..preference import (PreferenceDataset, check_pairs_differ, check_pairs_fit, chosen_response,
+                          download_preference_data, load_preference_data)
 from ..tokenizer import get_tokenizer
 from . import fit_check, report, settings, steps, trained_weights
 from .memory_estimate import Job, sequence_sizes
@@ -169,13 +169,14 @@ def run(config, resume=False, log=print):
         # 8. Answer the test prompts, greedily, and score the answers against the chosen responses
         entries = steps.answer_test_set(model, tokenizer, test_entries, config.prompt_style,
                                         config.max_new_tokens, run_dir, log)
-        metrics = steps.score([dict(entry, output=entry["chosen"]) for entry in entries], config.judge_model,
-                              config.ollama_url, config.judge_timeout, log)
+        against_chosen = [dict(entry, output=chosen_response(entry)) for entry in entries]
+        metrics = steps.score(against_chosen, config.judge_model, config.ollama_url, config.judge_timeout,
+                              log)
         metrics.update(steps.training_metrics(state, lora=lora_entry, dpo={
             "beta": config.beta, "nll_weight": config.nll_weight, "test": test_pairs}))
         write_json(run_dir / "metrics.json", metrics)
         report.write_report(run_dir, dict(zip(("training", "validation", "test"), datasets)),
-                            time.monotonic() - started)
+                            time.monotonic() - started, expected=chosen_response)
         log(f"run folder: {run_dir}")
         log(steps.chat_line(run_dir))
     return run_dir

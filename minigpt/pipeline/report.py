@@ -25,6 +25,7 @@ from ..data import InstructionDataset, expected_reply
 from ..evaluate.scores import exact_match, rouge_l_f1
 from ..files.fileio import atomic_write, parse_json
 from ..training import format_duration
+from .settings import METHOD_SETTINGS
 
 REPORT_NAME = "report.md"
 RESULTS_MARK = "<!-- Benchmark and comparison results below; python -m minigpt.evaluate rewrites them. -->"
@@ -34,9 +35,10 @@ MAX_GROUPS = 10       # a benchmark's groups are listed up to this many: the tas
 METHODS = {"sft": "Instruction fine-tuning", "dpo": "Preference tuning (DPO)"}
 
 
-def write_report(run_dir, datasets=None, seconds=None):
+def write_report(run_dir, datasets=None, seconds=None, expected=expected_reply):
     """Write run_dir/report.md (see the module's doc). datasets: {"training": dataset, ...}, the run's
-    InstructionDatasets or PreferenceDatasets; seconds: the run's wall time."""
+    InstructionDatasets or PreferenceDatasets; seconds: the run's wall time; expected(entry): the text a
+    test response is scored against (default data.expected_reply; a DPO run's: the chosen response)."""
     run_dir = Path(run_dir)
     config = _read(run_dir / "config.json") or {}
     metrics = _read(run_dir / "metrics.json") or {}
@@ -44,7 +46,7 @@ def write_report(run_dir, datasets=None, seconds=None):
     responses = _read(run_dir / "test-responses.json") or []
     parts = [_heading(run_dir, config, seconds), _settings(config), _data(datasets, responses),
              _training(run_dir, metrics, history), _test_scores(metrics),
-             _examples(responses, _expected_of(config))]
+             _examples(responses, expected)]
     _write(run_dir, "\n\n".join(part for part in parts if part) + "\n")
 
 
@@ -110,8 +112,7 @@ def _settings(config):
              ("seed", "{seed} (data seed {data_seed})".format_map(value))]
     if config.get("lora_rank"):
         rows.append(("LoRA", "rank {lora_rank}, alpha {lora_alpha}".format_map(value)))
-    if config.get("method") == "dpo":
-        rows.append(("DPO", "beta {beta}, chosen NLL weight {nll_weight}".format_map(value)))
+    rows += [(name, value[name]) for name in METHOD_SETTINGS if value.get(name) is not None]  # a method's
     return "## Settings\n\n" + _table(("setting", "value"), rows) + "\n\nEvery setting: config.json."
 
 
@@ -176,12 +177,6 @@ def _test_scores(metrics):
         rows = [(kind, f"{rate:.1%}") for kind, rate in by_task.items()]
         lines += ["", _table(("task kind", "exact match"), rows)]
     return "\n".join(lines)
-
-
-def _expected_of(config):
-    """What a test response is scored against: a DPO run's chosen response, else the expected reply (an
-    Alpaca entry's output, a conversation's last reply)."""
-    return (lambda entry: entry["chosen"]) if config.get("method") == "dpo" else expected_reply
 
 
 def _prompt_of(entry):
